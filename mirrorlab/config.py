@@ -1,0 +1,344 @@
+"""Typed, validated configuration for every mirrorlab command.
+
+One root `Config` with a section per component (model, task, divergence, train, search,
+tracking, compare). Every section forbids unknown keys, so a typo fails loudly with the
+field path and the allowed keys. YAML files are merged with `--set a.b=c` overrides
+(values parsed as YAML scalars) before validation.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the field and what is allowed."""
+
+
+class Section(BaseModel):
+    """Base for all config sections: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_registered(kind: str, name: str) -> str:
+    """Validate `name` against the registry of `kind` ("divergence", "task", "strategy")."""
+    if kind == "divergence":
+        from mirrorlab.divergences import registry as reg
+    elif kind == "task":
+        from mirrorlab.tasks import registry as reg
+    elif kind == "strategy":
+        from mirrorlab.strategies import registry as reg
+    else:  # pragma: no cover - programming error
+        raise AssertionError(kind)
+    if name not in reg:
+        raise ValueError(f"unknown {kind} {name!r}; allowed: {', '.join(reg.names())}")
+    return name
+
+
+# --------------------------------------------------------------------------- model
+class LoraConfig(Section):
+    """LoRA adapter settings (peft). The reference policy is the base with the adapter off."""
+
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class ModelConfig(Section):
+    """Which causal LM to train: a preset (`tiny`, `smollm2-135m`), a hub name or a local path."""
+
+    name: str = "tiny"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"
+    lora: LoraConfig | None = None
+    gradient_checkpointing: bool = False
+    cache_dir: str | None = None
+
+
+# --------------------------------------------------------------------------- task
+class TaskConfig(Section):
+    """A registered task by name, with the keyword parameters its constructor takes."""
+
+    name: str = "arithmetic"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return _check_registered("task", v)
+
+
+# --------------------------------------------------------------------------- divergence
+class DivergenceConfig(Section):
+    """The regulariser: a registered divergence, its estimator and its coefficient lambda.
+
+    For `neural`, `map` may name a saved map (a .safetensors file or `models:/NAME@ALIAS`);
+    otherwise `params` are passed to the divergence factory (e.g. `seed`, `scale`).
+    """
+
+    name: str = "kl_k3"
+    coef: float = Field(0.04, ge=0)
+    estimator: Literal["sampled", "full"] = "sampled"
+    chunk_size: int = Field(8192, ge=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+    map: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return _check_registered("divergence", v)
+
+
+# --------------------------------------------------------------------------- inner loop
+class GenerationConfig(Section):
+    """Sampling of the G completions per prompt."""
+
+    num_generations: int = Field(8, ge=2)
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+
+
+class OptimConfig(Section):
+    """AdamW with linear warm-up then a constant or cosine schedule."""
+
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+
+
+class TrainConfig(Section):
+    """One GBMPO run (DESIGN section 3)."""
+
+    steps: int = Field(100, ge=0)
+    prompts_per_step: int = Field(4, ge=1)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    advantage: Literal["grpo", "dr_grpo"] = "dr_grpo"
+    loss_type: Literal["grpo", "dr_grpo", "bnpo", "dapo"] = "dr_grpo"
+    epsilon_low: float = Field(0.2, ge=0)
+    epsilon_high: float = Field(0.2, ge=0)
+    mu: int = Field(1, ge=1)
+    micro_batch_size: int | None = Field(None, ge=1)
+    mask_truncated: bool = False
+    eval_every: int = Field(0, ge=0)
+    eval_split: Literal["train", "val", "test"] = "val"
+    eval_size: int | None = Field(None, ge=1)
+    eval_max_new_tokens: int | None = Field(None, ge=1)
+    seed: int = 0
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+
+
+# --------------------------------------------------------------------------- search
+class SpaceConfig(Section):
+    """What the search optimises: `neural` (380-dim theta of NeuralMirrorMap) or `mixture`."""
+
+    kind: Literal["neural", "mixture"] = "neural"
+    init: Literal["random", "zeros"] = "random"
+    init_scale: float = Field(0.01, gt=0)
+
+
+class StrategyConfig(Section):
+    """A registered search strategy; `params` go to its constructor (e.g. sigma, lr, optimizer)."""
+
+    name: str = "openai_es"
+    population: int = Field(8, ge=1)
+    generations: int = Field(2, ge=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return _check_registered("strategy", v)
+
+
+class EvaluatorConfig(Section):
+    """How a candidate is scored: T inner steps on task.train, metric on task.val."""
+
+    inner_steps: int = Field(20, ge=0)
+    val_size: int | None = Field(None, ge=1)
+    length_penalty: float = Field(0.0, ge=0)
+    failure_value: float = -1.0
+    timeout_s: float | None = Field(None, gt=0)
+    reevaluate_incumbent: bool = False
+
+
+class ExecutorConfig(Section):
+    """Where candidates run: in process, one worker process per device, or Ray tasks."""
+
+    kind: Literal["local", "process", "ray"] = "local"
+    workers: int = Field(1, ge=1)
+    ray_address: str | None = None
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+
+
+class SearchConfig(Section):
+    """The outer loop (DESIGN section 5)."""
+
+    space: SpaceConfig = Field(default_factory=SpaceConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    evaluator: EvaluatorConfig = Field(default_factory=EvaluatorConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    checkpoint_dir: str | None = None
+
+
+# --------------------------------------------------------------------------- tracking
+class TrackingConfig(Section):
+    """MLflow: default is an embedded sqlite store in the working directory."""
+
+    enabled: bool = True
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    register_as: str | None = None
+    alias: str = "best"
+
+
+# --------------------------------------------------------------------------- compare
+class MethodConfig(Section):
+    """One arm of a comparison: a label and the divergence it trains with."""
+
+    label: str
+    divergence: DivergenceConfig
+
+
+class CompareConfig(Section):
+    """Methods x seeds on the same settings; the first method (or `baseline`) is the baseline."""
+
+    methods: list[MethodConfig] = Field(default_factory=list)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    baseline: str | None = None
+    split: Literal["val", "test"] = "test"
+    eval_size: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _baseline_known(self) -> CompareConfig:
+        labels = [m.label for m in self.methods]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"method labels must be unique, got {labels}")
+        if self.baseline is not None and self.baseline not in labels:
+            raise ValueError(f"baseline {self.baseline!r} is not a method label; allowed: {labels}")
+        return self
+
+
+# --------------------------------------------------------------------------- root
+class Config(Section):
+    """The root configuration shared by all commands; each command reads the sections it needs."""
+
+    name: str = "mirrorlab"
+    seed: int = 0
+    output_dir: str = "runs"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    divergence: DivergenceConfig = Field(default_factory=DivergenceConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    compare: CompareConfig = Field(default_factory=CompareConfig)
+
+
+# --------------------------------------------------------------------------- loading
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """Field names of the section at `loc` (the parent of an unknown key), if resolvable."""
+    cur: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)) or part not in cur.model_fields:
+            return None
+        ann = cur.model_fields[part].annotation
+        args = getattr(ann, "__args__", None)
+        if args:  # Optional[X] / list[X]: pick the BaseModel among the args
+            ann = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), ann)
+        cur = ann
+    if isinstance(cur, type) and issubclass(cur, BaseModel):
+        return sorted(cur.model_fields)
+    return None
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel] = Config) -> str:
+    """Render pydantic errors as 'field.path: message' lines, adding allowed keys for typos."""
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        path = ".".join(str(p) for p in loc) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc[:-1])
+            msg = "unknown key" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+        lines.append(f"{path}: {msg}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse one `a.b.c=value` override; the value is read as YAML (numbers, bools, lists)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from e
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Return a copy of `data` with each `a.b=c` override set (intermediate dicts created)."""
+    out = copy.deepcopy(data)
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        cur = out
+        for p in parts[:-1]:
+            nxt = cur.get(p)
+            if nxt is None:
+                nxt = cur[p] = {}
+            elif not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+            cur = nxt
+        cur[parts[-1]] = value
+    return out
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    """Validate a plain dict (plus overrides) into a Config, or raise ConfigError."""
+    merged = apply_overrides(data or {}, overrides)
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or defaults when `path` is None), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e})") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping, got {type(data).__name__}")
+    return config_from_dict(data, overrides)
+
+
+def dump_config(cfg: Config) -> str:
+    """The config as YAML (what every run records)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
