@@ -1,0 +1,87 @@
+"""Search strategies over mirror-map parameters (installed as `mirrorlab.strategies`).
+
+One ask/tell interface (`Strategy`, `Candidate`) for maximisation with exact checkpointing.
+Built in: `openai_es`, `gbmpo_es`, `random`, `nevergrad` (any nevergrad optimiser by name).
+Build one with `get(name, dim, population, seed, x0=None, **params)`; register your own with
+`register(name, factory)` where `factory(dim=, population=, seed=, x0=, **params) -> Strategy`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from mirrorlab.registry import Registry
+
+from .base import Candidate, Strategy, centered_ranks
+from .es import GBMPOES, OpenAIES
+from .random_search import RandomInit
+
+registry: Registry[Strategy] = Registry("strategy")
+registry.register("openai_es", OpenAIES)
+registry.register("gbmpo_es", GBMPOES)
+registry.register("random", RandomInit)
+
+
+def _nevergrad_factory(**kwargs: Any) -> Strategy:
+    from .ng import NevergradStrategy  # nevergrad import is slow: only when asked for
+
+    return NevergradStrategy(**kwargs)
+
+
+registry.register("nevergrad", _nevergrad_factory)
+
+
+def get(name: str, dim: int, population: int, seed: int, x0: Any = None, **params: Any) -> Strategy:
+    """Build the strategy registered under `name` (unknown name -> error listing allowed ones)."""
+    return registry.get(name, dim=dim, population=population, seed=seed, x0=x0, **params)
+
+
+def register(name: str, factory: Callable[..., Strategy] | None = None, *, overwrite: bool = False) -> Any:
+    """Register a strategy factory (usable as a decorator)."""
+    return registry.register(name, factory, overwrite=overwrite)
+
+
+def names() -> list[str]:
+    """Registered strategy names."""
+    return registry.names()
+
+
+def param_names(name: str) -> set[str] | None:
+    """Keyword parameters the strategy `name` accepts beyond dim/population/seed/x0/generations
+    (those come from the search config itself); None when the factory takes **kwargs."""
+    f = registry.factory(name)
+    if f is _nevergrad_factory:
+        from .ng import NevergradStrategy
+
+        f = NevergradStrategy
+    try:
+        sig = inspect.signature(f)
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+        return None
+    return set(sig.parameters) - {"self", "dim", "population", "seed", "x0", "generations"}
+
+
+def check_params(name: str, params: dict[str, Any]) -> None:
+    """Raise ValueError for keys `name` does not accept (config-time typo check) and, for
+    `nevergrad`, for an unknown optimiser name."""
+    allowed = param_names(name)
+    if allowed is not None:
+        unknown = sorted(set(params) - allowed)
+        if unknown:
+            raise ValueError(
+                f"strategy {name!r} has no parameter(s) {unknown}; allowed: {', '.join(sorted(allowed))}"
+            )
+    if name == "nevergrad" and "optimizer" in params:
+        from .ng import resolve_optimizer
+
+        resolve_optimizer(params["optimizer"])
+
+
+__all__ = [
+    "Candidate", "Strategy", "centered_ranks", "registry", "get", "register", "names", "param_names",
+    "check_params", "OpenAIES", "GBMPOES", "RandomInit",
+]

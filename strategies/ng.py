@@ -1,0 +1,134 @@
+"""`nevergrad`: any registered nevergrad optimiser (CMA, TBPSA, NGOpt, OnePlusOne, DE, ...) behind
+the mirrorlab ask/tell interface, with exact (pickled) checkpoints."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import difflib
+import pickle
+import random
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from .base import Candidate, Strategy
+
+_SUGGESTED = ("CMA", "TBPSA", "NGOpt", "OnePlusOne", "DE", "TwoPointsDE", "PSO", "RandomSearch")
+
+
+def resolve_optimizer(name: str) -> Any:
+    """The nevergrad optimiser class/config registered as `name`, or ValueError listing some."""
+    import nevergrad as ng
+
+    reg = ng.optimizers.registry
+    if isinstance(name, str) and name in reg:
+        return reg[name]
+    close = difflib.get_close_matches(str(name), list(reg), n=5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(
+        f"unknown nevergrad optimizer {name!r}{hint} Allowed include: {', '.join(_SUGGESTED)} "
+        f"({len(reg)} registered; see nevergrad.optimizers.registry)"
+    )
+
+
+@contextlib.contextmanager
+def _private_global_rngs(states: dict[str, Any]) -> Iterator[None]:
+    """Run with the strategy's own copies of numpy's and Python's global RNGs (some nevergrad
+    optimisers draw from them), then put the caller's back: determinism whatever else runs."""
+    outer_np, outer_py = np.random.get_state(), random.getstate()
+    np.random.set_state(states["np"])
+    random.setstate(states["py"])
+    try:
+        yield
+    finally:
+        states["np"], states["py"] = np.random.get_state(), random.getstate()
+        np.random.set_state(outer_np)
+        random.setstate(outer_py)
+
+
+class NevergradStrategy(Strategy):
+    """A nevergrad optimiser over R^dim: `optimizer` (a name in `nevergrad.optimizers.registry`,
+    default "NGOpt"), budget = population * generations (required: NGOpt and others choose by
+    budget), num_workers = population, parametrisation `ng.p.Array(init=x0)` with mutation `sigma`
+    (the initial step size; CMA's sigma0). nevergrad minimises, so it is told -fitness.
+
+    Candidate parents read "ng:<optimizer>@g<k>", plus "<<id>" naming the earlier candidate whose
+    nevergrad lineage (heritage) it continues, when there is one. Seeded through the
+    parametrisation's random_state plus private copies of the global numpy/Python RNGs (some
+    optimisers draw from those); `state_dict` pickles the optimiser with its pending candidates
+    (base64), so a resume asks exactly the same points.
+    """
+
+    name = "nevergrad"
+
+    def __init__(self, dim: int, population: int, seed: int, x0: Any = None,
+                 generations: int | None = None, optimizer: str = "NGOpt", sigma: float = 1.0) -> None:
+        super().__init__(dim, population, seed, x0, generations)
+        if self.generations is None:
+            raise ValueError("nevergrad needs generations (budget = population x generations)")
+        if not sigma > 0:
+            raise ValueError(f"sigma must be > 0, got {sigma}")
+        import nevergrad as ng
+
+        cls = resolve_optimizer(optimizer)
+        self.optimizer_name, self.sigma = optimizer, float(sigma)
+        rs = np.random.RandomState(self.seed % 2**32)
+        self._rngs = {"np": rs.get_state(), "py": random.Random(self.seed).getstate()}
+        param = ng.p.Array(init=self.x0.copy()).set_mutation(sigma=self.sigma)
+        param.random_state = np.random.RandomState((self.seed + 1) % 2**32)
+        budget = self.population * self.generations
+        with self._ctx():
+            self._opt = cls(parametrization=param, budget=budget, num_workers=self.population)
+        self._ng_pending: dict[str, Any] = {}
+        self._uid_to_id: dict[str, str] = {}  # nevergrad uid -> our candidate id (for lineage)
+
+    @contextlib.contextmanager
+    def _ctx(self) -> Iterator[None]:
+        with _private_global_rngs(self._rngs), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # budget / num_workers advisories
+            yield
+
+    def _ask(self) -> list[Candidate]:
+        out = []
+        with self._ctx():
+            for i in range(self.population):
+                c = self._opt.ask()
+                cid = self._cid(i)
+                lineage = c.heritage.get("lineage")
+                parent = f"ng:{self.optimizer_name}@g{self._generation}"
+                if lineage in self._uid_to_id and lineage != c.uid:
+                    parent += f"<{self._uid_to_id[lineage]}"
+                self._uid_to_id[c.uid] = cid
+                self._ng_pending[cid] = c
+                out.append(Candidate(np.array(c.value, dtype=np.float64).reshape(-1), parent, cid))
+        return out
+
+    def _tell(self, candidates: list[Candidate], fitnesses: np.ndarray) -> None:
+        with self._ctx():
+            for c, f in zip(candidates, fitnesses, strict=True):
+                self._opt.tell(self._ng_pending.pop(c.id), -float(f))
+        self._ng_pending.clear()
+
+    def recommendation(self) -> np.ndarray:
+        """nevergrad's recommendation, computed on a copy so the live optimiser is untouched."""
+        opt, _ = pickle.loads(pickle.dumps((self._opt, None)))
+        with _private_global_rngs(dict(self._rngs)):
+            return np.array(opt.provide_recommendation().value, dtype=np.float64).reshape(-1)
+
+    def _state(self) -> dict[str, Any]:
+        blob = pickle.dumps((self._opt, self._ng_pending, self._uid_to_id, self._rngs))
+        return {
+            "optimizer": self.optimizer_name,
+            "sigma": self.sigma,
+            "pickle": base64.b64encode(blob).decode("ascii"),
+        }
+
+    def _load_state(self, d: dict[str, Any]) -> None:
+        if d["optimizer"] != self.optimizer_name:
+            raise ValueError(f"state is for optimizer {d['optimizer']!r}, not {self.optimizer_name!r}")
+        self._opt, self._ng_pending, self._uid_to_id, self._rngs = pickle.loads(
+            base64.b64decode(d["pickle"])
+        )

@@ -1,0 +1,96 @@
+"""`random`: independent random-init maps at equal budget (the paper's "random init" arm)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .base import Candidate, Strategy, as_vector
+
+NEURAL_DIM = 380
+
+Sampler = Callable[[int], Any]
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """A well-mixed 63-bit seed for the `index`-th random candidate of a search seeded `seed`."""
+    return int(np.random.SeedSequence([int(seed) & (2**63 - 1), int(index)]).generate_state(
+        2, dtype=np.uint32).astype(np.uint64).dot([1, 2**32]) % (2**63 - 1))
+
+
+def neural_sampler(scale: float = 0.01) -> Sampler:
+    """seed -> theta of `NeuralMirrorMap.random_init(seed, scale)` (raw ~ U[0, scale), seeded)."""
+
+    def sample(seed: int) -> Any:
+        from mirrorlab.divergences import NeuralMirrorMap
+
+        return NeuralMirrorMap.random_init(seed, scale=scale).theta
+
+    return sample
+
+
+def gaussian_sampler(center: np.ndarray, scale: float) -> Sampler:
+    """seed -> center + scale * N(0, I): the generic-space fallback."""
+    center = np.asarray(center, dtype=np.float64)
+
+    def sample(seed: int) -> np.ndarray:
+        return center + scale * np.random.default_rng(seed).standard_normal(center.shape)
+
+    return sample
+
+
+class RandomInit(Strategy):
+    """Independent random candidates, `population` per generation, no learning (the baseline).
+
+    Candidate k of the search gets seed `derive_seed(seed, k)` (parent "random_init:seed=<s>"),
+    so every candidate can be rebuilt from its seed alone. `sampler`: "neural" (the theta of
+    `NeuralMirrorMap.random_init(s, scale)`, 380 dims), "gaussian" (x0 + scale * N(0, I)), a
+    callable seed -> vector, or None = "neural" when dim == 380 else "gaussian". `scale`
+    defaults to 0.01 (the paper's U[0, 0.01) init). x0 is only used by the gaussian sampler.
+    """
+
+    name = "random"
+
+    def __init__(self, dim: int, population: int, seed: int, x0: Any = None,
+                 generations: int | None = None, sampler: str | Sampler | None = None,
+                 scale: float = 0.01) -> None:
+        super().__init__(dim, population, seed, x0, generations)
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        if sampler is None:
+            sampler = "neural" if self.dim == NEURAL_DIM else "gaussian"
+        if sampler == "neural":
+            if self.dim != NEURAL_DIM:
+                raise ValueError(f"random sampler 'neural' needs dim={NEURAL_DIM}, got {self.dim}")
+            self._sample = neural_sampler(scale)
+        elif sampler == "gaussian":
+            self._sample = gaussian_sampler(self.x0, scale)
+        elif callable(sampler):
+            self._sample = sampler
+        else:
+            raise ValueError(
+                f"random sampler must be 'neural', 'gaussian', None or a callable, got {sampler!r}"
+            )
+        self.sampler_name = sampler if isinstance(sampler, str) else getattr(sampler, "__name__", "custom")
+        self.scale = float(scale)
+        self._count = 0  # candidates drawn so far
+
+    def _ask(self) -> list[Candidate]:
+        out = []
+        for i in range(self.population):
+            s = derive_seed(self.seed, self._count + i)
+            theta = as_vector(self._sample(s), self.dim, what=f"sampler({s})")
+            out.append(Candidate(theta, f"random_init:seed={s}", self._cid(i)))
+        self._count += self.population
+        return out
+
+    def _tell(self, candidates: list[Candidate], fitnesses: np.ndarray) -> None:
+        return None
+
+    def _state(self) -> dict[str, Any]:
+        return {"count": self._count, "sampler": self.sampler_name, "scale": self.scale}
+
+    def _load_state(self, d: dict[str, Any]) -> None:
+        self._count = int(d["count"])
