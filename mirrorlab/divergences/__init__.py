@@ -1,0 +1,95 @@
+"""The divergence library of GBMPO (DESIGN section 4): KL estimators, Bregman divergences of
+hand-designed, neural (learned) and user potentials, each with a `sampled` and a `full` estimator.
+
+    from mirrorlab.divergences import get, NeuralMirrorMap
+    d = get("kl_k3"); d.sampled(logp, ref_logp); d.full(logits, ref_logits)
+    m = get("neural", seed=0, scale=0.01)      # or theta=..., raw=..., path=...
+    register_potential("quartic", lambda y: y**4)  # usable as divergence.name: quartic
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mirrorlab.registry import Registry
+
+from .base import Divergence, PotentialMixin, compute_dtype
+from .builtin import KLK1, KLK2, KLK3, NegEntropy, ProbL2
+from .neural import DIM, N_UNITS, NeuralMirrorMap, make_neural, theta_sha
+from .plot import plot_maps
+from .potential import PotentialDivergence, PotentialFn
+
+registry: Registry[Divergence] = Registry("divergence")
+registry.register("kl_k1", KLK1)
+registry.register("kl_k2", KLK2)
+registry.register("kl_k3", KLK3)
+registry.register("prob_l2", ProbL2)
+registry.register("neg_entropy", NegEntropy)
+registry.register("neural", make_neural)
+registry.register("custom", PotentialDivergence)
+
+
+def get(name: str, **params: Any) -> Divergence:
+    """Build the divergence registered as `name` (unknown names list the allowed ones)."""
+    return registry.get(name, **params)
+
+
+def register(name: str, factory: Any = None, *, overwrite: bool = False) -> Any:
+    """Register a divergence factory (class or function returning a Divergence); decorator form ok."""
+    return registry.register(name, factory, overwrite=overwrite)
+
+
+def names() -> list[str]:
+    """Registered divergence names, sorted."""
+    return registry.names()
+
+
+def register_potential(name: str, h: PotentialFn | str, *, overwrite: bool = False) -> None:
+    """Register the Bregman divergence of a convex torch potential `h` under `name`."""
+
+    def factory() -> PotentialDivergence:
+        return PotentialDivergence(h, name=name)
+
+    registry.register(name, factory, overwrite=overwrite)
+
+
+def from_config(cfg: Any) -> Divergence:
+    """Build the divergence of a `DivergenceConfig`: `map` (a saved .safetensors file) wins for
+    `neural`; otherwise `get(cfg.name, **cfg.params)`; `compile` applies `Divergence.compile()`.
+    `models:/NAME@ALIAS` and `runs:/` URIs go through `mirrorlab.tracking.load_map`."""
+    if cfg.map is not None:
+        if cfg.map.startswith(("models:/", "runs:/")):
+            from mirrorlab.tracking import load_map
+
+            d = load_map(cfg.map)
+        else:
+            d = get(cfg.name, **{**cfg.params, "path": cfg.map})
+    else:
+        d = get(cfg.name, **cfg.params)
+    if getattr(cfg, "compile", False):
+        d.compile()
+    return d
+
+
+__all__ = [
+    "DIM",
+    "KLK1",
+    "KLK2",
+    "KLK3",
+    "N_UNITS",
+    "Divergence",
+    "NegEntropy",
+    "NeuralMirrorMap",
+    "PotentialDivergence",
+    "PotentialMixin",
+    "ProbL2",
+    "compute_dtype",
+    "from_config",
+    "get",
+    "names",
+    "plot_maps",
+    "register",
+    "register_potential",
+    "registry",
+    "theta_sha",
+]
