@@ -1,0 +1,558 @@
+"""Executors: run candidate evaluations in process, in worker processes, or as Ray actors.
+
+All three share one interface, `Executor.map(jobs, on_result=None) -> list[Outcome]`, so the
+search never knows which one runs it. An *evaluator* is a picklable object with `setup()` (heavy,
+once per worker: load the base model) and `evaluate(job) -> dict` (one candidate); `run_job`
+wraps a call with the failure policy (exception, NaN, timeout -> FAILED with the error).
+
+Timeouts: `process` and `ray` really stop the work (the worker is killed and a fresh one started,
+which reloads the model). `local` cannot kill its own thread: it passes a deadline that the
+evaluator checks between inner steps (`check_deadline`), so a timeout stops the candidate at the
+next step boundary, and a result that arrives late is still marked FAILED.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import pickle
+import sys
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any, Protocol
+
+import numpy as np
+
+FINISHED = "FINISHED"
+FAILED = "FAILED"
+
+
+class CandidateTimeout(TimeoutError):
+    """Raised inside an evaluation when its deadline has passed."""
+
+
+@dataclass
+class Job:
+    """One evaluation: a theta, where it sits in the search, its common-random-numbers seed."""
+
+    generation: int
+    index: int
+    theta: np.ndarray
+    seed: int
+    timeout_s: float | None = None
+    label: str = ""  # "" for strategy candidates, "incumbent" for re-evaluations
+    deadline: float | None = None  # set by the executor when the job starts (time.monotonic)
+
+
+@dataclass
+class Outcome:
+    """What an evaluation returns to the search (plain data, picklable, JSON-able)."""
+
+    generation: int
+    index: int
+    status: str
+    fitness: float | None = None
+    stderr: float | None = None
+    metric: float | None = None
+    mean_length: float | None = None
+    n_eval: int | None = None
+    error: str | None = None
+    curves: list[dict[str, float]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    worker: str = ""
+    label: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (used by the resume journal)."""
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Outcome:
+        """Inverse of `to_dict`."""
+        return cls(**d)
+
+
+class Evaluator(Protocol):
+    """What executors run: `setup()` once per worker, then `evaluate(job)` per candidate."""
+
+    def setup(self) -> None: ...
+
+    def evaluate(self, job: Job) -> dict[str, Any]: ...
+
+
+def check_deadline(job: Job) -> None:
+    """Raise CandidateTimeout when `job`'s deadline has passed (for cooperative timeouts)."""
+    if job.deadline is not None and time.monotonic() > job.deadline:
+        raise CandidateTimeout(f"candidate exceeded its time limit of {job.timeout_s} s")
+
+
+def _finite(x: Any) -> bool:
+    return x is not None and isinstance(x, int | float) and math.isfinite(float(x))
+
+
+def run_job(evaluator: Evaluator, job: Job, worker: str = "local") -> Outcome:
+    """Evaluate one job under the failure policy: exceptions, non-finite fitness and overruns fail."""
+    start = time.monotonic()
+    if job.timeout_s is not None and job.deadline is None:
+        job.deadline = start + job.timeout_s
+    out = Outcome(job.generation, job.index, FAILED, worker=worker, label=job.label)
+    try:
+        res = evaluator.evaluate(job)
+    except CandidateTimeout as e:
+        out.error = f"timeout: {e}"
+    except Exception as e:  # noqa: BLE001 - the failure policy records any error
+        out.error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"
+    else:
+        for k in ("fitness", "stderr", "metric", "mean_length", "n_eval"):
+            if k in res and res[k] is not None:
+                setattr(out, k, float(res[k]) if k != "n_eval" else int(res[k]))
+        out.curves = list(res.get("curves", []))
+        out.timings = {k: float(v) for k, v in res.get("timings", {}).items()}
+        elapsed = time.monotonic() - start
+        if not _finite(out.fitness):
+            out.error = f"non-finite fitness: {out.fitness}"
+        elif job.timeout_s is not None and elapsed > job.timeout_s:
+            out.error = f"timeout: finished after {elapsed:.1f} s, limit {job.timeout_s} s"
+        else:
+            out.status = FINISHED
+    out.timings["total_s"] = time.monotonic() - start
+    return out
+
+
+def _timeout_outcome(job: Job, worker: str, elapsed: float) -> Outcome:
+    return Outcome(
+        job.generation, job.index, FAILED, label=job.label, worker=worker,
+        error=f"timeout: killed worker after {elapsed:.1f} s (limit {job.timeout_s} s)",
+        timings={"total_s": elapsed},
+    )
+
+
+ResultCallback = Callable[[Job, Outcome], None]
+
+
+class Executor:
+    """Runs jobs through an evaluator; subclasses decide where. Use as a context manager."""
+
+    kind = "base"
+
+    def __init__(self, evaluator: Evaluator, workers: int = 1) -> None:
+        self.evaluator = evaluator
+        self.workers = workers
+        self.setup_s = 0.0  # wall time spent starting workers / loading models (overhead)
+
+    def launch(self) -> None:
+        """Begin starting workers without waiting (so model loading overlaps other set-up)."""
+
+    def start(self) -> None:
+        """Start workers and wait until they are ready (idempotent); `map` calls it when needed."""
+
+    def map(self, jobs: Sequence[Job], on_result: ResultCallback | None = None) -> list[Outcome]:
+        """Evaluate `jobs`, calling `on_result(job, outcome)` as each finishes; results in job order."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop workers and release resources (idempotent)."""
+
+    def __enter__(self) -> Executor:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class LocalExecutor(Executor):
+    """In-process, one job at a time; timeouts are cooperative (see module docstring)."""
+
+    kind = "local"
+
+    def __init__(self, evaluator: Evaluator, workers: int = 1) -> None:
+        super().__init__(evaluator, 1)
+        self._ready = False
+
+    def start(self) -> None:
+        if not self._ready:
+            t = time.monotonic()
+            self.evaluator.setup()
+            self.setup_s += time.monotonic() - t
+            self._ready = True
+
+    def map(self, jobs: Sequence[Job], on_result: ResultCallback | None = None) -> list[Outcome]:
+        self.start()
+        outs = []
+        for job in jobs:
+            out = run_job(self.evaluator, job, worker="local")
+            if on_result is not None:
+                on_result(job, out)
+            outs.append(out)
+        return outs
+
+
+# --------------------------------------------------------------------------- process
+def _process_worker(conn: Connection, payload: bytes, env: dict[str, str], threads: int) -> None:
+    """Worker main: pin env, build the evaluator once, then evaluate jobs until told to stop."""
+    os.environ.update(env)
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    name = f"process-{os.getpid()}"
+    try:
+        evaluator = pickle.loads(payload)
+        t = time.monotonic()
+        evaluator.setup()
+        conn.send(("ready", time.monotonic() - t))
+    except BaseException as e:  # noqa: BLE001 - report setup failure to the parent
+        conn.send(("setup_error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"))
+        return
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):  # parent gone (e.g. killed): exit quietly
+            return
+        if job is None:
+            return
+        out = run_job(evaluator, job, worker=name)
+        try:
+            conn.send(("result", out))
+        except (BrokenPipeError, OSError):
+            return
+
+
+@dataclass
+class _Worker:
+    slot: int
+    proc: Any
+    conn: Connection
+    ready: bool = False
+    job: Job | None = None
+    started: float = 0.0
+
+
+def _visible_gpus() -> list[str]:
+    """GPU ids this process may use (CUDA_VISIBLE_DEVICES or all), without initialising CUDA here."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001
+        return []
+
+
+class ProcessExecutor(Executor):
+    """One long-lived spawned worker per slot (per GPU on GPU machines); kills and restarts on timeout."""
+
+    kind = "process"
+
+    def __init__(self, evaluator: Evaluator, workers: int = 1, threads_per_worker: int = 1) -> None:
+        super().__init__(evaluator, workers)
+        self.threads = max(1, int(threads_per_worker))
+        self._ctx = mp.get_context("spawn")
+        self._payload = pickle.dumps(evaluator)
+        self._workers: dict[int, _Worker] = {}
+        self._gpus = _visible_gpus()
+        self.restarts = 0
+
+    def _env(self, slot: int) -> dict[str, str]:
+        env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
+        if self._gpus:
+            env["CUDA_VISIBLE_DEVICES"] = self._gpus[slot % len(self._gpus)]
+        return env
+
+    def _spawn(self, slot: int) -> _Worker:
+        parent, child = self._ctx.Pipe(duplex=True)
+        env = self._env(slot)
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # spawned children inherit it before anything imports torch
+        try:
+            proc = self._ctx.Process(
+                target=_process_worker, args=(child, self._payload, env, self.threads),
+                name=f"mirrorlab-worker-{slot}", daemon=True,
+            )
+            proc.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        child.close()
+        w = _Worker(slot, proc, parent)
+        self._workers[slot] = w
+        return w
+
+    def _await_ready(self, w: _Worker) -> None:
+        t = time.monotonic()
+        try:
+            msg = w.conn.recv()
+        except EOFError:
+            w.proc.join(5)
+            raise RuntimeError(f"worker {w.slot} died during setup (exit code {w.proc.exitcode})") from None
+        if msg[0] == "setup_error":
+            self._kill(w)
+            raise RuntimeError(f"worker {w.slot} failed to set up the evaluator:\n{msg[1]}")
+        w.ready = True
+        self.setup_s += time.monotonic() - t
+
+    def launch(self) -> None:
+        t = time.monotonic()
+        for s in range(self.workers):
+            if s not in self._workers:
+                self._spawn(s)
+        self.setup_s += time.monotonic() - t
+
+    def start(self) -> None:
+        self.launch()
+        for w in list(self._workers.values()):
+            if not w.ready:
+                self._await_ready(w)
+
+    def _kill(self, w: _Worker) -> None:
+        try:
+            if w.proc.is_alive():
+                w.proc.kill()
+            w.proc.join(10)
+        finally:
+            w.conn.close()
+            self._workers.pop(w.slot, None)
+
+    def _restart(self, w: _Worker) -> _Worker:
+        self._kill(w)
+        self.restarts += 1
+        nw = self._spawn(w.slot)
+        self._await_ready(nw)
+        return nw
+
+    def map(self, jobs: Sequence[Job], on_result: ResultCallback | None = None) -> list[Outcome]:
+        self.start()
+        pending = deque(range(len(jobs)))
+        results: dict[int, Outcome] = {}
+
+        def finish(i: int, out: Outcome) -> None:
+            results[i] = out
+            if on_result is not None:
+                on_result(jobs[i], out)
+
+        index_of = {id(j): i for i, j in enumerate(jobs)}
+        while len(results) < len(jobs):
+            for w in list(self._workers.values()):
+                if w.job is None and pending:
+                    i = pending.popleft()
+                    job = jobs[i]
+                    w.started = time.monotonic()
+                    job.deadline = None if job.timeout_s is None else w.started + job.timeout_s
+                    w.job = job
+                    w.conn.send(job)
+            busy = [w for w in self._workers.values() if w.job is not None]
+            deadlines = [w.job.deadline for w in busy if w.job.deadline is not None]
+            now = time.monotonic()
+            wait_s = max(0.0, min(deadlines) - now) + 0.05 if deadlines else None
+            ready = wait([w.conn for w in busy], timeout=wait_s)
+            by_conn = {w.conn: w for w in busy}
+            for c in ready:
+                w = by_conn[c]
+                job = w.job
+                try:
+                    kind, out = c.recv()
+                except (EOFError, OSError):  # worker crashed (segfault, OOM kill, ...)
+                    w.proc.join(5)
+                    out = Outcome(
+                        job.generation, job.index, FAILED, label=job.label,
+                        worker=f"process-{w.proc.pid}",
+                        error=f"worker died (exit code {w.proc.exitcode})",
+                        timings={"total_s": time.monotonic() - w.started},
+                    )
+                    self._restart(w)
+                else:
+                    w.job = None
+                finish(index_of[id(job)], out)
+            now = time.monotonic()
+            for w in list(self._workers.values()):
+                if w.job is not None and w.job.deadline is not None and now > w.job.deadline + 0.05:
+                    job = w.job
+                    out = _timeout_outcome(job, f"process-{w.proc.pid}", now - w.started)
+                    self._restart(w)  # really stops the work; the new worker reloads the model
+                    finish(index_of[id(job)], out)
+        return [results[i] for i in range(len(jobs))]
+
+    def close(self) -> None:
+        for w in list(self._workers.values()):
+            try:
+                if w.job is None:
+                    w.conn.send(None)
+                    w.proc.join(10)
+            except (BrokenPipeError, OSError):
+                pass
+            self._kill(w)
+
+
+# --------------------------------------------------------------------------- ray
+class _RayWorkerImpl:
+    """Body of the Ray actor: holds one evaluator, set up once."""
+
+    def __init__(self, payload: bytes, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        self.evaluator = pickle.loads(payload)
+        self.name = f"ray-{os.getpid()}"
+
+    def setup(self) -> float:
+        t = time.monotonic()
+        self.evaluator.setup()
+        return time.monotonic() - t
+
+    def evaluate(self, job: Job) -> Outcome:
+        return run_job(self.evaluator, job, worker=self.name)
+
+
+class RayExecutor(Executor):
+    """Ray actors with CPU/GPU resources; joins `address` or starts a local Ray instance."""
+
+    kind = "ray"
+
+    def __init__(
+        self, evaluator: Evaluator, workers: int = 1, address: str | None = None,
+        cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0, num_cpus: int | None = None,
+    ) -> None:
+        super().__init__(evaluator, workers)
+        self.address = address
+        self.cpus = cpus_per_worker
+        self.gpus = gpus_per_worker
+        self.num_cpus = num_cpus
+        self._payload = pickle.dumps(evaluator)
+        self._actors: list[Any] = []
+        self._started_ray = False
+        self._cls: Any = None
+        self.restarts = 0
+
+    def _new_actor(self) -> Any:
+        return self._cls.remote(self._payload, max(1, int(self.cpus)))
+
+    def start(self) -> None:
+        if self._actors:
+            return
+        import ray
+
+        t = time.monotonic()
+        if not ray.is_initialized():
+            if self.address:
+                ray.init(address=self.address, log_to_driver=False)
+            else:
+                # local instance: workers import mirrorlab (and user evaluators) from our sys.path
+                saved = os.environ.get("PYTHONPATH")
+                os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+                try:
+                    ray.init(
+                        num_cpus=self.num_cpus or max(1, int(math.ceil(self.workers * self.cpus))),
+                        num_gpus=None if self.gpus > 0 else 0,
+                        include_dashboard=False, log_to_driver=False,
+                    )
+                finally:
+                    if saved is None:
+                        os.environ.pop("PYTHONPATH", None)
+                    else:
+                        os.environ["PYTHONPATH"] = saved
+                self._started_ray = True
+        self._cls = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus)(_RayWorkerImpl)
+        self._actors = [self._new_actor() for _ in range(self.workers)]
+        ray.get([a.setup.remote() for a in self._actors])
+        self.setup_s += time.monotonic() - t
+
+    def _replace(self, slot: int) -> None:
+        import ray
+
+        ray.kill(self._actors[slot], no_restart=True)
+        self.restarts += 1
+        self._actors[slot] = self._new_actor()
+        t = time.monotonic()
+        ray.get(self._actors[slot].setup.remote())
+        self.setup_s += time.monotonic() - t
+
+    def map(self, jobs: Sequence[Job], on_result: ResultCallback | None = None) -> list[Outcome]:
+        import ray
+
+        self.start()
+        pending = deque(range(len(jobs)))
+        results: dict[int, Outcome] = {}
+        running: dict[Any, tuple[int, int, float]] = {}  # ref -> (job index, slot, start)
+        free = deque(range(len(self._actors)))
+
+        def finish(i: int, out: Outcome) -> None:
+            results[i] = out
+            if on_result is not None:
+                on_result(jobs[i], out)
+
+        while len(results) < len(jobs):
+            while free and pending:
+                slot, i = free.popleft(), pending.popleft()
+                job = jobs[i]
+                t0 = time.monotonic()
+                job.deadline = None  # the actor sets its own from timeout_s (clocks differ)
+                running[self._actors[slot].evaluate.remote(job)] = (i, slot, t0)
+            deadlines = [
+                t0 + jobs[i].timeout_s for i, _, t0 in running.values() if jobs[i].timeout_s is not None
+            ]
+            wait_s = max(0.0, min(deadlines) - time.monotonic()) + 0.1 if deadlines else None
+            done, _ = ray.wait(list(running), num_returns=1, timeout=wait_s)
+            for ref in done:
+                i, slot, t0 = running.pop(ref)
+                try:
+                    out = ray.get(ref)
+                except Exception as e:  # noqa: BLE001 - actor died
+                    job = jobs[i]
+                    out = Outcome(job.generation, job.index, FAILED, label=job.label, worker="ray",
+                                  error=f"ray worker failed: {type(e).__name__}: {e}",
+                                  timings={"total_s": time.monotonic() - t0})
+                    self._replace(slot)
+                free.append(slot)
+                finish(i, out)
+            now = time.monotonic()
+            for ref, (i, slot, t0) in list(running.items()):
+                job = jobs[i]
+                if job.timeout_s is not None and now - t0 > job.timeout_s + 0.1:
+                    running.pop(ref)
+                    self._replace(slot)  # ray.kill stops the work for real
+                    free.append(slot)
+                    finish(i, _timeout_outcome(job, "ray", now - t0))
+        return [results[i] for i in range(len(jobs))]
+
+    def close(self) -> None:
+        if not self._actors and not self._started_ray:
+            return
+        import ray
+
+        for a in self._actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001
+                pass
+        self._actors = []
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False
+
+
+def make_executor(kind: str, evaluator: Evaluator, workers: int = 1, **kw: Any) -> Executor:
+    """Build an executor by kind (`local`, `process`, `ray`) with the config's settings."""
+    if kind == "local":
+        return LocalExecutor(evaluator)
+    if kind == "process":
+        return ProcessExecutor(evaluator, workers, threads_per_worker=int(kw.get("cpus_per_worker", 1)))
+    if kind == "ray":
+        return RayExecutor(
+            evaluator, workers, address=kw.get("ray_address"),
+            cpus_per_worker=kw.get("cpus_per_worker", 1.0), gpus_per_worker=kw.get("gpus_per_worker", 0.0),
+            num_cpus=kw.get("num_cpus"),
+        )
+    raise ValueError(f"unknown executor {kind!r}; allowed: local, process, ray")

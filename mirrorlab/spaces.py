@@ -1,0 +1,245 @@
+"""Search spaces: what a strategy's unconstrained vector theta means as a regulariser.
+
+- `neural`: the 380-dim theta of `NeuralMirrorMap` (convex for any theta by construction).
+- `mixture`: a 2-dim space showing that any parametrised potential can be searched:
+  theta = [logit w, log lambda], the Bregman divergence of h = w h_probl2 + (1-w) h_negent
+  (Bregman divergences are linear in h, so D = w D_probl2 + (1-w) D_negent) with coefficient
+  lambda = exp(theta[1]). It is registered as the divergence `mixture` (weight=..., so a found
+  mixture also trains from a config).
+
+A space builds the divergence (and optionally the coefficient) for a theta, hashes theta, saves
+it as a map artifact (safetensors + JSON) and plots it; `load_space_map` reads a saved one back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mirrorlab import divergences
+from mirrorlab.config import Config
+from mirrorlab.registry import Registry
+
+MAP_JSON = "map.json"
+
+
+def theta_sha(theta: np.ndarray) -> str:
+    """Stable content hash of a theta (float64 little-endian bytes), 16 hex digits."""
+    a = np.ascontiguousarray(np.asarray(theta, dtype="<f8"))
+    return hashlib.sha256(a.tobytes()).hexdigest()[:16]
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+class MixtureDivergence(divergences.Divergence, divergences.PotentialMixin):
+    """Bregman divergence of h = w * h_prob_l2 + (1 - w) * h_neg_entropy (convex for w in [0, 1]).
+
+    Both parts are separable Bregman divergences, so `full` (the base class's vocabulary sum of
+    `terms`) is exact too.
+    """
+
+    name = "mixture"
+
+    def __init__(self, weight: float = 0.5) -> None:
+        if not 0.0 <= float(weight) <= 1.0:
+            raise ValueError(f"mixture weight must be in [0, 1], got {weight}")
+        self.weight = float(weight)
+        self._a = divergences.get("prob_l2")
+        self._b = divergences.get("neg_entropy")
+
+    def params(self) -> dict[str, Any]:
+        """JSON-able parameters recorded per run."""
+        return {"weight": self.weight}
+
+    def terms(self, logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+        """Per-token D: w * D_prob_l2 + (1 - w) * D_neg_entropy."""
+        w = self.weight
+        return w * self._a.terms(logp, ref_logp) + (1.0 - w) * self._b.terms(logp, ref_logp)
+
+    def h(self, y: torch.Tensor) -> torch.Tensor:
+        """The potential."""
+        return self.weight * self._a.h(y) + (1.0 - self.weight) * self._b.h(y)
+
+    def phi_inv(self, y: torch.Tensor) -> torch.Tensor:
+        """The mirror map h'."""
+        return self.weight * self._a.phi_inv(y) + (1.0 - self.weight) * self._b.phi_inv(y)
+
+
+if "mixture" not in divergences.registry:
+    divergences.register("mixture", MixtureDivergence)
+
+
+class SearchSpace(ABC):
+    """A parametrised family of regularisers over an unconstrained float64 vector."""
+
+    kind: str = "base"
+    dim: int = 0
+
+    @abstractmethod
+    def initial(self, seed: int) -> np.ndarray:
+        """The starting point x0 for the strategy."""
+
+    @abstractmethod
+    def divergence(self, theta: np.ndarray) -> Any:
+        """The divergence that theta encodes."""
+
+    def coef(self, theta: np.ndarray) -> float | None:
+        """The regulariser coefficient theta encodes, or None to keep the configured one."""
+        return None
+
+    def sha(self, theta: np.ndarray) -> str:
+        """Content hash of theta (the `mirrorlab.theta_sha` tag)."""
+        return theta_sha(theta)
+
+    def describe(self, theta: np.ndarray) -> dict[str, Any]:
+        """Small JSON-able summary of theta (logged as a tag)."""
+        t = np.asarray(theta, dtype=np.float64)
+        return {"norm": float(np.linalg.norm(t)), "mean": float(t.mean()), "dim": int(t.size)}
+
+    @abstractmethod
+    def save(self, theta: np.ndarray, directory: str | Path) -> Path:
+        """Write the map artifact (safetensors + JSON) into `directory`; returns it."""
+
+    def plot(self, theta: np.ndarray, path: str | Path) -> Path | None:
+        """PNG of phi_inv and h of this map beside KL's and ProbL2's."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        divergences.plot_maps(
+            {"candidate": self.divergence(theta), "neg_entropy (KL)": divergences.get("neg_entropy"),
+             "prob_l2": divergences.get("prob_l2")},
+            path,
+        )
+        return path
+
+
+def _write_json(directory: Path, data: dict[str, Any]) -> None:
+    (directory / MAP_JSON).write_text(json.dumps(data, indent=2))
+
+
+class NeuralSpace(SearchSpace):
+    """The 380-dim unconstrained theta of `NeuralMirrorMap`."""
+
+    kind = "neural"
+
+    def __init__(self, init: str = "random", init_scale: float = 0.01) -> None:
+        self.init = init
+        self.init_scale = init_scale
+        self.dim = int(np.asarray(divergences.NeuralMirrorMap.random_init(0, scale=init_scale).theta).size)
+
+    def initial(self, seed: int) -> np.ndarray:
+        if self.init == "zeros":
+            return np.zeros(self.dim)
+        m = divergences.NeuralMirrorMap.random_init(seed, scale=self.init_scale)
+        return _to_numpy(m.theta)
+
+    def divergence(self, theta: np.ndarray) -> Any:
+        return divergences.NeuralMirrorMap.from_theta(np.asarray(theta, dtype=np.float64))
+
+    def sha(self, theta: np.ndarray) -> str:
+        return str(self.divergence(theta).sha)
+
+    def save(self, theta: np.ndarray, directory: str | Path) -> Path:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        m = self.divergence(theta)
+        m.save(d / "map.safetensors")
+        _write_json(d, {"kind": self.kind, "file": "map.safetensors", "theta_sha": self.sha(theta),
+                        "map_sha": str(m.sha)})
+        return d
+
+
+class MixtureSpace(SearchSpace):
+    """theta = [logit of the prob_l2 weight, log lambda]; see the module docstring."""
+
+    kind = "mixture"
+    dim = 2
+
+    def __init__(self, init: str = "random", init_scale: float = 0.5, base_coef: float = 0.04) -> None:
+        self.init = init
+        self.init_scale = init_scale
+        self.base_coef = base_coef if base_coef > 0 else 1e-3
+
+    def initial(self, seed: int) -> np.ndarray:
+        x = np.array([0.0, math.log(self.base_coef)])
+        if self.init == "random":
+            x = x + np.random.default_rng(seed).normal(0.0, self.init_scale, size=2)
+        return x
+
+    def weight(self, theta: np.ndarray) -> float:
+        """The prob_l2 weight w = sigmoid(theta[0])."""
+        return _sigmoid(float(theta[0]))
+
+    def divergence(self, theta: np.ndarray) -> MixtureDivergence:
+        return MixtureDivergence(self.weight(theta))
+
+    def coef(self, theta: np.ndarray) -> float:
+        return math.exp(float(np.clip(theta[1], -30.0, 10.0)))
+
+    def describe(self, theta: np.ndarray) -> dict[str, Any]:
+        return {"weight": self.weight(theta), "coef": self.coef(theta)}
+
+    def save(self, theta: np.ndarray, directory: str | Path) -> Path:
+        from safetensors.numpy import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        t = np.asarray(theta, dtype=np.float64)
+        save_file({"theta": t}, str(d / "map.safetensors"), metadata={"kind": self.kind})
+        _write_json(d, {"kind": self.kind, "file": "map.safetensors", "theta": t.tolist(),
+                        "theta_sha": self.sha(t), **self.describe(t)})
+        return d
+
+
+spaces: Registry[SearchSpace] = Registry("search space")
+spaces.register("neural", NeuralSpace)
+spaces.register("mixture", MixtureSpace)
+
+
+def make_space(cfg: Config) -> SearchSpace:
+    """The search space configured in `cfg.search.space`."""
+    sc = cfg.search.space
+    if sc.kind == "mixture":
+        return MixtureSpace(init=sc.init, init_scale=max(sc.init_scale, 0.1), base_coef=cfg.divergence.coef)
+    return spaces.get(sc.kind, init=sc.init, init_scale=sc.init_scale)
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().double().numpy().copy()
+    return np.asarray(x, dtype=np.float64).copy()
+
+
+def load_space_map(path: str | Path) -> Any:
+    """Read a map saved by `SearchSpace.save` (a directory or its files) as a divergence.
+
+    A mixture comes back as a `MixtureDivergence` with attribute `coef` (the searched lambda);
+    a neural map via `NeuralMirrorMap.load`.
+    """
+    p = Path(path)
+    d = p if p.is_dir() else p.parent
+    meta_file = d / MAP_JSON
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if p.suffix == ".json" and p.name != MAP_JSON:  # a neural map's own JSON sidecar
+        p = p.with_suffix(".safetensors")
+    if meta.get("kind") == "mixture":
+        theta = np.asarray(meta["theta"], dtype=np.float64)
+        space = MixtureSpace()
+        div = space.divergence(theta)
+        div.coef = space.coef(theta)
+        return div
+    f = p if p.is_file() else d / meta.get("file", "map.safetensors")
+    if not f.is_file():
+        cands = sorted(d.glob("*.safetensors"))
+        if not cands:
+            raise FileNotFoundError(f"no .safetensors map in {d}")
+        f = cands[0]
+    return divergences.NeuralMirrorMap.load(f)

@@ -1,0 +1,313 @@
+"""MLflow lineage for searches (DESIGN section 6) and loading of registered mirror maps.
+
+One experiment per search name; a parent run per search (config YAML, strategy, seeds, run
+record) and a child run per candidate (tags `mirrorlab.*`, fitness with its standard error, inner
+training curves, completion length, the map as safetensors + JSON and a plot). The best map is
+registered in the model registry as a plain model version whose source is the child run's `map`
+artifact directory, with an alias, so `load_map("models:/NAME@ALIAS")` (or a file path) gives the
+divergence back anywhere. Everything is logged from the search process; workers only return data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mirrorlab.config import Config, dump_config
+from mirrorlab.executors import FINISHED, Job, Outcome
+
+TAG = "mirrorlab."
+DEFAULT_URI = "sqlite:///mlflow.db"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The tracking URI: explicit, else $MLFLOW_TRACKING_URI, else sqlite in the working directory."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())  # pin cwd now
+    return uri
+
+
+def default_artifact_location(uri: str) -> str | None:
+    """For a sqlite store, artifacts go in `mlruns/` beside the database file (not the cwd)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").as_uri()
+    return None
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if not isinstance(v, str) else v
+    return out
+
+
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+class NullTracker:
+    """Tracker used when tracking is disabled: same methods, records nothing."""
+
+    parent_run_id: str | None = None
+    experiment_id: str | None = None
+
+    def start(self, resume_run_id: str | None = None) -> str | None:
+        return None
+
+    def interrupted_children(self, generation: int, keep: Iterable[str]) -> int:
+        return 0
+
+    def log_candidate(self, job: Job, outcome: Outcome, **kw: Any) -> str | None:
+        return None
+
+    def log_generation(self, generation: int, summary: dict[str, float]) -> None:
+        pass
+
+    def register_best(self, run_id: str | None, **kw: Any) -> str | None:
+        return None
+
+    def finish(self, status: str = "FINISHED", summary: dict[str, Any] | None = None) -> None:
+        pass
+
+
+class MLflowTracker:
+    """Parent run per search, child run per candidate, best map in the model registry."""
+
+    def __init__(self, cfg: Config, strategy: str, space: Any) -> None:
+        import mlflow
+        from mlflow import MlflowClient
+
+        self.cfg = cfg
+        self.uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+        self.experiment_name = cfg.tracking.experiment or cfg.name
+        self.strategy = strategy
+        self.space = space
+        self._mlflow = mlflow
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        exp = self.client.get_experiment_by_name(self.experiment_name)
+        if exp is None:
+            self.experiment_id = self.client.create_experiment(
+                self.experiment_name, artifact_location=default_artifact_location(self.uri)
+            )
+        else:
+            if exp.lifecycle_stage == "deleted":
+                self.client.restore_experiment(exp.experiment_id)
+            self.experiment_id = exp.experiment_id
+        self.parent_run_id: str | None = None
+
+    # ------------------------------------------------------------------ parent run
+    def start(self, resume_run_id: str | None = None) -> str:
+        """Create the parent run (or reopen `resume_run_id`) and log config, seeds, run record."""
+        from mirrorlab.repro import run_record
+
+        if resume_run_id is not None:
+            self.parent_run_id = resume_run_id
+            self.client.update_run(resume_run_id, status="RUNNING")
+            self.client.set_tag(resume_run_id, TAG + "resumed", "true")
+            return resume_run_id
+        cfg = self.cfg
+        run = self.client.create_run(
+            self.experiment_id, run_name=f"{cfg.name}-search",
+            tags={
+                TAG + "kind": "search", TAG + "strategy": self.strategy,
+                TAG + "space": cfg.search.space.kind, TAG + "task": cfg.task.name,
+                TAG + "seed": str(cfg.seed), TAG + "executor": cfg.search.executor.kind,
+                TAG + "evaluator": cfg.search.evaluator.kind,
+            },
+        )
+        rid = run.info.run_id
+        self.parent_run_id = rid
+        params = _flatten(cfg.model_dump(mode="json", exclude={"compare"}))
+        from mlflow.entities import Param
+
+        items = [Param(k[:250], v[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(rid, params=items[i : i + 100])
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "config.yaml").write_text(dump_config(cfg))
+            (Path(d) / "run_record.json").write_text(json.dumps(run_record(cfg.seed), indent=2))
+            self.client.log_artifacts(rid, d)
+        return rid
+
+    def interrupted_children(self, generation: int, keep: Iterable[str]) -> int:
+        """Delete child runs of generations >= `generation` not in `keep` (left by a killed search)."""
+        keep = set(keep)
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}'",
+            max_results=50000,
+        )
+        n = 0
+        for r in runs:
+            g = r.data.tags.get(TAG + "generation")
+            if g is not None and int(g) >= generation and r.info.run_id not in keep:
+                self.client.delete_run(r.info.run_id)
+                n += 1
+        return n
+
+    # ------------------------------------------------------------------ children
+    def log_candidate(
+        self, job: Job, outcome: Outcome, *, candidate_id: str, parent: str | None,
+        parent_run: str | None = None, sha: str,
+    ) -> str:
+        """One child run for one evaluated candidate (FINISHED or FAILED with its error)."""
+        from mlflow.entities import Metric, RunTag
+
+        label = job.label or str(job.index)
+        tags = {
+            "mlflow.parentRunId": self.parent_run_id,
+            TAG + "generation": str(job.generation),
+            TAG + "candidate": label,
+            TAG + "candidate_id": candidate_id,
+            TAG + "parent": parent or "",
+            TAG + "strategy": self.strategy,
+            TAG + "theta_sha": sha,
+            TAG + "status": outcome.status,
+            TAG + "space": self.space.kind,
+            TAG + "worker": outcome.worker,
+            TAG + "seed": str(job.seed),
+        }
+        if parent_run:
+            tags[TAG + "parent_run"] = parent_run
+        if outcome.error:
+            tags[TAG + "error"] = outcome.error[:4900]
+        run = self.client.create_run(
+            self.experiment_id, run_name=f"g{job.generation}-{label}", tags=tags
+        )
+        rid = run.info.run_id
+        ts = int(1000 * __import__("time").time())
+        metrics = []
+        for name in ("fitness", "stderr", "metric", "mean_length"):
+            v = getattr(outcome, name)
+            if _finite(v):
+                metrics.append(Metric("fitness_stderr" if name == "stderr" else name, float(v), ts, 0))
+        if outcome.n_eval is not None:
+            metrics.append(Metric("n_eval", float(outcome.n_eval), ts, 0))
+        for k, v in outcome.timings.items():
+            metrics.append(Metric(f"time_{k}", float(v), ts, 0))
+        for i, row in enumerate(outcome.curves):
+            step = int(row.get("step", i))
+            for k, v in row.items():
+                if k != "step" and isinstance(v, int | float) and math.isfinite(v):
+                    metrics.append(Metric(f"train/{k}", float(v), ts, step))
+        for i in range(0, len(metrics), 900):
+            self.client.log_batch(rid, metrics=metrics[i : i + 900])
+        theta = np.asarray(job.theta, dtype=np.float64)
+        self.client.log_batch(rid, tags=[RunTag(TAG + "params", json.dumps(self.space.describe(theta)))])
+        with tempfile.TemporaryDirectory() as d:
+            self.space.save(theta, Path(d) / "map")
+            self.client.log_artifacts(rid, str(Path(d) / "map"), "map")
+            if self.cfg.tracking.plots:
+                try:
+                    p = self.space.plot(theta, Path(d) / "plot" / "map.png")
+                    if p is not None:
+                        self.client.log_artifact(rid, str(p), "plot")
+                except Exception as e:  # noqa: BLE001 - a plot must never fail a search
+                    self.client.set_tag(rid, TAG + "plot_error", str(e)[:500])
+        self.client.set_terminated(rid, status="FINISHED" if outcome.status == FINISHED else "FAILED")
+        return rid
+
+    def log_generation(self, generation: int, summary: dict[str, float]) -> None:
+        """Per-generation summary metrics on the parent run (step = generation)."""
+        from mlflow.entities import Metric
+
+        ts = int(1000 * __import__("time").time())
+        ms = [Metric(k, float(v), ts, generation) for k, v in summary.items() if _finite(v)]
+        if ms:
+            self.client.log_batch(self.parent_run_id, metrics=ms)
+
+    # ------------------------------------------------------------------ registry / end
+    def register_best(self, run_id: str | None, *, name: str | None = None, alias: str = "best",
+                      fitness: float | None = None) -> str | None:
+        """Register the `map` artifact of child `run_id` as a model version and alias it."""
+        if run_id is None:
+            return None
+        from mlflow.exceptions import MlflowException
+
+        name = name or f"{self.experiment_name}-map"
+        try:
+            self.client.create_registered_model(
+                name, description="mirror maps found by mirrorlab searches (artifact: map/)"
+            )
+        except MlflowException as e:
+            if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code) and "already exists" not in str(e):
+                raise
+        tags = {TAG + "space": self.space.kind, TAG + "search_run": self.parent_run_id or ""}
+        if fitness is not None:
+            tags[TAG + "fitness"] = repr(fitness)
+        mv = self.client.create_model_version(
+            name, source=f"runs:/{run_id}/map", run_id=run_id, tags=tags
+        )
+        self.client.set_registered_model_alias(name, alias, mv.version)
+        uri = f"models:/{name}@{alias}"
+        if self.parent_run_id:
+            self.client.set_tag(self.parent_run_id, TAG + "registered_map", uri)
+        return uri
+
+    def finish(self, status: str = "FINISHED", summary: dict[str, Any] | None = None) -> None:
+        """Close the parent run with `status`, attaching a JSON summary artifact."""
+        if self.parent_run_id is None:
+            return
+        if summary is not None:
+            with tempfile.TemporaryDirectory() as d:
+                p = Path(d) / "search_result.json"
+                p.write_text(json.dumps(summary, indent=2))
+                self.client.log_artifact(self.parent_run_id, str(p))
+        self.client.set_terminated(self.parent_run_id, status=status)
+
+
+def make_tracker(cfg: Config, strategy: str, space: Any) -> MLflowTracker | NullTracker:
+    """MLflowTracker when `cfg.tracking.enabled`, else a NullTracker."""
+    return MLflowTracker(cfg, strategy, space) if cfg.tracking.enabled else NullTracker()
+
+
+# --------------------------------------------------------------------------- loading maps
+def load_map(ref: str | os.PathLike[str], tracking_uri: str | None = None) -> Any:
+    """A saved map as a divergence: `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/...`, or a
+    path (a map directory as logged by a search, or a `.safetensors` / `.json` file)."""
+    ref = str(ref)
+    if ref.startswith(("models:/", "runs:/")):
+        with tempfile.TemporaryDirectory() as d:
+            return _load_local(download_map(ref, d, tracking_uri))
+    return _load_local(Path(ref))
+
+
+def download_map(ref: str, dst: str | os.PathLike[str], tracking_uri: str | None = None) -> Path:
+    """Download the map directory behind `models:/NAME@ALIAS`, `models:/NAME/VERSION` or
+    `runs:/RUN_ID/PATH` into `dst` (no global MLflow state is changed)."""
+    from mlflow import MlflowClient
+
+    uri = resolve_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if ref.startswith("models:/"):
+        body = ref.removeprefix("models:/")
+        if "@" in body:
+            name, alias = body.split("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, version = body.partition("/")
+            mv = client.get_model_version(name, version)
+        ref = mv.source
+    if not ref.startswith("runs:/"):
+        raise ValueError(f"cannot resolve map source {ref!r} (expected runs:/RUN_ID/PATH)")
+    run_id, _, artifact_path = ref.removeprefix("runs:/").partition("/")
+    return Path(client.download_artifacts(run_id, artifact_path or "map", str(dst)))
+
+
+def _load_local(path: Path) -> Any:
+    from mirrorlab.spaces import load_space_map
+
+    if not path.exists():
+        raise FileNotFoundError(f"no map at {path}")
+    return load_space_map(path)

@@ -1,0 +1,299 @@
+"""The search (outer loop): pure helpers, the analytic evaluator, and tiny real searches
+(tiny model, arithmetic, 2 generations x 4 candidates) checked in a real MLflow sqlite store."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mlflow import MlflowClient
+
+from mirrorlab import divergences
+from mirrorlab.config import config_from_dict
+from mirrorlab.executors import FAILED, FINISHED
+from mirrorlab.search import (
+    Search,
+    atomic_write_json,
+    generation_seed,
+    read_journal,
+    val_subset,
+)
+from mirrorlab.spaces import MixtureDivergence, MixtureSpace, load_space_map
+from mirrorlab.tracking import load_map
+
+
+def tiny_cfg(tmp: Path, name: str, strategy: str = "openai_es", params: dict | None = None,
+             executor: str = "local", evaluator: dict | None = None, plots: bool = False,
+             prompts: int = 2, **search: Any) -> Any:
+    """A tiny real search: tiny model, arithmetic, 2 generations x 4 candidates, 3 inner steps."""
+    params = params if params is not None else {"sigma": 1.0}
+    ev = {"inner_steps": 3, "val_size": 16, **(evaluator or {})}
+    return config_from_dict({
+        "name": name, "seed": 0, "output_dir": str(tmp / "runs"),
+        "train": {"prompts_per_step": prompts, "generation": {"num_generations": 4, "max_new_tokens": 6},
+                  "optim": {"lr": 1e-3}},
+        "divergence": {"name": "neural", "coef": 1.0},
+        "search": {"space": {"kind": "neural", "init_scale": 1.0},
+                   "strategy": {"name": strategy, "population": 4, "generations": 2, "params": params},
+                   "evaluator": ev, "executor": {"kind": executor, "workers": 1},
+                   "checkpoint_dir": str(tmp / f"ckpt-{name}"), **search},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "plots": plots},
+    })
+
+
+def children(client: MlflowClient, parent_id: str) -> list[Any]:
+    exp = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+# --------------------------------------------------------------------------- pure helpers
+def test_generation_seed_is_shared_within_and_differs_across_generations():
+    assert generation_seed(0, 3) == generation_seed(0, 3)
+    assert len({generation_seed(0, g) for g in range(20)}) == 20
+    assert generation_seed(0, 1, resample=False) == generation_seed(0, 7, resample=False)
+    assert generation_seed(1, 0) != generation_seed(0, 0)
+    assert 0 <= generation_seed(5, 5) < 2**31
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 300), size=st.integers(1, 400))
+def test_val_subset_is_deterministic_sorted_and_unique(seed, n, size):
+    a = val_subset(seed, n, size)
+    assert a == val_subset(seed, n, size)
+    if size >= n:
+        assert a is None
+    else:
+        assert len(a) == size and a == sorted(set(a)) and 0 <= a[0] and a[-1] < n
+
+
+def test_journal_ignores_a_torn_last_line_and_atomic_write(tmp_path):
+    j = tmp_path / "g.jsonl"
+    j.write_text(json.dumps({"index": 0, "sha": "a"}) + "\n" + '{"index": 1, "sh')
+    assert list(read_journal(j)) == [0]
+    p = tmp_path / "ck.json"
+    atomic_write_json(p, {"x": 1})
+    atomic_write_json(p, {"x": 2})
+    assert json.loads(p.read_text()) == {"x": 2}
+    assert [f.name for f in tmp_path.iterdir() if f.name.startswith(".")] == []
+
+
+def test_mixture_space_is_a_convex_combination_and_round_trips(tmp_path):
+    space = MixtureSpace(init="zeros", base_coef=0.04)
+    theta = np.array([1.3, math.log(0.2)])
+    div = space.divergence(theta)
+    w = 1 / (1 + math.exp(-1.3))
+    lp, rp = torch.log(torch.tensor([0.3, 0.01, 0.9])), torch.log(torch.tensor([0.5, 0.02, 0.9]))
+    a, b = divergences.get("prob_l2"), divergences.get("neg_entropy")
+    want = w * a.sampled(lp, rp) + (1 - w) * b.sampled(lp, rp)
+    torch.testing.assert_close(div.sampled(lp, rp), want)
+    assert float(div.sampled(lp, rp)[2]) == pytest.approx(0.0, abs=1e-7)
+    assert space.coef(theta) == pytest.approx(0.2)
+    assert isinstance(divergences.get("mixture", weight=0.3), MixtureDivergence)
+    back = load_space_map(space.save(theta, tmp_path / "map"))
+    assert back.weight == pytest.approx(w) and back.coef == pytest.approx(0.2)
+    np.testing.assert_allclose(space.initial(0), [0.0, math.log(0.04)])
+
+
+def test_analytic_search_improves_on_its_start_without_tracking(tmp_path):
+    cfg = config_from_dict({
+        "name": "analytic", "tracking": {"enabled": False},
+        "search": {"space": {"kind": "mixture", "init": "zeros"},
+                   "strategy": {"name": "openai_es", "population": 8, "generations": 12,
+                                "params": {"sigma": 0.3, "lr": 0.3}},
+                   "evaluator": {"kind": "analytic", "params": {"target": 1.0}},
+                   "checkpoint_dir": str(tmp_path / "ck")},
+    })
+    s = Search(cfg)
+    start = s.evaluator.value(s.space.initial(0))
+    res = s.run()
+    assert len(res.history) == 12 and all(st == FINISHED for g in res.history for st in g.status)
+    assert res.best_fitness > start + 0.5 * abs(start)  # at least halves the distance to the target
+    assert (tmp_path / "ck" / "checkpoint.json").is_file()
+
+
+def test_local_executor_timeout_is_cooperative_and_failures_get_the_failure_value(tmp_path):
+    cfg = config_from_dict({
+        "name": "faults", "tracking": {"enabled": False},
+        "search": {"space": {"kind": "mixture"},
+                   "strategy": {"name": "random", "population": 4, "generations": 1},
+                   "evaluator": {"kind": "fault_injection", "timeout_s": 0.3, "failure_value": -7.0,
+                                 "params": {"inner": "analytic", "inner_params": {"delay_s": 0.05},
+                                            "faults": {"0/1": "raise", "0/2": "nan"}}},
+                   "checkpoint_dir": str(tmp_path / "ck")},
+    })
+    s = Search(cfg)
+    s.evaluator.inner.delay_s = 0.05
+    s.evaluator.faults["0/3"] = "raise"
+    res = s.run()
+    g = res.history[0]
+    assert g.status == [FINISHED, FAILED, FAILED, FAILED]
+    assert "injected failure" in g.errors[1] and "non-finite" in g.errors[2]
+    assert g.fitness[1:] == [None, None, None]
+    # the strategy was told the failure value, never NaN
+    ck = json.loads((tmp_path / "ck" / "checkpoint.json").read_text())
+    assert ck["completed_generations"] == 1
+    # a too-slow analytic evaluation is stopped at the deadline (cooperative, between slices)
+    s2 = Search(cfg.model_copy(deep=True))
+    s2.evaluator.faults = {}
+    s2.evaluator.inner.delay_s = 5.0
+    res2 = s2.run()
+    assert all("timeout" in e for e in res2.history[0].errors)
+    assert res2.timings["compute_s"] < 4 * 1.5
+
+
+# --------------------------------------------------------------------------- tiny real searches
+@pytest.fixture(scope="module")
+def tiny_searches(tmp_path_factory):
+    """Run the tiny search once per strategy (openai_es, nevergrad OnePlusOne); share the store."""
+    tmp = tmp_path_factory.mktemp("search")
+    out = {}
+    for strategy, params, plots in (("openai_es", {"sigma": 1.0}, True),
+                                    ("nevergrad", {"optimizer": "OnePlusOne", "sigma": 1.0}, False)):
+        cfg = tiny_cfg(tmp, f"tiny-{strategy}", strategy, params, plots=plots)
+        out[strategy] = (cfg, Search(cfg).run())
+    return tmp, out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["openai_es", "nevergrad"])
+def test_tiny_search_is_fully_recorded_in_mlflow(tiny_searches, strategy):
+    tmp, out = tiny_searches
+    cfg, res = out[strategy]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(cfg.name)
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.`mirrorlab.kind` = 'search'")
+    assert len(parents) == 1 and parents[0].info.run_id == res.parent_run_id
+    assert parents[0].info.status == "FINISHED"
+    arts = {a.path for a in client.list_artifacts(res.parent_run_id)}
+    assert {"config.yaml", "run_record.json", "search_result.json"} <= arts
+    kids = children(client, res.parent_run_id)
+    assert len(kids) == 8
+    seen = set()
+    for r in kids:
+        t, m = r.data.tags, r.data.metrics
+        g, c = int(t["mirrorlab.generation"]), int(t["mirrorlab.candidate"])
+        seen.add((g, c))
+        assert t["mirrorlab.strategy"] == strategy and t["mirrorlab.status"] == FINISHED
+        assert t["mirrorlab.parent"]  # lineage string from the strategy
+        theta_sha = t["mirrorlab.theta_sha"]
+        assert len(theta_sha) == 64
+        assert 0.0 <= m["fitness"] <= 1.0 and m["fitness_stderr"] >= 0.0 and m["mean_length"] > 0
+        hist = client.get_metric_history(r.info.run_id, "train/loss")
+        assert sorted(h.step for h in hist) == [1, 2, 3]  # the inner training curve
+        names = {a.path for a in client.list_artifacts(r.info.run_id, "map")}
+        assert {"map/map.safetensors", "map/map.json"} <= names
+        if strategy == "openai_es":
+            assert {a.path for a in client.list_artifacts(r.info.run_id, "plot")} == {"plot/map.png"}
+    assert seen == {(g, c) for g in (0, 1) for c in range(4)}
+    # generation summaries on the parent, and the per-generation history
+    assert len(client.get_metric_history(res.parent_run_id, "best_fitness")) == 2
+    assert [len(g.fitness) for g in res.history] == [4, 4]
+    assert res.best_fitness == max(f for g in res.history for f in g.fitness)
+    # the registered best map resolves and is the incumbent's theta
+    assert res.registered_uri == f"models:/{cfg.name}-map@best"
+    m = load_map(res.registered_uri, tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+    np.testing.assert_array_equal(m.theta, res.best_theta)
+
+
+@pytest.mark.slow
+def test_registered_map_trains_on_another_task(tiny_searches):
+    """A map found on arithmetic (default mix) trains a run on a differently parametrised task."""
+    from mirrorlab.gbmpo import build_trainer
+
+    tmp, out = tiny_searches
+    cfg, res = out["openai_es"]
+    div = load_map(res.registered_uri, tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+    other = config_from_dict({
+        "task": {"name": "arithmetic", "params": {"seed": 123}},
+        "train": {"prompts_per_step": 2, "generation": {"num_generations": 2, "max_new_tokens": 4}},
+        "divergence": {"name": "neural", "coef": 1.0},
+    })
+    trainer = build_trainer(other, divergence=div)
+    rows = trainer.train(steps=2)
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+    assert trainer.divergence.sha == div.sha
+    np.testing.assert_array_equal(trainer.divergence.theta, res.best_theta)
+    # a file path works as well as the registry URI
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+    local = Path(client.download_artifacts(res.best_run_id, "map", str(tmp / "dl")))
+    assert load_map(local / "map.safetensors").sha == div.sha
+
+
+@pytest.mark.slow
+def test_failures_are_recorded_and_the_search_finishes(tmp_path):
+    """raise / NaN / timeout candidates are FAILED in MLflow; the timeout kills the worker process."""
+    cfg = tiny_cfg(
+        tmp_path, "tiny-faults", executor="process",
+        evaluator={"kind": "fault_injection", "timeout_s": 8.0, "failure_value": -1.0,
+                   "params": {"inner": "gbmpo", "faults": {"0/1": "raise", "0/2": "nan", "0/3": "hang"}}},
+    )
+    search = Search(cfg)
+    res = search.run()
+    assert [len(g.status) for g in res.history] == [4, 4]
+    assert res.history[0].status == [FINISHED, FAILED, FAILED, FAILED]
+    assert res.history[1].status == [FINISHED] * 4
+    assert search.executor.restarts == 1  # the hung worker was killed and replaced
+    client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
+    kids = {(int(r.data.tags["mirrorlab.generation"]), int(r.data.tags["mirrorlab.candidate"])): r
+            for r in children(client, res.parent_run_id)}
+    assert len(kids) == 8
+    errors = {c: kids[(0, c)].data.tags.get("mirrorlab.error", "") for c in (1, 2, 3)}
+    assert "injected failure" in errors[1] and "non-finite fitness" in errors[2] and "timeout" in errors[3]
+    for c in (1, 2, 3):
+        r = kids[(0, c)]
+        assert r.data.tags["mirrorlab.status"] == FAILED and r.info.status == "FAILED"
+        assert "fitness" not in r.data.metrics  # never silently 0
+    assert kids[(0, 0)].data.tags["mirrorlab.status"] == FINISHED
+    assert client.get_run(res.parent_run_id).info.status == "FINISHED"
+
+
+def test_incumbent_is_reevaluated_each_generation_with_that_generations_seed(tmp_path):
+    cfg = config_from_dict({
+        "name": "incumbent", "tracking": {"enabled": False},
+        "search": {"space": {"kind": "mixture"},
+                   "strategy": {"name": "random", "population": 3, "generations": 3,
+                                "params": {"scale": 0.5}},
+                   "evaluator": {"kind": "analytic", "reevaluate_incumbent": True,
+                                 "params": {"noise": 0.2}},
+                   "checkpoint_dir": str(tmp_path / "ck")},
+    })
+    res = Search(cfg).run()
+    assert [len(g.ids) for g in res.history] == [3, 4, 4]  # the incumbent rides along from gen 1
+    assert res.history[1].ids[-1] == "g1-incumbent" and res.history[1].parents[-1].startswith("incumbent:")
+    inc_sha = res.history[1].shas[-1]
+    assert inc_sha in res.history[0].shas  # the re-evaluated theta is a previous candidate
+    # noisy fitness under a new seed differs from the first evaluation of the same theta
+    first = res.history[0].fitness[res.history[0].shas.index(inc_sha)]
+    assert res.history[1].fitness[-1] != first
+    with pytest.raises(Exception, match="unknown evaluator 'nope'"):
+        config_from_dict({"search": {"evaluator": {"kind": "nope"}}})
+
+
+def test_progress_hooks_are_called_in_order(tmp_path):
+    calls: list[tuple] = []
+
+    class Recorder:
+        def __getattr__(self, name):
+            if not name.startswith("on_"):
+                raise AttributeError(name)
+            return lambda *a: calls.append((name, *a[:2]))
+
+    cfg = config_from_dict({
+        "name": "hooks", "tracking": {"enabled": False},
+        "search": {"space": {"kind": "mixture"},
+                   "strategy": {"name": "random", "population": 2, "generations": 2},
+                   "evaluator": {"kind": "analytic"}, "checkpoint_dir": str(tmp_path / "ck")},
+    })
+    s = Search(cfg)
+    s.progress = Recorder()
+    s.run()
+    per_gen = ["on_generation_start", "on_candidate_end", "on_candidate_end", "on_generation_end"]
+    assert [c[0] for c in calls] == per_gen * 2 + ["on_search_end"]
+    assert calls[1][1:] == (0, "g0-0")
