@@ -29,6 +29,7 @@ class Section(BaseModel):
 def _check_registered(kind: str, name: str) -> str:
     """Validate `name` against the registry of `kind` ("divergence", "task", "strategy")."""
     if kind == "divergence":
+        import mirrorlab.spaces  # noqa: F401  (registers the searchable `mixture` divergence)
         from mirrorlab.divergences import registry as reg
     elif kind == "task":
         from mirrorlab.tasks import registry as reg
@@ -89,6 +90,8 @@ class DivergenceConfig(Section):
     chunk_size: int = Field(8192, ge=1)
     params: dict[str, Any] = Field(default_factory=dict)
     map: str | None = None
+    # torch.compile the sampled estimator (fuses ~100 small kernels; worth it on GPUs)
+    compile: bool = False
 
     @field_validator("name")
     @classmethod
@@ -105,6 +108,7 @@ class GenerationConfig(Section):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
+    min_new_tokens: int = Field(0, ge=0)  # stop tokens are suppressed before this many (benchmarks)
 
 
 class OptimConfig(Section):
@@ -131,10 +135,15 @@ class TrainConfig(Section):
     mu: int = Field(1, ge=1)
     micro_batch_size: int | None = Field(None, ge=1)
     mask_truncated: bool = False
+    # multiply D by the differentiable ratio rho (TRL 1.16's use_bias_correction_kl default)
+    reg_is_weight: bool = False
     eval_every: int = Field(0, ge=0)
     eval_split: Literal["train", "val", "test"] = "val"
     eval_size: int | None = Field(None, ge=1)
     eval_max_new_tokens: int | None = Field(None, ge=1)
+    # regulariser-to-PG gradient-norm ratio every k steps (costs one extra backward of the
+    # regulariser per micro-batch on those steps); 0 = never
+    grad_ratio_every: int = Field(10, ge=0)
     seed: int = 0
     optim: OptimConfig = Field(default_factory=OptimConfig)
 
@@ -161,16 +170,45 @@ class StrategyConfig(Section):
     def _known(cls, v: str) -> str:
         return _check_registered("strategy", v)
 
+    @model_validator(mode="after")
+    def _params_known(self) -> StrategyConfig:
+        """Typos in `params` (and unknown nevergrad optimisers) fail at config time."""
+        from mirrorlab.strategies import check_params
+
+        check_params(self.name, self.params)
+        return self
+
 
 class EvaluatorConfig(Section):
-    """How a candidate is scored: T inner steps on task.train, metric on task.val."""
+    """How a candidate is scored: T inner steps on task.train, metric on task.val.
 
+    `kind` is a registered evaluator (`gbmpo`, the real one; `analytic`, a cheap function of
+    theta for debugging strategies) or a `package.module:factory` path; `params` go to it.
+    `resample_each_generation`: draw a fresh inner seed and val subset per generation (shared
+    by all candidates of that generation: common random numbers); False keeps one for the search.
+    """
+
+    kind: str = "gbmpo"
+    params: dict[str, Any] = Field(default_factory=dict)
+    resample_each_generation: bool = True
     inner_steps: int = Field(20, ge=0)
     val_size: int | None = Field(None, ge=1)
     length_penalty: float = Field(0.0, ge=0)
     failure_value: float = -1.0
     timeout_s: float | None = Field(None, gt=0)
     reevaluate_incumbent: bool = False
+
+    @field_validator("kind")
+    @classmethod
+    def _known_evaluator(cls, v: str) -> str:
+        if ":" in v:  # package.module:factory, imported where the evaluator is built
+            return v
+        from mirrorlab.search import evaluators
+
+        if v not in evaluators:
+            raise ValueError(f"unknown evaluator {v!r}; allowed: {', '.join(evaluators.names())} "
+                             "or package.module:factory")
+        return v
 
 
 class ExecutorConfig(Section):
@@ -202,6 +240,7 @@ class TrackingConfig(Section):
     experiment: str | None = None
     register_as: str | None = None
     alias: str = "best"
+    plots: bool = True
 
 
 # --------------------------------------------------------------------------- compare

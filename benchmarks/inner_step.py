@@ -1,0 +1,202 @@
+"""Inner-loop step time: mirrorlab GBMPOTrainer vs TRL 1.16 GRPOTrainer, side by side.
+
+Same randomly initialised ~4.2M-parameter Qwen2 (hidden 256, 4 layers, MLP 1024, the tiny
+preset's character tokenizer), same arithmetic prompts, 16 completions of exactly 64 tokens
+per step (stop tokens suppressed until 64 so both sides do identical work), kl_k3 with beta
+0.04 (TRL's default bias-corrected form on both sides), Dr. GRPO aggregation, fp32. The two
+trainers alternate step by step (a TRL callback runs one mirrorlab step after each TRL step),
+so machine noise hits both alike; the first `--warmup` steps of each are discarded.
+Optionally one step of each on smollm2-135m (8 x 64).
+
+    python benchmarks/inner_step.py [--steps 10] [--warmup 2] [--device cpu|cuda] [--skip-smollm]
+
+Prints a table and writes benchmarks/results/inner_step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results" / "inner_step.json"
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def make_tiny4m(path: Path, seed: int = 0) -> None:
+    """A random-init 4.2M-parameter Qwen2 with the character tokenizer, saved to `path`."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from mirrorlab.models import build_char_tokenizer
+    from mirrorlab.tasks import get as get_task
+
+    task = get_task("arithmetic")
+    tok = build_char_tokenizer([task.charset], extra_chars=task.charset)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tok), hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, intermediate_size=1024, max_position_embeddings=256,
+        tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.eos_token_id,
+    ))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def run_pair(model_dir: Path, n_gen: int, max_new: int, warmup: int, steps: int, device: str,
+             label: str) -> dict[str, Any]:
+    """Alternate TRL and mirrorlab steps on the model in `model_dir`; return timing summaries."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from mirrorlab import divergences
+    from mirrorlab.config import GenerationConfig, ModelConfig, OptimConfig, TrainConfig
+    from mirrorlab.gbmpo import GBMPOTrainer
+    from mirrorlab.models import load_model
+    from mirrorlab.tasks import get as get_task
+
+    task = get_task("arithmetic")
+    total = warmup + steps
+    cuda = device.startswith("cuda")
+
+    # ---- mirrorlab
+    model, tok = load_model(ModelConfig(name=str(model_dir), device=device))
+    cfg = TrainConfig(
+        steps=total, prompts_per_step=1, advantage="grpo", loss_type="dr_grpo", reg_is_weight=True,
+        generation=GenerationConfig(num_generations=n_gen, max_new_tokens=max_new, min_new_tokens=max_new),
+        optim=OptimConfig(lr=1e-6), seed=0,
+    )
+    ours = GBMPOTrainer(model, tok, task, divergences.get("kl_k3"), cfg, coef=0.04)
+
+    # ---- TRL
+    by_q = {e.question: e for e in task.train}
+
+    def reward(completions: list[str], prompts: list[str], **kw: Any) -> list[float]:
+        return task.rewards(completions, [by_q[p] for p in prompts])
+
+    ds = Dataset.from_list([{"prompt": task.prompt(e)} for e in task.train[:500]])
+    tmp = tempfile.mkdtemp(prefix="trl-bench-")
+    args = GRPOConfig(
+        output_dir=tmp, per_device_train_batch_size=n_gen, num_generations=n_gen,
+        max_completion_length=max_new, generation_kwargs={"min_new_tokens": max_new}, beta=0.04,
+        loss_type="dr_grpo", learning_rate=1e-6, max_steps=total, bf16=False, use_cpu=not cuda,
+        report_to="none", save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True,
+    )
+    trl_tok = type(tok).from_pretrained(model_dir) if label == "tiny4m" else tok
+    trl_tok.padding_side = "left"
+    trl = GRPOTrainer(model=str(model_dir), reward_funcs=reward, args=args, train_dataset=ds,
+                      processing_class=trl_tok)
+
+    rec: dict[str, list[float]] = {"trl": [], "mirrorlab": [], "ml_tokens": [], "trl_mem": [], "ml_mem": []}
+
+    class Alternate(TrainerCallback):
+        mark = 0.0
+
+        def on_step_end(self, a, state, control, **kw):  # noqa: ANN001
+            if cuda:
+                torch.cuda.synchronize()
+                rec["trl_mem"].append(torch.cuda.max_memory_allocated() / 2**20)
+            rec["trl"].append(time.perf_counter() - Alternate.mark)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            t = time.perf_counter()
+            m = ours.train_step()
+            if cuda:
+                torch.cuda.synchronize()
+                rec["ml_mem"].append(torch.cuda.max_memory_allocated() / 2**20)
+                torch.cuda.reset_peak_memory_stats()
+            rec["mirrorlab"].append(time.perf_counter() - t)
+            rec["ml_tokens"].append(m["gen_tokens"])
+            Alternate.mark = time.perf_counter()
+
+    trl.add_callback(Alternate())
+    Alternate.mark = time.perf_counter()
+    trl.train()
+
+    def summ(xs: list[float]) -> dict[str, float]:
+        xs = xs[warmup:] or xs
+        return {"mean": statistics.mean(xs), "median": statistics.median(xs),
+                "min": min(xs), "n": len(xs)}
+
+    tr, ml = summ(rec["trl"]), summ(rec["mirrorlab"])
+    gen_tokens = n_gen * max_new
+    out = {
+        "model": label, "params": sum(p.numel() for p in model.parameters()), "device": device,
+        "completions": n_gen, "max_new_tokens": max_new, "warmup": warmup,
+        "trl_s_per_step": tr, "mirrorlab_s_per_step": ml,
+        "trl_tokens_per_s": gen_tokens / tr["median"],
+        "mirrorlab_tokens_per_s":
+            statistics.median(rec["ml_tokens"][warmup:] or rec["ml_tokens"]) / ml["median"],
+        "ratio_median": ml["median"] / tr["median"], "ratio_mean": ml["mean"] / tr["mean"],
+        "raw": {"trl": rec["trl"], "mirrorlab": rec["mirrorlab"]},
+    }
+    if cuda:
+        out["trl_peak_mem_mb"] = max(rec["trl_mem"])
+        out["mirrorlab_peak_mem_mb"] = max(rec["ml_mem"])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: multi-threading collapses on shared cores)")
+    ap.add_argument("--skip-smollm", action="store_true")
+    ap.add_argument("--smollm-steps", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        make_tiny4m(Path(d))
+        rows.append(run_pair(Path(d), 16, 64, a.warmup, a.steps, a.device, "tiny4m"))
+    if not a.skip_smollm:
+        from mirrorlab.models import smollm2_path
+
+        try:
+            p = smollm2_path()
+        except (FileNotFoundError, ImportError) as e:
+            print(f"skipping smollm2-135m: {e}")
+        else:
+            rows.append(run_pair(p, 8, 64, 1, a.smollm_steps, a.device, "smollm2-135m"))
+
+    dev = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else platform.processor() or "cpu"
+    result = {
+        "benchmark": "inner_step", "device": a.device, "device_name": dev, "threads": torch.get_num_threads(),
+        "peak_rss_mb_process": _peak_rss_mb(), "rows": rows,
+        "note": "ratio = mirrorlab / TRL step time (target <= 0.5); CPU peak memory is the whole process",
+    }
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=1))
+    hdr = (f"{'model':14} {'G x T':8} {'TRL s/step':>11} {'ml s/step':>10} {'ratio':>6} "
+           f"{'TRL tok/s':>10} {'ml tok/s':>9}")
+    print(f"device: {a.device} ({dev}), threads {torch.get_num_threads()}")
+    print(hdr)
+    for r in rows:
+        print(f"{r['model']:14} {r['completions']}x{r['max_new_tokens']:<5} "
+              f"{r['trl_s_per_step']['median']:11.3f} "
+              f"{r['mirrorlab_s_per_step']['median']:10.3f} {r['ratio_median']:6.2f} "
+              f"{r['trl_tokens_per_s']:10.0f} {r['mirrorlab_tokens_per_s']:9.0f}"
+              + (f"  mem MB trl {r['trl_peak_mem_mb']:.0f} ml {r['mirrorlab_peak_mem_mb']:.0f}"
+                 if "trl_peak_mem_mb" in r else ""))
+    print(f"peak RSS (process): {result['peak_rss_mb_process']:.0f} MB; wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

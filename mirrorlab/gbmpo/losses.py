@@ -1,0 +1,162 @@
+"""GBMPO loss as small pure functions (DESIGN section 3).
+
+Everything here is float32 maths on tensors with no host sync, so it can run inside a
+compiled or accumulated training step. Conventions follow TRL 1.16's GRPOTrainer where the two
+share a loss type (see `tests/test_gbmpo_parity.py`):
+- advantages: `grpo` divides by (unbiased group std + 1e-4), `dr_grpo` only centres;
+- `dr_grpo` aggregation divides by B * max_new_tokens (the generation budget, TRL's
+  `max_completion_length`), not by the longest completion in the batch;
+- `bnpo` is a token mean per micro-batch (averaged over micro-batches), `dapo` a token mean
+  over the whole generated batch (they coincide without micro-batching);
+- the regulariser is lambda * D as in DESIGN section 3. TRL 1.16 defaults to
+  `use_bias_correction_kl=True` (D multiplied by the differentiable ratio rho, which changes the
+  gradient even on-policy); `reg_is_weight=True` reproduces that, the default False is the
+  classic GRPO / GBMPO form (TRL with `use_bias_correction_kl=False`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+AdvantageKind = Literal["grpo", "dr_grpo"]
+LossType = Literal["grpo", "dr_grpo", "bnpo", "dapo"]
+Estimator = Literal["sampled", "full"]
+
+STD_EPS = 1e-4
+
+
+def advantages(rewards: Tensor, group_size: int, kind: AdvantageKind = "dr_grpo") -> Tensor:
+    """Per-completion advantages; rewards are laid out group by group ([q0 x G, q1 x G, ...])."""
+    r = rewards.float().view(-1, group_size)
+    centred = r - r.mean(dim=1, keepdim=True)
+    if kind == "grpo":
+        centred = centred / (r.std(dim=1, keepdim=True) + STD_EPS)
+    elif kind != "dr_grpo":
+        raise ValueError(f"unknown advantage kind {kind!r}; allowed: grpo, dr_grpo")
+    return centred.reshape(-1)
+
+
+def policy_loss(
+    logp: Tensor, old_logp: Tensor, adv: Tensor, eps_low: float = 0.2, eps_high: float = 0.2
+) -> tuple[Tensor, Tensor]:
+    """Clipped surrogate per token: -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A).
+
+    Returns (per-token loss, per-token clipped indicator as float). `adv` is [B] or [B, T].
+    """
+    if adv.dim() == 1:
+        adv = adv.unsqueeze(1)
+    ratio = torch.exp(logp - old_logp)
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    loss = -torch.min(ratio * adv, clipped * adv)
+    was_clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+    return loss, was_clipped.to(logp.dtype)
+
+
+def aggregate(
+    per_token: Tensor,
+    mask: Tensor,
+    kind: LossType,
+    max_len: int | None = None,
+    num_seqs: int | None = None,
+    num_tokens: Tensor | float | None = None,
+    num_micro: int = 1,
+) -> Tensor:
+    """Reduce a [B, T] per-token loss to a scalar with one of the four aggregations.
+
+    With micro-batching pass the totals of the whole generated batch (`num_seqs` sequences,
+    `num_tokens` unmasked tokens, `num_micro` micro-batches) so that summing the micro-batch
+    values gives the full-batch loss. Defaults describe a single micro-batch.
+    """
+    mask = mask.to(per_token.dtype)
+    b = per_token.shape[0]
+    num_seqs = b if num_seqs is None else num_seqs
+    masked = per_token * mask
+    if kind == "grpo":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / num_seqs
+    if kind == "dr_grpo":
+        L = per_token.shape[1] if max_len is None else max_len
+        return masked.sum() / (num_seqs * L)
+    if kind == "bnpo":
+        return masked.sum() / mask.sum().clamp(min=1.0) / num_micro
+    if kind == "dapo":
+        denom = mask.sum() if num_tokens is None else num_tokens
+        if isinstance(denom, Tensor):
+            denom = denom.clamp(min=1.0)
+        return masked.sum() / denom
+    raise ValueError(f"unknown loss type {kind!r}; allowed: grpo, dr_grpo, bnpo, dapo")
+
+
+@dataclass
+class LossOutput:
+    """The scalar loss plus its parts and diagnostics (all tensors, no host sync)."""
+
+    loss: Tensor
+    pg_loss: Tensor
+    reg_loss: Tensor
+    metrics: dict[str, Tensor]
+
+
+def gbmpo_loss(
+    logp: Tensor,
+    old_logp: Tensor | None,
+    ref_logp: Tensor | None,
+    adv: Tensor,
+    mask: Tensor,
+    divergence=None,
+    coef: float = 0.0,
+    loss_type: LossType = "dr_grpo",
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    estimator: Estimator = "sampled",
+    logits: Tensor | None = None,
+    ref_logits: Tensor | None = None,
+    chunk_size: int = 8192,
+    max_len: int | None = None,
+    num_seqs: int | None = None,
+    num_tokens: Tensor | float | None = None,
+    num_micro: int = 1,
+    reg_is_weight: bool = False,
+) -> LossOutput:
+    """Per-token GBMPO loss l = PG + lambda * D, aggregated; returns parts and diagnostics.
+
+    `old_logp=None` means on-policy (mu = 1): old = detached current, so rho = 1. The
+    divergence is evaluated in float32 on log-probs (`sampled`) or logits (`full`);
+    `reg_is_weight` multiplies it by the ratio rho (TRL's `use_bias_correction_kl`).
+    """
+    logp32 = logp.float()
+    old = logp32.detach() if old_logp is None else old_logp.float()
+    pg_tok, clipped = policy_loss(logp32, old, adv.float(), eps_low, eps_high)
+    agg = dict(kind=loss_type, max_len=max_len, num_seqs=num_seqs, num_tokens=num_tokens,
+               num_micro=num_micro)
+    pg = aggregate(pg_tok, mask, **agg)
+    maskf = mask.to(logp32.dtype)
+    ntok = maskf.sum().clamp(min=1.0)
+    metrics: dict[str, Tensor] = {
+        "clip_frac": (clipped * maskf).sum() / ntok,
+    }
+    if divergence is not None and (coef != 0.0 or ref_logp is not None or ref_logits is not None):
+        if estimator == "sampled":
+            if ref_logp is None:
+                raise ValueError("sampled estimator needs ref_logp")
+            d_tok = divergence.sampled(logp32, ref_logp.float())
+        elif estimator == "full":
+            if logits is None or ref_logits is None:
+                raise ValueError("full estimator needs logits and ref_logits")
+            d_tok = divergence.full(logits.float(), ref_logits.float(), chunk_size=chunk_size)
+        else:
+            raise ValueError(f"unknown estimator {estimator!r}; allowed: sampled, full")
+        d_tok = d_tok.float()
+        if reg_is_weight:  # TRL's use_bias_correction_kl: D * rho (rho differentiable)
+            d_tok = d_tok * torch.exp(logp32 - old)
+        reg = coef * aggregate(d_tok, mask, **agg)
+        metrics["div_mean"] = (d_tok.detach().float() * maskf).sum() / ntok
+    else:
+        reg = pg.new_zeros(())
+        metrics["div_mean"] = pg.new_zeros(())
+    metrics["pg_loss"] = pg.detach()
+    metrics["reg_loss"] = reg.detach()
+    return LossOutput(loss=pg + reg, pg_loss=pg, reg_loss=reg, metrics=metrics)

@@ -1,0 +1,574 @@
+"""The GBMPO training loop: sample G completions per prompt, score, take mu clipped steps.
+
+One `GBMPOTrainer` holds a model, its reference, an optimiser and a prompt sampler. It is
+built for reuse: `reset()` restores the starting weights from memory (or re-initialises the
+LoRA adapter) and `set_divergence()` swaps the regulariser, so a search scores many mirror
+maps without reloading the model.
+
+Where the time goes and what is avoided (compared with TRL's GRPOTrainer): prompts are
+tokenised once per example; log-probs are computed only at completion positions
+(`logits_to_keep`, so the LM head never runs on prompt tokens); reference log-probs come from
+one no-grad forward per generated batch (LoRA: the same module with the adapter disabled); there
+is never a separate "old" forward (mu = 1: old = detached current; mu > 1: the log-probs of the
+sampling logits, kept from generation); step metrics stay on the device until one host transfer
+at the end of the step. What remains is compute: generation (HF generate with a KV cache), one
+reference forward, one policy forward and backward per pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mirrorlab.config import Config, TrainConfig
+from mirrorlab.gbmpo.losses import advantages as compute_advantages
+from mirrorlab.gbmpo.losses import gbmpo_loss
+from mirrorlab.repro import seed_everything
+
+
+@dataclass
+class EvalResult:
+    """Greedy evaluation on a split: mean metric, its standard error, mean completion length."""
+
+    metric: float
+    stderr: float
+    mean_length: float
+    scores: list[float] = field(default_factory=list)
+    n: int = 0
+
+
+@dataclass
+class Rollout:
+    """One generated batch: token ids, masks and rewards (rows grouped by prompt)."""
+
+    input_ids: Tensor  # [B, P + T] prompt (left padded) + completion
+    attention_mask: Tensor  # [B, P + T]
+    position_ids: Tensor  # [B, P + T]
+    completion_ids: Tensor  # [B, T]
+    completion_mask: Tensor  # [B, T] 1 up to and including the stop token
+    truncated: Tensor  # [B] bool: no stop token within max_new_tokens
+    texts: list[str]
+    rewards: Tensor  # [B]
+    scores: Tensor  # [B]
+    old_logps: Tensor | None = None  # [B, T] sampling-time log-probs (only when mu > 1)
+
+
+def _is_peft(model: Any) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def _position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions counted over real tokens only (as HF generate does with left padding)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp(min=0)
+
+
+def completion_mask_from(ids: Tensor, stop_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Mask up to and including the first stop token; also whether no stop token occurred."""
+    is_stop = torch.isin(ids, stop_ids)
+    # number of stop tokens strictly before each position
+    before = torch.cumsum(is_stop.long(), dim=1) - is_stop.long()
+    mask = (before == 0).long()
+    truncated = ~is_stop.any(dim=1)
+    return mask, truncated
+
+
+def token_logps(logits: Tensor, ids: Tensor) -> Tensor:
+    """log softmax(logits) gathered at `ids`, in float32."""
+    logits = logits.float()
+    return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _entropy(logits: Tensor) -> Tensor:
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+class GBMPOTrainer:
+    """GBMPO on one task with one model; reusable across divergences via `reset` / `set_divergence`.
+
+    `coef` is lambda; `estimator` is `sampled` (the paper's) or `full` (exact, over the
+    vocabulary). `cfg.grad_ratio_every` > 0 computes the regulariser-to-PG gradient-norm ratio every
+    that many steps at the cost of one extra backward of the regulariser per micro-batch on
+    those steps (0 turns it off).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        task: Any,
+        divergence: Any = None,
+        cfg: TrainConfig | None = None,
+        coef: float = 0.0,
+        estimator: str = "sampled",
+        chunk_size: int = 8192,
+        ref_model: Any = None,
+    ) -> None:
+        self.cfg = cfg or TrainConfig()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.task = task
+        self.estimator = estimator
+        self.chunk_size = chunk_size
+        self.device = next(model.parameters()).device
+        self.is_peft = _is_peft(model)
+        if self.is_peft:
+            self.ref_model = None
+        else:
+            self.ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
+            self.ref_model.eval()
+            for p in self.ref_model.parameters():
+                p.requires_grad_(False)
+        self.divergence = None
+        self.coef = 0.0
+        self.set_divergence(divergence, coef)
+        self._prompt_cache: dict[str, list[int]] = {}
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = int(pad)
+        self.stop_ids = self._stop_token_ids()
+        self.reset(self.cfg.seed)
+
+    # ------------------------------------------------------------------ setup
+    def _stop_token_ids(self) -> list[int]:
+        """EOS plus every stop string of the task that is a single token (e.g. newline)."""
+        ids = []
+        eos = self.tokenizer.eos_token_id
+        if isinstance(eos, int):
+            ids.append(eos)
+        elif eos is not None:
+            ids.extend(eos)
+        for s in getattr(self.task, "stop_strings", ()) or ():
+            t = self.tokenizer(s, add_special_tokens=False)["input_ids"]
+            if len(t) == 1:
+                ids.append(t[0])
+        return sorted(set(ids))
+
+    def set_divergence(self, divergence: Any, coef: float | None = None) -> None:
+        """Use another regulariser (and optionally another lambda) from the next step on."""
+        if divergence is not None and hasattr(divergence, "to"):
+            try:
+                divergence = divergence.to(self.device)
+            except TypeError:
+                pass
+        self.divergence = divergence
+        if coef is not None:
+            self.coef = float(coef)
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _make_optimizer(self) -> None:
+        o = self.cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            self._trainable(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay
+        )
+        total = max(1, self.cfg.steps * self.cfg.mu)
+        warm = o.warmup_steps
+        cosine = o.schedule == "cosine"
+
+        def factor(s: int) -> float:
+            if warm and s < warm:
+                return (s + 1) / warm
+            if not cosine:
+                return 1.0
+            frac = min(1.0, (s - warm) / max(1, total - warm))
+            return 0.5 * (1.0 + math.cos(math.pi * frac))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+
+    def reset(self, seed: int | None = None) -> None:
+        """Back to the starting weights (from memory), a fresh optimiser, step 0, re-seeded RNGs."""
+        seed = self.cfg.seed if seed is None else seed
+        self.seed = seed
+        seed_everything(seed)
+        with torch.no_grad():
+            if self.is_peft:
+                from peft.tuners.lora import LoraLayer
+
+                for m in self.model.modules():
+                    if isinstance(m, LoraLayer):
+                        for name in m.lora_A.keys():
+                            m.reset_lora_parameters(name, True)
+            elif hasattr(self, "step"):  # not on construction: the model is still the start
+                self.model.load_state_dict(self.ref_model.state_dict())
+        self.model.zero_grad(set_to_none=True)
+        self._make_optimizer()
+        self.step = 0
+        self._sampler = random.Random(f"mirrorlab.prompts:{seed}")
+        self._order: list[int] = []
+
+    # ------------------------------------------------------------------ data
+    def _prompt_ids(self, ex: Any) -> list[int]:
+        ids = self._prompt_cache.get(ex.id)
+        if ids is None:
+            text = self.task.prompt(ex, self.tokenizer)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            self._prompt_cache[ex.id] = ids
+        return ids
+
+    def _next_prompts(self, n: int) -> list[Any]:
+        out = []
+        train = self.task.train
+        for _ in range(n):
+            if not self._order:
+                self._order = list(range(len(train)))
+                self._sampler.shuffle(self._order)
+            out.append(train[self._order.pop()])
+        return out
+
+    def _left_pad(self, seqs: Sequence[list[int]]) -> tuple[Tensor, Tensor]:
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        att = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            if s:
+                ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+                att[i, width - len(s):] = 1
+        return ids.to(self.device), att.to(self.device)
+
+    # ------------------------------------------------------------------ generation
+    def _gen_config(self, greedy: bool, max_new_tokens: int) -> Any:
+        from transformers import GenerationConfig
+
+        g = self.cfg.generation
+        kw: dict[str, Any] = dict(
+            max_new_tokens=max_new_tokens, pad_token_id=self.pad_id, eos_token_id=self.stop_ids,
+            use_cache=True,
+        )
+        if greedy:
+            kw.update(do_sample=False)
+        else:
+            kw.update(do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
+            if g.min_new_tokens:
+                kw.update(min_new_tokens=min(g.min_new_tokens, max_new_tokens))
+        return GenerationConfig(**kw)
+
+    @torch.no_grad()
+    def generate(self, examples: Sequence[Any], repeats: int = 1, greedy: bool = False,
+                 max_new_tokens: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Generate `repeats` completions per example.
+
+        Returns (prompt_ids, prompt_mask, completion_ids, completion_mask).
+        """
+        return self._generate(examples, repeats, greedy, max_new_tokens)[:4]
+
+    @torch.no_grad()
+    def _generate(self, examples: Sequence[Any], repeats: int = 1, greedy: bool = False,
+                  max_new_tokens: int | None = None, with_logps: bool = False) -> tuple:
+        """`generate` plus, when asked, the sampling policy's log-probs of the sampled tokens.
+
+        Those come from the decoding logits themselves (the KV-cached forward that sampled the
+        token), so with mu > 1 the "old" log-probs cost no extra forward pass.
+        """
+        max_new = max_new_tokens or self.cfg.generation.max_new_tokens
+        seqs = [self._prompt_ids(ex) for ex in examples for _ in range(repeats)]
+        ids, att = self._left_pad(seqs)
+        was_training = self.model.training
+        self.model.eval()
+        gc = self._gen_config(greedy, max_new)
+        if with_logps:
+            gc.output_logits = True
+            gc.return_dict_in_generate = True
+        out = self.model.generate(input_ids=ids, attention_mask=att, generation_config=gc)
+        if was_training:
+            self.model.train()
+        seq = out.sequences if with_logps else out
+        comp = seq[:, ids.shape[1]:]
+        old = None
+        if comp.shape[1] == 0:
+            comp = torch.full((ids.shape[0], 1), self.pad_id, dtype=torch.long, device=self.device)
+        elif with_logps:
+            logits = torch.stack(out.logits, dim=1)[:, : comp.shape[1]]
+            t = self.cfg.generation.temperature
+            old = token_logps(logits / t if t != 1.0 else logits, comp)
+        stop = torch.tensor(self.stop_ids, device=self.device)
+        cmask, _ = completion_mask_from(comp, stop)
+        return ids, att, comp, cmask, old
+
+    def _decode(self, comp: Tensor, cmask: Tensor) -> list[str]:
+        ids = comp.masked_fill(cmask == 0, self.pad_id).tolist()
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+    def rollout(self, examples: Sequence[Any]) -> Rollout:
+        """Sample G completions per example and score them with the task."""
+        G = self.cfg.generation.num_generations
+        p_ids, p_att, comp, cmask, old = self._generate(examples, repeats=G, with_logps=self.cfg.mu > 1)
+        stop = torch.tensor(self.stop_ids, device=self.device)
+        _, truncated = completion_mask_from(comp, stop)
+        texts = self._decode(comp, cmask)
+        rep = [ex for ex in examples for _ in range(G)]
+        rewards = torch.tensor(self.task.rewards(texts, rep), dtype=torch.float32, device=self.device)
+        scores = torch.tensor(self.task.scores(texts, rep), dtype=torch.float32, device=self.device)
+        att = torch.cat([p_att, cmask], dim=1)
+        return Rollout(
+            input_ids=torch.cat([p_ids, comp], dim=1), attention_mask=att,
+            position_ids=_position_ids(att), completion_ids=comp, completion_mask=cmask,
+            truncated=truncated, texts=texts, rewards=rewards, scores=scores, old_logps=old,
+        )
+
+    # ------------------------------------------------------------------ log-probs
+    def _logits(self, model: Any, ids: Tensor, att: Tensor, pos: Tensor, T: int) -> Tensor:
+        """Temperature-scaled logits at the T completion positions only ([B, T, V])."""
+        out = model(input_ids=ids, attention_mask=att, position_ids=pos, logits_to_keep=T + 1,
+                    use_cache=False)
+        logits = out.logits[:, :-1]
+        t = self.cfg.generation.temperature
+        return logits / t if t != 1.0 else logits
+
+    @torch.no_grad()
+    def _reference(self, ro: Rollout, rows: slice) -> tuple[Tensor, Tensor | None]:
+        """Reference log-probs (and logits for the `full` estimator) of rows of a rollout."""
+        T = ro.completion_ids.shape[1]
+        args = (ro.input_ids[rows], ro.attention_mask[rows], ro.position_ids[rows], T)
+        if self.is_peft:
+            with self.model.disable_adapter():
+                logits = self._logits(self.model, *args)
+        else:
+            logits = self._logits(self.ref_model, *args)
+        lp = token_logps(logits, ro.completion_ids[rows])
+        return lp, (logits.float() if self.estimator == "full" else None)
+
+    def _needs_ref(self) -> bool:
+        return self.divergence is not None and self.coef != 0.0
+
+    # ------------------------------------------------------------------ training
+    def _micro_slices(self, B: int) -> list[slice]:
+        m = self.cfg.micro_batch_size or B
+        return [slice(i, min(i + m, B)) for i in range(0, B, m)]
+
+    def train_step(self) -> dict[str, float]:
+        """One generated batch and mu optimisation passes over it; returns the step metrics."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        examples = self._next_prompts(cfg.prompts_per_step)
+        ro = self.rollout(examples)
+        t_gen = time.perf_counter() - t0
+        G = cfg.generation.num_generations
+        adv = compute_advantages(ro.rewards, G, cfg.advantage)
+        mask = ro.completion_mask.float()
+        if cfg.mask_truncated:
+            mask = mask * (~ro.truncated).float().unsqueeze(1)
+        B, T = ro.completion_ids.shape
+        slices = self._micro_slices(B)
+        n_micro = len(slices)
+        num_tokens = mask.sum()
+        need_ref = self._needs_ref()
+        refs = [self._reference(ro, s) if need_ref else (None, None) for s in slices]
+        olds: list[Tensor | None] = [None] * n_micro
+        self.model.train()
+        if cfg.mu > 1:
+            assert ro.old_logps is not None
+            olds = [ro.old_logps[s] for s in slices]
+        want_ratio = (need_ref and cfg.grad_ratio_every > 0
+                      and self.step % cfg.grad_ratio_every == 0)
+        params = self._trainable()
+        acc: dict[str, Tensor] = {}
+        grad_norm = torch.zeros((), device=self.device)
+        ratio = torch.zeros((), device=self.device)
+        for it in range(cfg.mu):
+            reg_grads: list[Tensor] | None = None
+            for k, s in enumerate(slices):
+                logits = self._logits(self.model, ro.input_ids[s], ro.attention_mask[s],
+                                      ro.position_ids[s], T)
+                lp = token_logps(logits, ro.completion_ids[s])
+                ref_lp, ref_logits = refs[k]
+                out = gbmpo_loss(
+                    lp, olds[k], ref_lp, adv[s], mask[s], divergence=self.divergence if need_ref else None,
+                    coef=self.coef, loss_type=cfg.loss_type, eps_low=cfg.epsilon_low,
+                    eps_high=cfg.epsilon_high, estimator=self.estimator, logits=logits,
+                    ref_logits=ref_logits, chunk_size=self.chunk_size,
+                    max_len=cfg.generation.max_new_tokens, num_seqs=B, num_tokens=num_tokens,
+                    num_micro=n_micro, reg_is_weight=cfg.reg_is_weight,
+                )
+                if want_ratio and it == 0:
+                    g = torch.autograd.grad(out.reg_loss, params, retain_graph=True, allow_unused=True)
+                    g = [torch.zeros_like(p) if x is None else x for p, x in zip(params, g, strict=True)]
+                    reg_grads = g if reg_grads is None else [a + b for a, b in zip(reg_grads, g, strict=True)]
+                out.loss.backward()
+                if it == 0:
+                    w = (mask[s].sum() / num_tokens.clamp(min=1.0))
+                    with torch.no_grad():
+                        ent = (_entropy(logits.detach()) * mask[s]).sum() / mask[s].sum().clamp(min=1.0)
+                    parts = {"loss": out.loss.detach(), "pg_loss": out.pg_loss.detach(),
+                             "reg_loss": out.reg_loss.detach(), "div_mean": out.metrics["div_mean"] * w,
+                             "clip_frac": out.metrics["clip_frac"] * w, "entropy": ent * w}
+                    for key, v in parts.items():
+                        acc[key] = acc.get(key, 0.0) + v
+                if it == cfg.mu - 1 and cfg.mu > 1:
+                    acc["clip_frac_last"] = acc.get("clip_frac_last", 0.0) + out.metrics["clip_frac"] * (
+                        mask[s].sum() / num_tokens.clamp(min=1.0))
+            if reg_grads is not None:
+                with torch.no_grad():
+                    g_reg = torch.sqrt(sum((x.float() ** 2).sum() for x in reg_grads))
+                    g_pg = torch.sqrt(sum(
+                        ((p.grad.float() if p.grad is not None else 0.0) - x.float()).pow(2).sum()
+                        for p, x in zip(params, reg_grads, strict=True)))
+                    ratio = g_reg / g_pg.clamp(min=1e-30)
+            if cfg.optim.max_grad_norm is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+            else:
+                grad_norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None))
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        dt = time.perf_counter() - t0
+        n_gen = ro.completion_mask.sum()
+        abs_adv = (adv.abs().unsqueeze(1) * mask).sum() / num_tokens.clamp(min=1.0)
+        keys = ["loss", "pg_loss", "reg_loss", "div_mean", "clip_frac", "entropy"]
+        vec = torch.stack([
+            torch.as_tensor(acc[k], device=self.device, dtype=torch.float32) for k in keys
+        ] + [
+            ro.rewards.mean(), ro.rewards.std() if B > 1 else torch.zeros((), device=self.device),
+            ro.scores.mean(), ro.completion_mask.float().sum(1).mean(), ro.truncated.float().mean(),
+            n_gen.float(), abs_adv, grad_norm.float(), ratio.float(),
+            torch.as_tensor(acc.get("clip_frac_last", acc["clip_frac"]), device=self.device,
+                            dtype=torch.float32),
+        ]).tolist()
+        m = dict(zip(keys + ["reward_mean", "reward_std", "accuracy", "completion_length", "truncated_frac",
+                             "gen_tokens", "abs_adv", "grad_norm", "grad_ratio", "clip_frac_last"], vec,
+                     strict=True))
+        m["reg_over_pg"] = self.coef * m["div_mean"] / max(m["abs_adv"], 1e-12)
+        if not want_ratio:
+            m["grad_ratio"] = float("nan")
+        if cfg.mu == 1:
+            m.pop("clip_frac_last")
+        m.update(step=self.step, lr=self.scheduler.get_last_lr()[0], step_time=dt, gen_time=t_gen,
+                 tokens_per_s=m["gen_tokens"] / dt if dt > 0 else float("nan"))
+        if not math.isfinite(m["loss"]):
+            raise FloatingPointError(f"non-finite loss at step {self.step}: {m['loss']}")
+        return m
+
+    def train(self, steps: int | None = None, callbacks: Iterable[Any] = ()) -> list[dict[str, float]]:
+        """Run `steps` more steps (default: up to `cfg.steps` in total); returns per-step metrics."""
+        cfg = self.cfg
+        n = max(0, cfg.steps - self.step) if steps is None else steps
+        callbacks = list(callbacks)
+        history = []
+        for _ in range(n):
+            m = self.train_step()
+            history.append(m)
+            for cb in callbacks:
+                if hasattr(cb, "on_step"):
+                    cb.on_step(self.step, m)
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                r = self.evaluate(cfg.eval_split, n=cfg.eval_size)
+                em = {"metric": r.metric, "stderr": r.stderr, "mean_length": r.mean_length, "n": r.n}
+                m["eval"] = em
+                for cb in callbacks:
+                    if hasattr(cb, "on_eval"):
+                        cb.on_eval(self.step, em)
+        return history
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, split: str = "val", n: int | None = None, indices: Sequence[int] | None = None,
+                 batch_size: int = 256) -> EvalResult:
+        """Greedy decoding on a split (the first `n` examples, or `indices`); the task's metric."""
+        data = self.task.split(split) if hasattr(self.task, "split") else getattr(self.task, split)
+        if indices is not None:
+            exs = [data[i] for i in indices]
+        else:
+            exs = list(data[:n]) if n is not None else list(data)
+        if not exs:
+            return EvalResult(float("nan"), float("nan"), float("nan"), [], 0)
+        max_new = self.cfg.eval_max_new_tokens or self.cfg.generation.max_new_tokens
+        scores: list[float] = []
+        lengths: list[float] = []
+        for i in range(0, len(exs), batch_size):
+            chunk = exs[i:i + batch_size]
+            _, _, comp, cmask = self.generate(chunk, repeats=1, greedy=True, max_new_tokens=max_new)
+            texts = self._decode(comp, cmask)
+            scores += [float(x) for x in self.task.scores(texts, chunk)]
+            lengths += cmask.sum(1).float().tolist()
+        arr = np.asarray(scores, dtype=np.float64)
+        se = float(arr.std() / math.sqrt(len(arr))) if len(arr) > 1 else float("nan")
+        return EvalResult(float(arr.mean()), se, float(np.mean(lengths)), scores, len(scores))
+
+    # ------------------------------------------------------------------ checkpoints
+    def _weights(self) -> dict[str, Tensor]:
+        if self.is_peft:
+            return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """Write weights (or adapter), optimiser, scheduler, RNG states and step to directory `path`."""
+        from safetensors.torch import save_file
+
+        p = Path(path)
+        p.mkdir(parents=True, exist_ok=True)
+        w = self._weights()
+        # tied embeddings share storage: safetensors refuses aliases, so save distinct copies
+        save_file({k: v.contiguous().clone() for k, v in w.items()}, str(p / "weights.safetensors"))
+        state = {
+            "step": self.step, "seed": self.seed, "coef": self.coef,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "sampler": self._sampler.getstate(), "order": list(self._order),
+            "rng_python": random.getstate(), "rng_numpy": np.random.get_state(),
+            "rng_torch": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "peft": self.is_peft,
+        }
+        torch.save(state, p / "trainer_state.pt")
+        return p
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore a checkpoint written by `save_checkpoint` (same model, task and config)."""
+        from safetensors.torch import load_file
+
+        p = Path(path)
+        w = load_file(str(p / "weights.safetensors"), device=str(self.device))
+        state = torch.load(p / "trainer_state.pt", weights_only=False)
+        if state["peft"] != self.is_peft:
+            raise ValueError(
+                f"checkpoint {p} was written for peft={state['peft']}, trainer has {self.is_peft}")
+        with torch.no_grad():
+            if self.is_peft:
+                named = dict(self.model.named_parameters())
+                for k, v in w.items():
+                    named[k].copy_(v)
+            else:
+                self.model.load_state_dict(w)
+        self._make_optimizer()
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        self.seed = state["seed"]
+        self.coef = state["coef"]
+        self._sampler.setstate(state["sampler"])
+        self._order = list(state["order"])
+        random.setstate(state["rng_python"])
+        np.random.set_state(state["rng_numpy"])
+        torch.set_rng_state(state["rng_torch"])
+        if state["rng_cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+
+
+def build_divergence(cfg: Config) -> Any:
+    """The divergence of `cfg.divergence` (saved maps, `models:/` URIs and `compile` included)."""
+    from mirrorlab import divergences
+
+    return divergences.from_config(cfg.divergence)
+
+
+def build_trainer(cfg: Config, divergence: Any = None) -> GBMPOTrainer:
+    """Model + task + divergence from a root `Config`, wired into a GBMPOTrainer."""
+    from mirrorlab import tasks
+    from mirrorlab.models import load_model
+
+    seed_everything(cfg.train.seed)
+    model, tokenizer = load_model(cfg.model)
+    task = tasks.get(cfg.task.name, **cfg.task.params)
+    div = divergence if divergence is not None else build_divergence(cfg)
+    return GBMPOTrainer(model, tokenizer, task, div, cfg.train, coef=cfg.divergence.coef,
+                        estimator=cfg.divergence.estimator, chunk_size=cfg.divergence.chunk_size)

