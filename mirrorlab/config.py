@@ -109,6 +109,9 @@ class GenerationConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
     min_new_tokens: int = Field(0, ge=0)  # stop tokens are suppressed before this many (benchmarks)
+    # `fast`: mirrorlab's lean KV-cached sampler (same distribution, prompt prefilled once per
+    # group); `hf`: transformers' `model.generate` (the fallback)
+    backend: Literal["hf", "fast"] = "fast"
 
 
 class OptimConfig(Section):
@@ -150,9 +153,10 @@ class TrainConfig(Section):
 
 # --------------------------------------------------------------------------- search
 class SpaceConfig(Section):
-    """What the search optimises: `neural` (380-dim theta of NeuralMirrorMap) or `mixture`."""
+    """What the search optimises: `neural` (380-dim softplus theta of NeuralMirrorMap),
+    `neural_raw` (the paper's raw parametrisation, map = |theta|) or `mixture`."""
 
-    kind: Literal["neural", "mixture"] = "neural"
+    kind: Literal["neural", "neural_raw", "mixture"] = "neural"
     init: Literal["random", "zeros"] = "random"
     init_scale: float = Field(0.01, gt=0)
 

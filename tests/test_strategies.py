@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mirrorlab.strategies import Candidate, centered_ranks
 
 from mirrorlab import strategies as S
 from mirrorlab.config import ConfigError, StrategyConfig, config_from_dict
+from mirrorlab.strategies import Candidate, centered_ranks
 
 DIM = 380  # the neural mirror map's theta
 POP, GENS = 10, 20
