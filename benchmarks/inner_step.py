@@ -9,6 +9,7 @@ so machine noise hits both alike; the first `--warmup` steps of each are discard
 Optionally one step of each on smollm2-135m (8 x 64).
 
     python benchmarks/inner_step.py [--steps 10] [--warmup 2] [--device cpu|cuda] [--skip-smollm]
+                                    [--backend fast|hf]
 
 Prints a table and writes benchmarks/results/inner_step.json.
 """
@@ -55,7 +56,7 @@ def make_tiny4m(path: Path, seed: int = 0) -> None:
 
 
 def run_pair(model_dir: Path, n_gen: int, max_new: int, warmup: int, steps: int, device: str,
-             label: str) -> dict[str, Any]:
+             label: str, backend: str = "fast") -> dict[str, Any]:
     """Alternate TRL and mirrorlab steps on the model in `model_dir`; return timing summaries."""
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -75,7 +76,8 @@ def run_pair(model_dir: Path, n_gen: int, max_new: int, warmup: int, steps: int,
     model, tok = load_model(ModelConfig(name=str(model_dir), device=device))
     cfg = TrainConfig(
         steps=total, prompts_per_step=1, advantage="grpo", loss_type="dr_grpo", reg_is_weight=True,
-        generation=GenerationConfig(num_generations=n_gen, max_new_tokens=max_new, min_new_tokens=max_new),
+        generation=GenerationConfig(num_generations=n_gen, max_new_tokens=max_new, min_new_tokens=max_new,
+                                    backend=backend),
         optim=OptimConfig(lr=1e-6), seed=0,
     )
     ours = GBMPOTrainer(model, tok, task, divergences.get("kl_k3"), cfg, coef=0.04)
@@ -134,6 +136,7 @@ def run_pair(model_dir: Path, n_gen: int, max_new: int, warmup: int, steps: int,
     gen_tokens = n_gen * max_new
     out = {
         "model": label, "params": sum(p.numel() for p in model.parameters()), "device": device,
+        "backend": backend,
         "completions": n_gen, "max_new_tokens": max_new, "warmup": warmup,
         "trl_s_per_step": tr, "mirrorlab_s_per_step": ml,
         "trl_tokens_per_s": gen_tokens / tr["median"],
@@ -156,6 +159,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: multi-threading collapses on shared cores)")
     ap.add_argument("--skip-smollm", action="store_true")
+    ap.add_argument("--backend", choices=["fast", "hf"], default="fast",
+                    help="mirrorlab's generation backend (fast: lean sampler, hf: model.generate)")
     ap.add_argument("--smollm-steps", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args()
@@ -165,7 +170,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as d:
         make_tiny4m(Path(d))
-        rows.append(run_pair(Path(d), 16, 64, a.warmup, a.steps, a.device, "tiny4m"))
+        rows.append(run_pair(Path(d), 16, 64, a.warmup, a.steps, a.device, "tiny4m", a.backend))
     if not a.skip_smollm:
         from mirrorlab.models import smollm2_path
 
@@ -174,7 +179,7 @@ def main() -> None:
         except (FileNotFoundError, ImportError) as e:
             print(f"skipping smollm2-135m: {e}")
         else:
-            rows.append(run_pair(p, 8, 64, 1, a.smollm_steps, a.device, "smollm2-135m"))
+            rows.append(run_pair(p, 8, 64, 1, a.smollm_steps, a.device, "smollm2-135m", a.backend))
 
     dev = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else platform.processor() or "cpu"
     result = {
@@ -186,7 +191,7 @@ def main() -> None:
     a.out.write_text(json.dumps(result, indent=1))
     hdr = (f"{'model':14} {'G x T':8} {'TRL s/step':>11} {'ml s/step':>10} {'ratio':>6} "
            f"{'TRL tok/s':>10} {'ml tok/s':>9}")
-    print(f"device: {a.device} ({dev}), threads {torch.get_num_threads()}")
+    print(f"device: {a.device} ({dev}), threads {torch.get_num_threads()}, mirrorlab backend {a.backend}")
     print(hdr)
     for r in rows:
         print(f"{r['model']:14} {r['completions']}x{r['max_new_tokens']:<5} "

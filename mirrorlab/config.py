@@ -245,6 +245,9 @@ class TrackingConfig(Section):
     register_as: str | None = None
     alias: str = "best"
     plots: bool = True
+    # which child runs get a map plot (~0.4 s of search-process CPU each): every candidate, or
+    # only each generation's new incumbent (drawn in the background after the generation)
+    plot_scope: Literal["all", "incumbents"] = "incumbents"
 
 
 # --------------------------------------------------------------------------- compare

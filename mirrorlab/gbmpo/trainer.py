@@ -11,8 +11,10 @@ tokenised once per example; log-probs are computed only at completion positions
 one no-grad forward per generated batch (LoRA: the same module with the adapter disabled); there
 is never a separate "old" forward (mu = 1: old = detached current; mu > 1: the log-probs of the
 sampling logits, kept from generation); step metrics stay on the device until one host transfer
-at the end of the step. What remains is compute: generation (HF generate with a KV cache), one
-reference forward, one policy forward and backward per pass.
+at the end of the step. Generation uses `mirrorlab.gbmpo.sampling` (`generation.backend: fast`:
+no per-token HF machinery, prompt prefilled once per group, fused AdamW) or HF generate (`hf`).
+What remains is compute: the decode matmuls, one reference forward, one policy forward and
+backward per pass.
 """
 
 from __future__ import annotations
@@ -171,7 +173,8 @@ class GBMPOTrainer:
     def _make_optimizer(self) -> None:
         o = self.cfg.optim
         self.optimizer = torch.optim.AdamW(
-            self._trainable(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay
+            self._trainable(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
+            fused=self.device.type in ("cpu", "cuda"),  # one kernel for all params: ~6x faster step
         )
         total = max(1, self.cfg.steps * self.cfg.mu)
         warm = o.warmup_steps
@@ -272,6 +275,8 @@ class GBMPOTrainer:
         token), so with mu > 1 the "old" log-probs cost no extra forward pass.
         """
         max_new = max_new_tokens or self.cfg.generation.max_new_tokens
+        if self.cfg.generation.backend == "fast":
+            return self._generate_fast(examples, repeats, greedy, max_new, with_logps)
         seqs = [self._prompt_ids(ex) for ex in examples for _ in range(repeats)]
         ids, att = self._left_pad(seqs)
         was_training = self.model.training
@@ -292,6 +297,30 @@ class GBMPOTrainer:
             logits = torch.stack(out.logits, dim=1)[:, : comp.shape[1]]
             t = self.cfg.generation.temperature
             old = token_logps(logits / t if t != 1.0 else logits, comp)
+        stop = torch.tensor(self.stop_ids, device=self.device)
+        cmask, _ = completion_mask_from(comp, stop)
+        return ids, att, comp, cmask, old
+
+    def _generate_fast(self, examples: Sequence[Any], repeats: int, greedy: bool, max_new: int,
+                       with_logps: bool) -> tuple:
+        """`_generate` through mirrorlab's lean sampler (`generation.backend: fast`)."""
+        from mirrorlab.gbmpo.sampling import SamplingParams, sample
+
+        g = self.cfg.generation
+        ids, att = self._left_pad([self._prompt_ids(ex) for ex in examples])
+        params = SamplingParams(
+            max_new_tokens=max_new, greedy=greedy, temperature=g.temperature, top_k=g.top_k,
+            top_p=g.top_p, min_new_tokens=0 if greedy else min(g.min_new_tokens, max_new))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            comp, old = sample(self.model, ids, att, params, self.stop_ids, self.pad_id,
+                               repeats=repeats, with_logps=with_logps)
+        finally:
+            if was_training:
+                self.model.train()
+        if repeats > 1:
+            ids, att = ids.repeat_interleave(repeats, dim=0), att.repeat_interleave(repeats, dim=0)
         stop = torch.tensor(self.stop_ids, device=self.device)
         cmask, _ = completion_mask_from(comp, stop)
         return ids, att, comp, cmask, old

@@ -1,0 +1,647 @@
+"""The `mirrorlab` command: train, search, eval, compare, maps, and run (search then compare).
+
+Every subcommand reads an optional YAML config plus repeated `--set a.b=c` overrides through
+`mirrorlab.config.load_config`, then checks everything it can without training (registered
+names, task construction and its disjoint splits, divergence parameters, map files) so a bad
+config exits with status 2 and a message naming the problem before any model is loaded.
+Results go to `<output_dir>/<name>/<command>/` and to MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from mirrorlab.config import Config, ConfigError, dump_config, load_config
+
+EXIT_CONFIG = 2
+BEST_MAP_REF = "search:best"
+
+# Tables stay readable when piped (rich would otherwise wrap them at 80 columns).
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+
+
+# --------------------------------------------------------------------------- helpers
+def _fmt(x: Any, d: int = 3) -> str:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return "-"
+    return f"{v:.{d}f}" if math.isfinite(v) else "-"
+
+
+def run_dir(cfg: Config, command: str) -> Path:
+    """Where a command writes its results: `<output_dir>/<name>/<command>/`."""
+    d = Path(cfg.output_dir) / cfg.name / command
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def preflight(cfg: Config, command: str, allow_refs: tuple[str, ...] = ()) -> None:
+    """Check what can be checked without training; raise ConfigError naming the field.
+
+    Builds the task (which refuses overlapping splits) and every divergence the command will use
+    (unknown parameters, unreadable map files), and checks split names.
+    """
+    from mirrorlab import compare as cmp
+    from mirrorlab import tasks
+
+    try:
+        task = tasks.get(cfg.task.name, **cfg.task.params)
+    except Exception as e:  # noqa: BLE001 - any construction failure is a config problem here
+        raise ConfigError(f"task ({cfg.task.name}, task.params={cfg.task.params}): {e}") from None
+    if command in ("train", "eval", "search"):
+        need = ["train", "val"] if command != "eval" else []
+        for s in need:
+            if not task.split(s):
+                raise ConfigError(f"task.params: split {s!r} of task {cfg.task.name!r} is empty")
+    divs: list[tuple[str, Any]] = []
+    if command in ("train", "eval"):
+        divs.append(("divergence", cfg.divergence))
+    if command in ("compare", "run"):
+        for i, m in enumerate(cmp.compare_methods(cfg)):
+            divs.append((f"compare.methods.{i} ({m.label}).divergence", m.divergence))
+        if cfg.compare.methods and not task.split(cfg.compare.split):
+            raise ConfigError(
+                f"compare.split: split {cfg.compare.split!r} of task {cfg.task.name!r} is empty")
+    for where, d in divs:
+        if d.map is not None and d.map in allow_refs:
+            continue
+        try:
+            cmp.resolve_divergence(d)
+        except Exception as e:  # noqa: BLE001
+            extra = f" ({where}.params = {d.params})" if d.params and d.map is None else ""
+            raise ConfigError(f"{where}: {e}{extra}") from None
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(getattr(args, "config", None), getattr(args, "set", None) or [])
+
+
+def _save_json(path: Path, data: Any) -> Path:
+    from mirrorlab.compare import _jsonable
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(data), indent=2, default=str))
+    return path
+
+
+def _eval_table(title: str, metric_name: str, ev: Any, split: str) -> Table:
+    t = Table(title=title)
+    for c in ("split", "n", metric_name, "stderr", "mean length"):
+        t.add_column(c, justify="right")
+    t.add_row(split, str(ev.n), _fmt(ev.metric), _fmt(ev.stderr), _fmt(ev.mean_length, 1))
+    return t
+
+
+# --------------------------------------------------------------------------- train
+def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
+    """One GBMPO run: train, evaluate, save the checkpoint, log to MLflow, plot the curves."""
+    from mirrorlab import compare as cmp
+    from mirrorlab import plots
+    from mirrorlab.progress import TrainProgress
+
+    if args.steps is not None:
+        cfg.train.steps = args.steps
+    preflight(cfg, "train")
+    d = run_dir(cfg, "train")
+    (d / "config.yaml").write_text(dump_config(cfg))
+    from mirrorlab.gbmpo import build_trainer
+
+    split = args.split or cfg.train.eval_split
+    t0 = time.perf_counter()
+    trainer = build_trainer(cfg)
+    rec = cmp._CurveRecorder()
+    with TrainProgress(cfg.train.steps, "train", console=err) as prog:
+        curve = cmp._plain_curve(trainer.train(callbacks=[rec, prog]), rec.rows)
+    ev = trainer.evaluate(split, n=args.n or cfg.train.eval_size)
+    wall = time.perf_counter() - t0
+    metric_name = getattr(trainer.task, "metric_name", "metric")
+    ckpt = d / "checkpoint"
+    if not args.no_save:
+        trainer.save_checkpoint(ckpt)
+    label = f"{cfg.divergence.name} ({cfg.divergence.coef:g})"
+    pngs = [plots.plot_training_curves({label: [[row.get(k, math.nan) for row in curve]]},
+                                       d / f"train_{k}.png", ylabel=k, title=f"training {k}")
+            for k in _curve_keys(curve)]
+    result = {"split": split, "metric_name": metric_name, "metric": ev.metric, "stderr": ev.stderr,
+              "mean_length": ev.mean_length, "n": ev.n, "wall_s": wall, "curve": curve,
+              "checkpoint": None if args.no_save else str(ckpt)}
+    _save_json(d / "results.json", result)
+    rid = cmp.log_single_run(
+        cfg, "train", f"train-{cfg.divergence.name}-s{cfg.train.seed}",
+        {"divergence": cfg.divergence.model_dump(mode="json"), "steps": cfg.train.steps,
+         "lr": cfg.train.optim.lr, "seed": cfg.train.seed, "model": cfg.model.name, "split": split},
+        {f"{split}_{metric_name}": ev.metric, f"{split}_stderr": ev.stderr,
+         f"{split}_mean_length": ev.mean_length, "wall_s": wall},
+        curve, [d / "results.json", *pngs],
+    )
+    out.print(_eval_table(f"train: {label}, {cfg.train.steps} steps, {wall:.0f} s", metric_name, ev, split))
+    out.print(f"results: {d}" + (f"\nMLflow run: {rid}" if rid else ""))
+    return 0
+
+
+def _curve_keys(curve: list[dict[str, Any]]) -> list[str]:
+    keys = [k for k in ("reward_mean", "completion_length", "div_mean", "grad_ratio")
+            if any(isinstance(row.get(k), int | float) for row in curve)]
+    if not keys and curve:
+        keys = [k for k, v in curve[0].items() if k != "step" and isinstance(v, int | float)][:2]
+    return keys
+
+
+# --------------------------------------------------------------------------- eval
+def cmd_eval(cfg: Config, args: argparse.Namespace) -> int:
+    """Evaluate a model (preset, path) or a saved checkpoint on a task split."""
+    from mirrorlab import compare as cmp
+
+    preflight(cfg, "eval")
+    if args.checkpoint and not Path(args.checkpoint).exists():
+        raise ConfigError(f"--checkpoint: {args.checkpoint} does not exist")
+    d = run_dir(cfg, "eval")
+    from mirrorlab.gbmpo import build_trainer
+
+    t0 = time.perf_counter()
+    trainer = build_trainer(cfg)
+    if args.checkpoint:
+        trainer.load_checkpoint(args.checkpoint)
+    ev = trainer.evaluate(args.split, n=args.n)
+    wall = time.perf_counter() - t0
+    metric_name = getattr(trainer.task, "metric_name", "metric")
+    src = args.checkpoint or cfg.model.name
+    _save_json(d / "results.json", {"split": args.split, "metric_name": metric_name, "metric": ev.metric,
+                                    "stderr": ev.stderr, "mean_length": ev.mean_length, "n": ev.n,
+                                    "checkpoint": args.checkpoint, "model": cfg.model.name,
+                                    "scores": list(ev.scores), "wall_s": wall})
+    rid = cmp.log_single_run(
+        cfg, "eval", f"eval-{args.split}", {"source": src, "split": args.split, "n": ev.n},
+        {f"{args.split}_{metric_name}": ev.metric, f"{args.split}_stderr": ev.stderr,
+         f"{args.split}_mean_length": ev.mean_length, "wall_s": wall}, None, [d / "results.json"],
+    )
+    out.print(_eval_table(f"eval: {src} on {cfg.task.name}", metric_name, ev, args.split))
+    out.print(f"results: {d}" + (f"\nMLflow run: {rid}" if rid else ""))
+    return 0
+
+
+# --------------------------------------------------------------------------- search
+def cmd_search(cfg: Config, args: argparse.Namespace) -> int:
+    """Run (or resume) a search over mirror maps; print the best, save it, plot."""
+    preflight(cfg, "search")
+    res = _search(cfg, resume=args.resume)
+    out.print(res["table"])
+    out.print(f"best map: {res['best_ref']} (file: {res['best_map']})\nresults: {res['dir']}")
+    return 0
+
+
+def _search(cfg: Config, resume: bool) -> dict[str, Any]:
+    """Run the search with a live summary, then write plots, the best map and a summary JSON."""
+    from mirrorlab.progress import SearchProgress
+    from mirrorlab.search import Search
+
+    d = run_dir(cfg, "search")
+    if cfg.search.checkpoint_dir is None:
+        cfg.search.checkpoint_dir = str(d / "checkpoint")
+    (d / "config.yaml").write_text(dump_config(cfg))
+    t0 = time.perf_counter()
+    search = Search(cfg)
+    start = 0
+    if resume and search.checkpoint_path.is_file():
+        start = int(json.loads(search.checkpoint_path.read_text()).get("completed_generations", 0))
+    sc = cfg.search.strategy
+    with SearchProgress(console=err) as prog:
+        prog.on_search_start(sc.generations, sc.population, start_generation=start)
+        if hasattr(search, "progress"):  # per-candidate hooks, when the search offers them
+            search.progress = prog
+        else:
+            def _on_gen(rec: Any) -> None:
+                fails = sum(st != "FINISHED" for st in rec.status)
+                prog.on_generation_end(rec.generation, rec.best_fitness, rec.mean_fitness, fails)
+
+            search.on_generation = _on_gen
+        result = search.run(resume=resume)
+    wall = time.perf_counter() - t0
+    return search_report(cfg, result, d, wall)
+
+
+_CID = re.compile(r"g\d+-\d+")
+_MEAN = re.compile(r"mean@g\d+")
+
+
+def lineage_records(history: list[Any]) -> list[dict[str, Any]]:
+    """Candidates of a search history as plain dicts for `plots.plot_lineage` (parents resolved to
+    candidate ids where they name one, else to the ES mean `mean@gK`)."""
+    ids = {i for g in history for i in g.ids}
+    out = []
+    for g in history:
+        for cid, par, st, fit in zip(g.ids, g.parents, g.status, g.fitness, strict=False):
+            parent = None
+            if par:
+                m = _CID.search(par)
+                mm = _MEAN.search(par)
+                parent = m.group(0) if m and m.group(0) in ids and m.group(0) != cid else (
+                    mm.group(0) if mm else par)
+            out.append({"id": cid, "generation": g.generation, "fitness": fit, "parent": parent,
+                        "status": st})
+    return out
+
+
+def search_report(cfg: Config, result: Any, d: Path, wall: float) -> dict[str, Any]:
+    """Plots (fitness, lineage, maps), the best map as a file, `search.json`; a summary table."""
+    import numpy as np
+
+    from mirrorlab import plots
+    from mirrorlab.spaces import make_space
+
+    space = make_space(cfg)
+    best_dir = space.save(np.asarray(result.best_theta, dtype=np.float64), d / "best_map")
+    pngs = [plots.plot_fitness(result.fitness_history(), d / "fitness.png",
+                               title=f"{cfg.name}: fitness per generation ({cfg.search.strategy.name})"),
+            plots.plot_lineage(lineage_records(result.history), d / "lineage.png",
+                               title=f"{cfg.name}: lineage of candidates")]
+    try:
+        best_div = space.divergence(np.asarray(result.best_theta, dtype=np.float64))
+        maps = {"best found": best_div}
+        if cfg.search.space.kind == "neural":
+            maps["initial (x0)"] = space.divergence(space.initial(cfg.seed))
+        pngs.append(plots.plot_maps(maps, d / "maps.png"))
+    except Exception as e:  # noqa: BLE001 - a plot must never lose a finished search
+        err.print(f"maps plot skipped: {e}")
+    stats = plots.fitness_stats(result.fitness_history())
+    summary = {"best_fitness": result.best_fitness, "best_stderr": result.best_stderr,
+               "best_id": result.best_id,
+               "best_map": str(best_dir), "registered_uri": result.registered_uri,
+               "mlflow_parent_run": result.parent_run_id, "wall_s": wall, "generations": stats,
+               "timings": result.timings}
+    _save_json(d / "search.json", summary)
+    if result.parent_run_id and cfg.tracking.enabled:
+        from mlflow import MlflowClient
+
+        from mirrorlab.tracking import resolve_tracking_uri
+
+        client = MlflowClient(tracking_uri=resolve_tracking_uri(cfg.tracking.tracking_uri))
+        for p in pngs:
+            client.log_artifact(result.parent_run_id, str(p), "plots")
+    t = Table(title=f"search {cfg.name}: {cfg.search.strategy.name}, {cfg.search.space.kind} space "
+                    f"({wall:.0f} s)")
+    for c in ("generation", "best", "mean", "std", "failed", "best so far"):
+        t.add_column(c, justify="right")
+    for s in stats:
+        t.add_row(str(s["generation"]), _fmt(s["best"]), _fmt(s["mean"]), _fmt(s["std"]), str(s["failures"]),
+                  _fmt(s["best_so_far"]))
+    best_ref = result.registered_uri or str(best_dir)
+    return {"table": t, "best_map": str(best_dir), "best_ref": best_ref, "dir": d, "wall_s": wall,
+            "result": result}
+
+
+# --------------------------------------------------------------------------- compare
+def cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
+    """Methods x seeds: train each, evaluate on the split, print the table and paired tests."""
+    from mirrorlab import compare as cmp
+
+    preflight(cfg, "compare")
+    d = run_dir(cfg, "compare")
+    result = cmp.run_compare(cfg, out_dir=d, console=err)
+    out.print(cmp.results_table(result))
+    out.print(f"wall time {result.wall_s:.0f} s; results: {d}")
+    return 0
+
+
+# --------------------------------------------------------------------------- run (search -> compare)
+def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
+    """The main job: a search, then a comparison where `map: search:best` is the map it found."""
+    from mirrorlab import compare as cmp
+
+    preflight(cfg, "search")
+    preflight(cfg, "run", allow_refs=(BEST_MAP_REF,))
+    t0 = time.perf_counter()
+    res = _search(cfg, resume=args.resume)
+    out.print(res["table"])
+    d = run_dir(cfg, "compare")
+    result = cmp.run_compare(cfg, out_dir=d, console=err, map_refs={BEST_MAP_REF: res["best_map"]})
+    wall = time.perf_counter() - t0
+    out.print(cmp.results_table(result))
+    out.print(f"total wall time {wall:.0f} s (search {res['wall_s']:.0f} s, compare {result.wall_s:.0f} s)")
+    out.print(f"results: {Path(cfg.output_dir) / cfg.name}")
+    _save_json(Path(cfg.output_dir) / cfg.name / "run.json",
+               {"wall_s": wall, "search_wall_s": res["wall_s"], "compare_wall_s": result.wall_s,
+                "best_map": res["best_map"]})
+    return 0
+
+
+def quickstart_config() -> Path:
+    """The quickstart config of a source checkout (`experiments/quickstart.yaml`)."""
+    import mirrorlab
+
+    p = Path(mirrorlab.__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
+    if not p.is_file():
+        raise ConfigError(f"quickstart config not found at {p} (run from a source checkout, "
+                          "or `mirrorlab run path/to/quickstart.yaml`)")
+    return p
+
+
+# --------------------------------------------------------------------------- maps
+def resolve_map_ref(ref: str, tracking_uri: str | None = None) -> Any:
+    """A map reference as a divergence: a file or map directory, `models:/NAME@ALIAS`, `runs:/...`,
+    a built-in divergence name (`kl_k3`, `prob_l2`, ...), or `random:SEED[:SCALE]` (paper init)."""
+    from mirrorlab import divergences
+
+    if ref.startswith("random:"):
+        parts = ref.split(":")
+        try:
+            seed = int(parts[1])
+            scale = float(parts[2]) if len(parts) > 2 else 0.01
+        except (IndexError, ValueError):
+            raise ConfigError(f"map {ref!r}: expected random:SEED or random:SEED:SCALE") from None
+        return divergences.NeuralMirrorMap.random_init(seed, scale=scale)
+    if ref in divergences.registry and not Path(ref).exists():
+        return divergences.get(ref)
+    if not ref.startswith(("models:/", "runs:/")) and not Path(ref).exists():
+        raise ConfigError(f"map {ref!r}: no such file, and not a models:/ or runs:/ URI, a built-in "
+                          f"divergence ({', '.join(divergences.names())}) or random:SEED")
+    from mirrorlab.tracking import load_map
+
+    try:
+        return load_map(ref, tracking_uri=tracking_uri)
+    except Exception as e:  # noqa: BLE001 - report any loading failure as a bad reference
+        raise ConfigError(f"map {ref!r}: {e}") from None
+
+
+def _map_rows(div: Any) -> list[tuple[str, str]]:
+    import torch
+
+    rows = [("class", type(div).__name__), ("name", str(getattr(div, "name", "?")))]
+    sha = getattr(div, "sha", None)
+    if isinstance(sha, str):
+        rows.append(("sha", sha))
+    params = div.params() if hasattr(div, "params") else {}
+    if params:
+        rows.append(("params", json.dumps(params, default=str)[:300]))
+    raw = getattr(div, "raw", None)
+    if raw is not None:
+        import numpy as np
+
+        r = np.asarray(raw)
+        n = (r.size - 2) // 3
+        for name, seg in (("v", r[:n]), ("w", r[n:2 * n]), ("b", r[2 * n:3 * n])):
+            rows.append((f"raw {name} (min/mean/max)",
+                         f"{seg.min():.4g} / {seg.mean():.4g} / {seg.max():.4g}"))
+        rows.append(("raw a, c", f"{r[-2]:.4g}, {r[-1]:.4g}"))
+    if hasattr(div, "phi_inv"):
+        ys = torch.tensor([1e-4, 1e-2, 0.1, 0.5, 1.0], dtype=torch.float64)
+        with torch.no_grad():
+            ph = div.phi_inv(ys)
+        rows.append(("phi_inv at y=1e-4,.01,.1,.5,1", ", ".join(f"{v:.4g}" for v in ph.tolist())))
+    lp = torch.log(torch.tensor([0.5, 0.1, 0.9, 0.01], dtype=torch.float64))
+    ref = torch.log(torch.tensor([0.4, 0.2, 0.5, 0.02], dtype=torch.float64))
+    with torch.no_grad():
+        dv = div.sampled(lp, ref)
+    rows.append(("D(y||y0) at (.5||.4),(.1||.2),(.9||.5),(.01||.02)",
+                 ", ".join(f"{v:.4g}" for v in dv.tolist())))
+    return rows
+
+
+def _read_vector(path: Path) -> Any:
+    import numpy as np
+
+    if not path.is_file():
+        raise ConfigError(f"maps import: no such file {path}")
+    if path.suffix == ".npy":
+        return np.load(path).astype(np.float64).reshape(-1)
+    text = path.read_text()
+    if path.suffix == ".json":
+        data = json.loads(text)
+        if isinstance(data, dict):
+            for k in ("raw", "theta", "params", "parameters"):
+                if k in data:
+                    data = data[k]
+                    break
+            else:
+                raise ConfigError(f"maps import: {path} has none of the keys raw, theta, params")
+        return np.asarray(data, dtype=np.float64).reshape(-1)
+    return np.asarray([float(x) for x in text.replace(",", " ").split()], dtype=np.float64)
+
+
+def cmd_maps(cfg: Config, args: argparse.Namespace) -> int:
+    """Show, plot, export, import or register a mirror map."""
+    import numpy as np
+
+    from mirrorlab import divergences, plots
+
+    uri = cfg.tracking.tracking_uri
+    act = args.maps_command
+    if act == "show":
+        div = resolve_map_ref(args.ref, uri)
+        t = Table(title=f"mirror map {args.ref}", show_header=False)
+        t.add_column("field", style="bold")
+        t.add_column("value")
+        for k, v in _map_rows(div):
+            t.add_row(k, v)
+        out.print(t)
+    elif act == "plot":
+        maps = {r: resolve_map_ref(r, uri) for r in args.refs}
+        p = plots.plot_maps(maps, args.out, baselines=not args.no_baselines)
+        out.print(f"wrote {p}")
+    elif act == "export":
+        div = resolve_map_ref(args.ref, uri)
+        o = Path(args.out)
+        if not hasattr(div, "raw"):
+            raise ConfigError(f"maps export: {args.ref} is not a neural mirror map (nothing to export)")
+        vec = np.asarray(div.raw if args.raw else div.theta, dtype=np.float64)
+        if o.suffix == ".safetensors":
+            div.save(o)
+        elif o.suffix == ".json":
+            _save_json(o, {"layout": "[v(126), w(126), b(126), a, c]", "transform": "raw = softplus(theta)",
+                           "sha": getattr(div, "sha", None), ("raw" if args.raw else "theta"): vec.tolist()})
+        elif o.suffix == ".npy":
+            o.parent.mkdir(parents=True, exist_ok=True)
+            np.save(o, vec)
+        else:
+            raise ConfigError(f"maps export: --out must end in .safetensors, .json or .npy, got {o}")
+        out.print(f"wrote {o}")
+    elif act == "import":
+        vec = _read_vector(Path(args.path))
+        try:
+            div = (divergences.NeuralMirrorMap.from_theta(vec) if args.theta
+                   else divergences.NeuralMirrorMap.from_raw(vec))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"maps import {args.path}: {e}") from None
+        o = Path(args.out)
+        if o.suffix != ".safetensors":
+            raise ConfigError(f"maps import: --out must end in .safetensors, got {o}")
+        div.save(o)
+        out.print(f"wrote {o} (sha {div.sha})")
+    elif act == "register":
+        uri_out = register_map(cfg, resolve_map_ref(args.ref, uri), args.name,
+                               args.alias or cfg.tracking.alias, source=args.ref)
+        out.print(f"registered {uri_out}")
+    return 0
+
+
+def register_map(cfg: Config, div: Any, name: str, alias: str, source: str = "") -> str:
+    """Log a neural map as a run artifact and register it in the MLflow model registry with `alias`."""
+    import tempfile
+
+    from mirrorlab.spaces import NeuralSpace
+    from mirrorlab.tracking import MLflowTracker
+
+    if not hasattr(div, "theta"):
+        raise ConfigError("maps register: only neural mirror maps can be registered")
+    space = NeuralSpace()
+    tracker = MLflowTracker(cfg, "manual", space)
+    run = tracker.client.create_run(tracker.experiment_id, run_name=f"register-{name}",
+                                    tags={"mirrorlab.kind": "map", "mirrorlab.source": source,
+                                          "mirrorlab.theta_sha": str(div.sha)})
+    rid = run.info.run_id
+    with tempfile.TemporaryDirectory() as d:
+        div.save(Path(d) / "map" / "map.safetensors")
+        (Path(d) / "map" / "map.json").write_text(json.dumps(
+            {"kind": "neural", "file": "map.safetensors", "map_sha": str(div.sha)}))
+        tracker.client.log_artifacts(rid, str(Path(d) / "map"), "map")
+    tracker.client.set_terminated(rid, status="FINISHED")
+    return str(tracker.register_best(rid, name=name, alias=alias))
+
+
+# --------------------------------------------------------------------------- parser
+def _common(p: argparse.ArgumentParser, config_positional: bool = True) -> None:
+    if config_positional:
+        p.add_argument("config", nargs="?", help="YAML config (optional; defaults otherwise)")
+    else:
+        p.add_argument("--config", "-c", help="YAML config (optional)")
+    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.steps=10 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of the `mirrorlab` command."""
+    ap = argparse.ArgumentParser(prog="mirrorlab", description=__doc__.splitlines()[0])
+    ap.add_argument("--plugin", "-p", action="append", default=[], metavar="MODULE_OR_FILE",
+                    help="import a module or .py file that registers divergences/tasks/strategies "
+                         "(repeatable; also $MIRRORLAB_PLUGINS, comma-separated)")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="one GBMPO run (model, task, divergence, lambda, steps)")
+    _common(p)
+    p.add_argument("--steps", type=int, help="shortcut for --set train.steps=N")
+    p.add_argument("--split", choices=("train", "val", "test"),
+                   help="evaluation split (default train.eval_split)")
+    p.add_argument("--n", type=int, help="evaluate on the first N examples of the split")
+    p.add_argument("--no-save", action="store_true", help="do not save the trained checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("search", help="search over mirror maps (outer loop)")
+    _common(p)
+    p.add_argument("--resume", action="store_true", help="resume from the last complete generation")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("eval", help="evaluate a model or checkpoint on a task split")
+    _common(p)
+    p.add_argument("--checkpoint", help="a directory written by `mirrorlab train` (adapter or weights)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--n", type=int, help="evaluate on the first N examples")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="methods x seeds with mean +- std and paired tests")
+    _common(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("run", help="search, then compare with the best map found (map: search:best)")
+    _common(p)
+    p.add_argument("--resume", action="store_true", help="resume the search")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("quickstart", help="`run experiments/quickstart.yaml` (accepts --set)")
+    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=cmd_run, quickstart=True)
+
+    p = sub.add_parser("maps", help="show, plot, export, import, register mirror maps")
+    msub = p.add_subparsers(dest="maps_command", required=True, metavar="ACTION")
+    refhelp = ("a map: a .safetensors file, models:/NAME@ALIAS, a built-in divergence name "
+               "(kl_k3, prob_l2, neg_entropy...), or random:SEED")
+    q = msub.add_parser("show", help="print a map's summary")
+    q.add_argument("ref", help=refhelp)
+    _common(q, config_positional=False)
+    q = msub.add_parser("plot", help="plot phi_inv and h of maps beside KL and ProbL2")
+    q.add_argument("refs", nargs="+", help=refhelp)
+    q.add_argument("--out", "-o", default="maps.png")
+    q.add_argument("--no-baselines", action="store_true")
+    _common(q, config_positional=False)
+    q = msub.add_parser("export", help="write a map as safetensors, or its raw 380-vector as JSON/.npy")
+    q.add_argument("ref", help=refhelp)
+    q.add_argument("--out", "-o", required=True, help="*.safetensors, *.json or *.npy")
+    q.add_argument("--raw", action="store_true",
+                   help="export the paper-compatible raw (non-negative) vector instead of theta")
+    _common(q, config_positional=False)
+    q = msub.add_parser("import", help="read a raw or theta vector (JSON/.npy/.txt) into a map file")
+    q.add_argument("path")
+    q.add_argument("--out", "-o", required=True, help="*.safetensors to write")
+    q.add_argument("--theta", action="store_true", help="the vector is theta (default: raw, as the paper)")
+    _common(q, config_positional=False)
+    q = msub.add_parser("register", help="register a map in the MLflow model registry with an alias")
+    q.add_argument("ref", help=refhelp)
+    q.add_argument("--name", required=True)
+    q.add_argument("--alias", default=None, help="default tracking.alias")
+    _common(q, config_positional=False)
+    p.set_defaults(func=cmd_maps)
+    return ap
+
+
+def load_plugins(specs: list[str]) -> list[str]:
+    """Import plugin modules (dotted names or `.py` paths) so their divergences, tasks and
+    strategies are registered before the config is validated. Also read `$MIRRORLAB_PLUGINS`."""
+    import importlib
+    import importlib.util
+    import os
+
+    env = [p for p in os.environ.get("MIRRORLAB_PLUGINS", "").split(",") if p.strip()]
+    loaded = []
+    for spec in [*env, *specs]:
+        spec = spec.strip()
+        try:
+            if spec.endswith(".py"):
+                path = Path(spec).resolve()
+                if not path.is_file():
+                    raise FileNotFoundError(f"no such file {path}")
+                name = f"mirrorlab_plugin_{path.stem}"
+                mod_spec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(mod_spec)
+                sys.modules[name] = module
+                mod_spec.loader.exec_module(module)
+            else:
+                importlib.import_module(spec)
+        except Exception as e:  # noqa: BLE001 - a broken plugin is a configuration problem
+            raise ConfigError(f"--plugin {spec}: {type(e).__name__}: {e}") from None
+        loaded.append(spec)
+    return loaded
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: parse, load and validate the config (exit 2 on ConfigError), run."""
+    args = build_parser().parse_args(argv)
+    try:
+        load_plugins(args.plugin)
+        if getattr(args, "quickstart", False):
+            args.config = str(quickstart_config())
+        cfg = _load(args)
+        return int(args.func(cfg, args) or 0)
+    except ConfigError as e:
+        from rich.markup import escape
+
+        err.print(f"[bold red]config error:[/] {escape(str(e))}", highlight=False)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""A lean autoregressive sampler: the `fast` generation backend of the GBMPO trainer.
+
+Same distribution as HF `generate(do_sample=True)` with the processors the trainer uses (in HF's
+order: min_new_tokens suppression of stop ids, temperature, top-k, top-p; then softmax and
+`torch.multinomial`), greedy = argmax; left padding; rows stop at any stop id, later positions
+hold `pad_id`. What it drops is HF's per-token machinery (logits-processor lists, stopping
+criteria, `prepare_inputs_for_generation`, output bookkeeping), which dominates tiny models on CPU,
+and the duplicate prefill: each distinct prompt is prefilled once and its KV cache repeated for
+its `repeats` completions. With the same seed and logits it draws the same tokens as HF.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding settings with HF semantics (top_k = 0 and top_p = 1 mean off)."""
+
+    max_new_tokens: int
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_new_tokens: int = 0
+
+
+def process_logits(scores: Tensor, step: int, p: SamplingParams, stop_ids: Tensor) -> Tensor:
+    """HF's sampling warpers on float32 next-token scores [B, V] at new-token index `step`."""
+    if p.min_new_tokens and step < p.min_new_tokens:
+        scores = scores.index_fill(-1, stop_ids, float("-inf"))
+    if p.greedy:
+        return scores
+    if p.temperature != 1.0:
+        scores = scores / p.temperature
+    if p.top_k:
+        k = min(p.top_k, scores.shape[-1])
+        kth = torch.topk(scores, k)[0][..., -1, None]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(scores, descending=False)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cum <= (1 - p.top_p)
+        remove[..., -1:] = False
+        remove = remove.scatter(1, sorted_idx, remove)
+        scores = scores.masked_fill(remove, float("-inf"))
+    return scores
+
+
+def next_tokens(scores: Tensor, greedy: bool) -> Tensor:
+    """Argmax, or one multinomial draw from softmax(scores) per row (HF's calls, same RNG use)."""
+    if greedy:
+        return torch.argmax(scores, dim=-1)
+    return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+
+
+def _last_logits(out: Any) -> Tensor:
+    return out.logits[:, -1].to(dtype=torch.float32)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class LeanDecoder:
+    """One-token decode steps for Llama-family models (Qwen2, Llama) over a preallocated KV cache.
+
+    It calls the model's own modules (embeddings, norms, projections, MLP, rotary embedding, LM
+    head; so LoRA layers apply) and replaces only HF's per-step glue: mask building, cache
+    objects, attention dispatch and output classes. `supports` says when it applies; otherwise
+    the sampler falls back to the model's forward.
+    """
+
+    TYPES = ("qwen2", "llama")
+
+    def __init__(self, model: Any, cache: Any, attention_mask: Tensor, total_len: int) -> None:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.inner = base.model
+        self.lm_head = base.lm_head
+        self.layers = list(self.inner.layers)
+        cfg = base.config
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        B, P = attention_mask.shape
+        self.len = P
+        self.keys: list[Tensor] = []
+        self.values: list[Tensor] = []
+        for i in range(len(self.layers)):
+            k, v = cache.layers[i].keys, cache.layers[i].values
+            kb = k.new_empty((B, k.shape[1], total_len, k.shape[3]))
+            vb = v.new_empty((B, v.shape[1], total_len, v.shape[3]))
+            kb[:, :, :P] = k
+            vb[:, :, :P] = v
+            self.keys.append(kb)
+            self.values.append(vb)
+        self.mask: Tensor | None = None
+        if bool((attention_mask == 0).any()):
+            m = torch.ones((B, 1, 1, total_len), dtype=torch.bool, device=attention_mask.device)
+            m[:, 0, 0, :P] = attention_mask.bool()
+            self.mask = m
+        self.gqa = self.n_kv != self.n_heads
+
+    @classmethod
+    def supports(cls, model: Any) -> bool:
+        """Llama-family decoder with plain full attention and no active dropout."""
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        cfg = getattr(base, "config", None)
+        if cfg is None or getattr(cfg, "model_type", None) not in cls.TYPES:
+            return False
+        if getattr(cfg, "use_sliding_window", False):
+            return False
+        if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+            return False
+        inner = getattr(base, "model", None)
+        return inner is not None and hasattr(inner, "rotary_emb") and hasattr(inner, "layers")
+
+    def step(self, tok: Tensor, pos: Tensor) -> Tensor:
+        """Float32 next-token logits [B, V] after feeding `tok` [B] at positions `pos` [B, 1]."""
+        h = self.inner.embed_tokens(tok[:, None])
+        cos, sin = self.inner.rotary_emb(h, pos)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        L = self.len
+        mask = None if self.mask is None else self.mask[..., : L + 1]
+        B = h.shape[0]
+        for i, layer in enumerate(self.layers):
+            att = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = att.q_proj(x).view(B, 1, self.n_heads, self.head_dim).transpose(1, 2)
+            k = att.k_proj(x).view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)
+            v = att.v_proj(x).view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            self.keys[i][:, :, L:L + 1] = k
+            self.values[i][:, :, L:L + 1] = v
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q, self.keys[i][:, :, :L + 1], self.values[i][:, :, :L + 1], attn_mask=mask,
+                scale=att.scaling, enable_gqa=self.gqa)
+            h = h + att.o_proj(o.transpose(1, 2).reshape(B, 1, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        self.len = L + 1
+        h = self.inner.norm(h)
+        return self.lm_head(h[:, -1]).float()
+
+
+@torch.no_grad()
+def sample(
+    model: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    params: SamplingParams,
+    stop_ids: Sequence[int],
+    pad_id: int,
+    repeats: int = 1,
+    with_logps: bool = False,
+    use_lean: bool = True,
+    check_every: int | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Complete each left-padded prompt row `repeats` times (rows repeat-interleaved).
+
+    Returns (completion_ids [N * repeats, T], logps or None); T <= max_new_tokens (the loop stops
+    early when every row has hit a stop id). `logps` are log softmax(logits / temperature) of the
+    drawn tokens (the sampling policy's log-probs, no processors), for mu > 1. `check_every`: test
+    for "all rows stopped" every that many tokens (default 1 on CPU, 8 on accelerators, where the
+    test is a host sync; extra all-pad steps are trimmed, so only the RNG position differs).
+    """
+    dev = input_ids.device
+    stop = torch.as_tensor(list(stop_ids), dtype=torch.long, device=dev)
+    pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    padded = bool((attention_mask == 0).any())
+    out = model(input_ids=input_ids, attention_mask=attention_mask if padded else None,
+                position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    logits = _last_logits(out)
+    del out
+    if repeats > 1:
+        cache.batch_repeat_interleave(repeats)
+        logits = logits.repeat_interleave(repeats, dim=0)
+        attention_mask = attention_mask.repeat_interleave(repeats, dim=0)
+        pos = pos.repeat_interleave(repeats, dim=0)
+    B = logits.shape[0]
+    att = attention_mask.long()
+    cur = pos[:, -1:]
+    unfinished = torch.ones(B, dtype=torch.bool, device=dev)
+    pad = torch.full((B,), pad_id, dtype=torch.long, device=dev)
+    toks: list[Tensor] = []
+    lps: list[Tensor] = []
+    ones = torch.ones((B, 1), dtype=att.dtype, device=dev)
+    lean = LeanDecoder(model, cache, att, att.shape[1] + params.max_new_tokens) \
+        if use_lean and hasattr(cache, "layers") and LeanDecoder.supports(model) else None
+    if check_every is None:
+        check_every = 1 if dev.type == "cpu" else 8
+    for t in range(params.max_new_tokens):
+        scores = process_logits(logits, t, params, stop)
+        tok = torch.where(unfinished, next_tokens(scores, params.greedy), pad)
+        toks.append(tok)
+        if with_logps:
+            lg = logits / params.temperature if params.temperature != 1.0 else logits
+            lps.append(lg.gather(-1, tok[:, None]).squeeze(-1) - torch.logsumexp(lg, dim=-1))
+        unfinished = unfinished & ~torch.isin(tok, stop)
+        if t == params.max_new_tokens - 1:
+            break
+        if (t + 1) % check_every == 0 and not bool(unfinished.any()):
+            break
+        cur = cur + 1
+        if lean is not None:
+            logits = lean.step(tok, cur)
+            continue
+        if padded:
+            att = torch.cat([att, ones], dim=1)
+        out = model(input_ids=tok[:, None], attention_mask=att if padded else None, position_ids=cur,
+                    past_key_values=cache, use_cache=True)
+        logits = _last_logits(out)
+        del out
+    comp = torch.stack(toks, dim=1)
+    if check_every > 1:  # trim trailing all-pad steps taken after every row had stopped
+        done_at = _trim_length(comp, stop, pad_id)
+        comp = comp[:, :done_at]
+        lps = lps[:done_at]
+    return comp, (torch.stack(lps, dim=1) if with_logps else None)
+
+
+def _trim_length(comp: Tensor, stop: Tensor, pad_id: int) -> int:
+    """Length up to the step at which the last row stopped (HF's output length)."""
+    is_stop = torch.isin(comp, stop)
+    if not bool(is_stop.any(dim=1).all()):
+        return comp.shape[1]
+    first = is_stop.long().argmax(dim=1)
+    return int(first.max()) + 1

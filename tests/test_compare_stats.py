@@ -1,0 +1,120 @@
+"""Statistics, tables and plots of comparisons (no training): fast, pure checks."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats as sps
+
+from mirrorlab import plots
+from mirrorlab.compare import (
+    RunResult,
+    mean_std,
+    paired_comparison,
+    results_text,
+    sign_flip_pvalue,
+    summarise,
+    t_two_sided_pvalue,
+)
+
+
+@given(t=st.floats(-50, 50), df=st.integers(1, 40))
+@settings(max_examples=200, deadline=None)
+def test_t_pvalue_matches_scipy(t: float, df: int) -> None:
+    assert t_two_sided_pvalue(t, df) == pytest.approx(2 * sps.t.sf(abs(t), df), abs=1e-9)
+
+
+def test_t_pvalue_edges() -> None:
+    assert t_two_sided_pvalue(0.0, 2) == pytest.approx(1.0)
+    assert t_two_sided_pvalue(math.inf, 2) == 0.0
+    with pytest.raises(ValueError):
+        t_two_sided_pvalue(1.0, 0)
+
+
+@given(st.lists(st.floats(-1, 1, allow_nan=False), min_size=1, max_size=8))
+@settings(max_examples=100, deadline=None)
+def test_sign_flip_exact_properties(diffs: list[float]) -> None:
+    p = sign_flip_pvalue(diffs)
+    assert 2 / 2 ** len(diffs) - 1e-12 <= p <= 1.0 or all(d == 0 for d in diffs)
+    assert sign_flip_pvalue([-d for d in diffs]) == pytest.approx(p)  # symmetric
+
+
+def test_sign_flip_known_values_and_monte_carlo() -> None:
+    assert sign_flip_pvalue([1.0, 2.0, 3.0]) == pytest.approx(0.25)  # 2 of 8 patterns as extreme
+    assert sign_flip_pvalue([1.0, -1.0]) == pytest.approx(1.0)
+    big = [1.0] * 20
+    p = sign_flip_pvalue(big, max_exact=10, samples=4000)
+    assert p < 0.01  # Monte Carlo path: all-positive differences are extreme
+
+
+def test_paired_comparison_verdicts() -> None:
+    base = {0: 0.50, 1: 0.60, 2: 0.55}
+    better = {0: 0.60, 1: 0.70, 2: 0.66}
+    c = paired_comparison("m", "b", base, better, {0: 5, 1: 5, 2: 5}, {0: 4, 1: 4, 2: 4})
+    assert c.exceeds_noise and "exceeds seed noise" in c.verdict and "better" in c.verdict
+    assert c.mean_diff == pytest.approx(0.10333, abs=1e-4)
+    assert c.t_pvalue == pytest.approx(sps.ttest_rel([0.6, 0.7, 0.66], [0.5, 0.6, 0.55]).pvalue)
+    assert c.length_diff == pytest.approx(-1.0)
+    noisy = {0: 0.60, 1: 0.50, 2: 0.56}
+    c2 = paired_comparison("m", "b", base, noisy)
+    assert not c2.exceeds_noise and c2.verdict == "within seed noise"
+    one = paired_comparison("m", "b", {0: 0.5}, {0: 0.9})
+    assert not one.exceeds_noise and math.isnan(one.stderr)
+    same = paired_comparison("m", "b", base, dict(base))
+    assert same.t_pvalue == 1.0 and not same.exceeds_noise
+
+
+def test_mean_std() -> None:
+    assert mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
+    assert mean_std([4.0]) == (4.0, 0.0)
+
+
+def _curve(slope: float) -> list[dict[str, float]]:
+    return [{"reward_mean": slope * i} for i in range(5)]
+
+
+def _runs() -> list[RunResult]:
+    out = []
+    for s in range(3):
+        out.append(RunResult("kl", s, 0.40 + 0.01 * s, 0.02, 6.0, 100, curve=_curve(0.1)))
+        out.append(RunResult("l2", s, 0.50 + 0.01 * s, 0.02, 5.0, 100, curve=_curve(0.2)))
+    return out
+
+
+def test_summarise_table_and_json(tmp_path) -> None:
+    res = summarise(_runs(), ["kl", "l2"], "kl", "accuracy", "test")
+    assert [m.label for m in res.methods] == ["kl", "l2"]
+    assert res.methods[1].metric_mean == pytest.approx(0.51)
+    assert len(res.comparisons) == 1 and res.comparisons[0].method == "l2"
+    text = results_text(res)
+    assert "kl" in text and "l2" in text and "accuracy" in text and "exceeds seed noise" in text
+    p = res.save(tmp_path / "r.json")
+    data = json.loads(p.read_text())  # strict JSON (NaN replaced)
+    assert data["baseline"] == "kl" and len(data["runs"]) == 6
+    with pytest.raises(ValueError):
+        summarise(_runs(), ["kl", "l2"], "nope")
+
+
+def test_plots_write_pngs(tmp_path) -> None:
+    hist = [[0.1, 0.2, None], [0.3, float("nan"), 0.25]]
+    st_ = plots.fitness_stats(hist)
+    assert st_[0]["failures"] == 1 and st_[1]["best_so_far"] == pytest.approx(0.3)
+    paths = [
+        plots.plot_fitness(hist, tmp_path / "f.png"),
+        plots.plot_fitness({0: [0.1], 3: [0.2]}, tmp_path / "f2.png"),
+        plots.plot_lineage([
+            {"id": "a", "generation": 0, "fitness": 0.1},
+            {"id": "b", "generation": 1, "fitness": 0.3, "parent": "a"},
+            {"id": "c", "generation": 1, "fitness": None, "parent": "a", "status": "FAILED"},
+        ], tmp_path / "l.png"),
+        plots.plot_training_curves({"kl": [[0.1, 0.2], [0.2, 0.3, 0.4]], "l2": [[0.3]]}, tmp_path / "c.png",
+                                   smooth=2),
+        plots.plot_metric_vs_length({"kl": [(5.0, 0.3), (6.0, 0.4)], "l2": [(4.0, 0.5)]}, tmp_path / "a.png"),
+        plots.plot_lineage([], tmp_path / "empty.png"),
+    ]
+    for p in paths:
+        assert p.is_file() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,222 @@
+"""The `fast` generation backend: HF-identical sampling semantics, stops, log-probs, LoRA, seeds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers.generation.logits_process import (
+    MinNewTokensLengthLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from mirrorlab import divergences
+from mirrorlab.config import GenerationConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig
+from mirrorlab.gbmpo import GBMPOTrainer
+from mirrorlab.gbmpo.sampling import LeanDecoder, SamplingParams, process_logits, sample
+from mirrorlab.gbmpo.trainer import token_logps
+from mirrorlab.models import load_model
+from mirrorlab.tasks import get as get_task
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.set_num_threads(1)
+    return load_model(ModelConfig(name="tiny"))
+
+
+@pytest.fixture(scope="module")
+def task():
+    return get_task("arithmetic", n_train=200, n_val=50, n_test=50)
+
+
+def _trainer(model, tok, task, backend, **gen):
+    g = dict(num_generations=4, max_new_tokens=12, backend=backend)
+    g.update(gen)
+    cfg = TrainConfig(steps=2, prompts_per_step=3, generation=GenerationConfig(**g),
+                      optim=OptimConfig(lr=1e-3), seed=0)
+    return GBMPOTrainer(model, tok, task, divergences.get("kl_k3"), cfg, coef=0.04)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([0.3, 0.7, 1.0, 1.7]), st.integers(0, 12),
+       st.sampled_from([0.05, 0.5, 0.9, 1.0]), st.integers(0, 3), st.integers(0, 3))
+def test_process_logits_matches_hf_warpers(seed, temp, top_k, top_p, step, min_new):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(5, 17, generator=g) * 3
+    scores[0, 3] = scores[0, 4]  # a tie at the top-k boundary keeps both, as in HF
+    stop = torch.tensor([2, 5])
+    hf = scores.clone()
+    ids = torch.zeros((5, 4 + step), dtype=torch.long)
+    if min_new:
+        hf = MinNewTokensLengthLogitsProcessor(4, min_new, [2, 5])(ids, hf)
+    if temp != 1.0:
+        hf = TemperatureLogitsWarper(temp)(ids, hf)
+    if top_k:
+        hf = TopKLogitsWarper(top_k)(ids, hf)
+    if top_p < 1.0:
+        hf = TopPLogitsWarper(top_p)(ids, hf)
+    p = SamplingParams(max_new_tokens=8, temperature=temp, top_k=top_k, top_p=top_p, min_new_tokens=min_new)
+    ours = process_logits(scores, step, p, stop)
+    assert torch.equal(torch.isinf(ours), torch.isinf(hf))
+    torch.testing.assert_close(ours, hf, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("gen", [dict(), dict(temperature=0.7, top_k=5, top_p=0.9)])
+def test_fast_backend_draws_the_same_tokens_as_hf_generate(tiny, task, gen):
+    model, tok = tiny
+    exs = [task.train[0], task.train[5], task.train[9]]  # different lengths: left padding
+    out = {}
+    for backend in ("hf", "fast"):
+        tr = _trainer(model, tok, task, backend, **gen)
+        torch.manual_seed(7)
+        out[backend] = tr.generate(exs, repeats=4)
+    (ph, ah, ch, mh), (pf, af, cf, mf) = out["hf"], out["fast"]
+    assert torch.equal(ph, pf) and torch.equal(ah, af)
+    assert (ah == 0).any()  # the batch really is left padded
+    assert torch.equal(ch, cf) and torch.equal(mh, mf)
+
+
+def test_greedy_eval_identical_across_backends(tiny, task):
+    model, tok = tiny
+    res = [_trainer(model, tok, task, b).evaluate("val", n=40, batch_size=16) for b in ("hf", "fast")]
+    assert res[0].scores == res[1].scores and res[0].mean_length == res[1].mean_length
+
+
+def test_stops_pad_after_stop_and_exit_early(tiny, task):
+    model, tok = tiny
+    tr = _trainer(model, tok, task, "fast", max_new_tokens=40)
+    torch.manual_seed(0)
+    _, _, comp, cmask = tr.generate([task.train[1], task.train[2]], repeats=8)
+    stop = torch.tensor(tr.stop_ids)
+    is_stop = torch.isin(comp, stop)
+    assert is_stop.any(1).all()  # the pre-trained tiny model answers and stops well within 40
+    assert comp.shape[1] < 40  # early exit once every row stopped
+    first = is_stop.long().argmax(1)
+    for i in range(comp.shape[0]):
+        assert cmask[i, : first[i] + 1].all() and not cmask[i, first[i] + 1:].any()
+        assert (comp[i, first[i] + 1:] == tr.pad_id).all()
+    assert comp.shape[1] == int(first.max()) + 1  # same length as HF's output
+    ids, att = tr._left_pad([tr._prompt_ids(task.train[i]) for i in (1, 2)])
+    p = SamplingParams(max_new_tokens=40)
+    outs = []
+    for every in (1, 8):  # the accelerator setting: test "all stopped" every 8 tokens, then trim
+        torch.manual_seed(0)
+        outs.append(sample(model, ids, att, p, tr.stop_ids, tr.pad_id, repeats=8, with_logps=True,
+                           check_every=every))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert torch.equal(outs[0][0], comp)
+
+
+def test_min_new_tokens_suppresses_stops(tiny, task):
+    model, tok = tiny
+    tr = _trainer(model, tok, task, "fast", max_new_tokens=10, min_new_tokens=10)
+    _, _, comp, cmask = tr.generate([task.train[3]], repeats=4)
+    assert comp.shape[1] == 10 and not torch.isin(comp, torch.tensor(tr.stop_ids)).any()
+    assert cmask.all()
+
+
+def test_sampling_logps_match_a_fresh_forward(tiny, task):
+    model, tok = tiny
+    tr = _trainer(model, tok, task, "fast", temperature=0.8, top_k=6)
+    torch.manual_seed(1)
+    ids, att, comp, cmask, old = tr._generate([task.train[0], task.train[4]], repeats=4, with_logps=True)
+    full = torch.cat([ids, comp], 1)
+    fatt = torch.cat([att, torch.ones_like(comp)], 1)
+    pos = (fatt.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        fresh = token_logps(tr._logits(model, full, fatt, pos, comp.shape[1]), comp)
+    m = cmask.bool()
+    torch.testing.assert_close(old[m], fresh[m], atol=1e-5, rtol=0)
+
+
+def test_lean_decoder_logits_match_model_forward(tiny):
+    model, _ = tiny
+    assert LeanDecoder.supports(model)
+    g = torch.Generator().manual_seed(0)
+    V = model.config.vocab_size
+    ids = torch.randint(3, V, (3, 7), generator=g)
+    att = torch.ones_like(ids)
+    att[0, :2] = 0
+    nxt = torch.randint(3, V, (3, 5), generator=g)
+    with torch.no_grad():
+        pos = (att.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True)
+        lean = LeanDecoder(model, out.past_key_values, att, 12)
+        fatt = torch.cat([att, torch.ones_like(nxt)], 1)
+        fpos = (fatt.cumsum(-1) - 1).clamp(min=0)
+        ref = model(input_ids=torch.cat([ids, nxt], 1), attention_mask=fatt, position_ids=fpos).logits
+        for t in range(5):
+            got = lean.step(nxt[:, t], fpos[:, 7 + t: 8 + t])
+            torch.testing.assert_close(got, ref[:, 7 + t].float(), atol=1e-5, rtol=1e-5)
+
+
+def test_seeded_determinism_and_hf_loop_fallback(tiny, task):
+    model, tok = tiny
+    tr = _trainer(model, tok, task, "fast")
+    ids, att = tr._left_pad([tr._prompt_ids(task.train[i]) for i in (0, 7)])
+    p = SamplingParams(max_new_tokens=10, temperature=1.3, top_p=0.95)
+    runs = []
+    for lean in (True, True, False):
+        torch.manual_seed(3)
+        runs.append(sample(model, ids, att, p, tr.stop_ids, tr.pad_id, repeats=5, use_lean=lean)[0])
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+def _with_backend(tr, backend):
+    gen = tr.cfg.generation.model_copy(update={"backend": backend})
+    tr.cfg = tr.cfg.model_copy(update={"generation": gen})
+
+
+def test_lora_model_fast_backend_matches_hf_and_trains(task):
+    model, tok = load_model(ModelConfig(name="tiny", lora=LoraConfig(r=4, alpha=8)))
+    assert LeanDecoder.supports(model)
+    tr = GBMPOTrainer(model, tok, task, divergences.get("kl_k3"),
+                      TrainConfig(steps=2, prompts_per_step=2, optim=OptimConfig(lr=1e-2), seed=0,
+                                  generation=GenerationConfig(num_generations=4, max_new_tokens=8)),
+                      coef=0.04)
+    assert tr.cfg.generation.backend == "fast"  # the default
+    hist = tr.train(2)
+    assert len(hist) == 2 and all(h["gen_tokens"] > 0 for h in hist)
+    with torch.no_grad():  # a clearly non-zero adapter, so that it visibly changes the logits
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    out = {}
+    for backend in ("hf", "fast"):
+        _with_backend(tr, backend)
+        torch.manual_seed(5)
+        out[backend] = tr.generate([task.train[0], task.train[2]], repeats=4)[2]
+    assert torch.equal(out["hf"], out["fast"])
+    with model.disable_adapter():
+        torch.manual_seed(5)
+        base = tr.generate([task.train[0], task.train[2]], repeats=4)[2]
+    assert not torch.equal(base, out["fast"])  # the adapter is applied by the lean decoder
+
+
+@pytest.mark.slow
+def test_smollm2_lean_decoder_matches_hf_loop():
+    from mirrorlab import models
+
+    try:
+        models.smollm2_gguf()
+        import gguf  # noqa: F401
+    except (FileNotFoundError, ImportError) as e:
+        pytest.skip(f"smollm2 preset unavailable: {e}")
+    model, tok = load_model(ModelConfig(name="smollm2-135m"))
+    model.eval()
+    assert LeanDecoder.supports(model) and model.config.num_key_value_heads < model.config.num_attention_heads
+    enc = tok(["What is 2+3?", "Hello there, how are"], padding=True, padding_side="left",
+              return_tensors="pt")
+    p = SamplingParams(max_new_tokens=8, temperature=0.8, top_k=20)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    r = []
+    for lean in (True, False):  # lean decoder (GQA) vs the model's own forward in the same loop
+        torch.manual_seed(0)
+        r.append(sample(model, enc.input_ids, enc.attention_mask, p, [tok.eos_token_id], pad, repeats=2,
+                        with_logps=True, use_lean=lean))
+    assert torch.equal(r[0][0], r[1][0])
+    torch.testing.assert_close(r[0][1], r[1][1], atol=1e-4, rtol=0)
