@@ -3,13 +3,13 @@
 `test_loop_learns_a_learnable_reward`: the full loop (sampling, rewards, reference, loss,
 optimiser) raises the reward of a simple, consistently learnable target within 8 steps.
 
-`test_gbmpo_raises_val_accuracy` is the issue's arithmetic check. Measured here (Nov 2026, 2
-shared cores): with on-policy Dr. GRPO, 32 prompts x 8, greedy validation accuracy of the tiny
-preset did NOT rise within 15-60 steps at any lr tried (1e-5 .. 5e-4, temperature 0.3 .. 1.0);
-at lr >= 1e-4 it fell (0.45 -> 0.38 after 60 steps at 1e-4; collapse at 3e-4), at 1e-5..5e-5 it
-stayed within noise. The loop itself is verified (TRL parity, the learnable-reward test, a
-linear-regime SGD check that the update raises positive-advantage completions). It is marked
-xfail (non-strict) so CI stays green and an XPASS is visible; see the helper report.
+`test_gbmpo_raises_val_accuracy` is the issue's arithmetic check: greedy validation accuracy
+on all 500 val problems (stderr ~2 points) after 20 on-policy Dr. GRPO steps, 32 prompts x 8,
+lr 1e-4. It is also the regression test of the tiny preset's recipe: with the old recipe (SFT
+cosine-annealed to lr 0, v3) greedy accuracy fell at every lr (32% -> 27% in 25 steps at 1e-4)
+because the annealed checkpoint sits in a sharp minimum (a unit step of 0.03 along the exact
+gradient of the expected reward already lowered it); the v4 recipe stops SFT early on a high
+learning rate and GBMPO then gains ~10 points in 20 steps (measured, helper G, Nov 2026).
 """
 
 from __future__ import annotations
@@ -72,18 +72,18 @@ def test_loop_learns_a_learnable_reward(tiny, name, params, coef):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="tiny preset: greedy val accuracy does not rise within a short "
-                   "GBMPO run (measured; see module docstring)")
 @pytest.mark.parametrize("name,params,coef", ARMS, ids=IDS)
 def test_gbmpo_raises_val_accuracy(tiny, name, params, coef):
     model, tok = tiny
     task = get_task("arithmetic")
     cfg = TrainConfig(steps=20, prompts_per_step=32, seed=0, grad_ratio_every=0,
-                      generation=GenerationConfig(num_generations=8, max_new_tokens=8),
-                      optim=OptimConfig(lr=5e-5))
+                      generation=GenerationConfig(num_generations=8, max_new_tokens=6),
+                      optim=OptimConfig(lr=1e-4))
     tr = GBMPOTrainer(copy.deepcopy(model), tok, task, divergences.get(name, **params), cfg, coef=coef)
-    start = tr.evaluate("val", n=300)
+    start = tr.evaluate("val")
     tr.train()
-    end = tr.evaluate("val", n=300)
-    print(f"{name}: val accuracy {start.metric:.3f} -> {end.metric:.3f} (+-{end.stderr:.3f})")
-    assert end.metric > start.metric
+    end = tr.evaluate("val")
+    print(f"{name}: val accuracy {start.metric:.3f} -> {end.metric:.3f} (+-{end.stderr:.3f}, n={end.n})")
+    assert end.n >= 400
+    # measured gains are ~8-10 points; demand clearly more than the ~2-point standard error
+    assert end.metric > start.metric + 0.04, (start.metric, end.metric)
