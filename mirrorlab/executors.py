@@ -155,6 +155,10 @@ class Executor:
         """Evaluate `jobs`, calling `on_result(job, outcome)` as each finishes; results in job order."""
         raise NotImplementedError
 
+    def request_stop(self) -> None:
+        """Tell idle workers to exit without waiting (so their teardown overlaps the caller's
+        remaining work); `close` then only joins them. No more jobs may be mapped afterwards."""
+
     def close(self) -> None:
         """Stop workers and release resources (idempotent)."""
 
@@ -194,15 +198,23 @@ class LocalExecutor(Executor):
 
 
 # --------------------------------------------------------------------------- process
+def _pin_threads(threads: int) -> None:
+    """One worker's torch intra- and inter-op threads (workers x threads <= cores: no oversubscription)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(threads)
+    except RuntimeError:  # already fixed in this process (parallel work ran before)
+        pass
+
+
 def _process_worker(conn: Connection, payload: bytes, env: dict[str, str], threads: int) -> None:
     """Worker main: pin env, build the evaluator once, then evaluate jobs until told to stop."""
     os.environ.update(env)
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    _pin_threads(threads)
     name = f"process-{os.getpid()}"
     try:
         evaluator = pickle.loads(payload)
@@ -234,6 +246,7 @@ class _Worker:
     ready: bool = False
     job: Job | None = None
     started: float = 0.0
+    stopping: bool = False
 
 
 def _visible_gpus() -> list[str]:
@@ -385,11 +398,20 @@ class ProcessExecutor(Executor):
                     finish(index_of[id(job)], out)
         return [results[i] for i in range(len(jobs))]
 
+    def request_stop(self) -> None:
+        for w in self._workers.values():
+            if w.job is None and not w.stopping:
+                try:
+                    w.conn.send(None)
+                except (BrokenPipeError, OSError):
+                    pass
+                w.stopping = True
+
     def close(self) -> None:
+        self.request_stop()  # all workers exit in parallel, then each is joined
         for w in list(self._workers.values()):
             try:
-                if w.job is None:
-                    w.conn.send(None)
+                if w.stopping:
                     w.proc.join(10)
             except (BrokenPipeError, OSError):
                 pass
@@ -401,9 +423,7 @@ class _RayWorkerImpl:
     """Body of the Ray actor: holds one evaluator, set up once."""
 
     def __init__(self, payload: bytes, threads: int) -> None:
-        import torch
-
-        torch.set_num_threads(threads)
+        _pin_threads(threads)
         self.evaluator = pickle.loads(payload)
         self.name = f"ray-{os.getpid()}"
 

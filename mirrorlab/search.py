@@ -20,6 +20,7 @@ same theta hash are reused (their child runs kept), and child runs the journal d
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -360,7 +361,7 @@ class Search:
         self.progress: Any = None
         self.timings = dict.fromkeys(
             ("setup_s", "tracking_s", "tracking_bg_s", "checkpoint_s", "strategy_s", "compute_s",
-             "reset_s", "train_s", "eval_s"), 0.0)
+             "reset_s", "train_s", "eval_s", "job_s"), 0.0)
 
     # ------------------------------------------------------------------ checkpoint
     @property
@@ -368,18 +369,25 @@ class Search:
         """Where the checkpoint of the last complete generation lives."""
         return self.checkpoint_dir / CHECKPOINT
 
-    def _save_checkpoint(self, generation: int, parent_run_id: str | None) -> None:
+    def _save_checkpoint(self, generation: int, parent_run_id: str | None,
+                         snapshot: tuple[Any, list[GenerationRecord], dict[str, Any] | None] | None = None,
+                         ) -> None:
+        """Write the checkpoint of `generation`; `snapshot` = (strategy state, history, incumbent)
+        taken right after that generation's `tell` (it is written later, from the tracking thread)."""
         t = time.monotonic()
+        if snapshot is None:
+            snapshot = (self.strategy.state_dict(), list(self.history), self.incumbent)
+        state, history, incumbent = snapshot
         inc = None
-        if self.incumbent is not None:
-            inc = {**self.incumbent, "theta": np.asarray(self.incumbent["theta"]).tolist()}
+        if incumbent is not None:
+            inc = {**incumbent, "theta": np.asarray(incumbent["theta"]).tolist()}
         atomic_write_json(self.checkpoint_path, {
             "version": CHECKPOINT_VERSION,
             "completed_generations": generation + 1,
-            "strategy": self.strategy.state_dict(),
-            "history": [asdict(g) for g in self.history],
+            "strategy": state,
+            "history": [asdict(g) for g in history],
             "incumbent": inc,
-            "run_ids": self.run_ids,
+            "run_ids": dict(self.run_ids),
             "parent_run_id": parent_run_id,
             "config": dump_config(self.cfg),
             "seed": self.cfg.seed,
@@ -439,6 +447,7 @@ class Search:
             self._save_checkpoint(-1, parent_run)  # records the parent run before generation 0
         self._resumed_at = start_gen if resume else None
         self._log_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mirrorlab-tracking")
+        self._finalising: Future[None] | None = None
         status = "FAILED"
         try:
             self.executor.start()  # workers load the base model once, here
@@ -446,6 +455,10 @@ class Search:
             setup0 = self.executor.setup_s
             for gen in range(start_gen, sc.strategy.generations):
                 self._generation(gen, parent_run)
+            self.executor.request_stop()  # workers tear down while the last logs and registry run
+            t = time.monotonic()
+            self._wait_finalised()
+            self.timings["tracking_s"] += time.monotonic() - t
             result = self._result(parent_run, time.monotonic() - t_start)
             t = time.monotonic()
             if result.best_run_id is not None and self.cfg.tracking.enabled:
@@ -540,56 +553,78 @@ class Search:
         t = time.monotonic()
         self.executor.map(todo, on_result=on_result)
         self.timings["compute_s"] += time.monotonic() - t
-        t = time.monotonic()
-        for f in pending:
-            f.result()  # re-raises a logging error here, in the search thread
-        self.timings["tracking_s"] += time.monotonic() - t
         outs = [outcomes[i] for i in range(len(jobs))]
         for o in outs:
             for k in ("reset_s", "train_s", "eval_s"):
                 self.timings[k] += o.timings.get(k, 0.0)
-        for i in range(len(cands)):
-            if run_ids.get(i):
-                self.run_ids[ids[i]] = run_ids[i]
+            self.timings["job_s"] += o.timings.get("total_s", 0.0)  # the whole job, in the worker
         fail = self.cfg.search.evaluator.failure_value
         fits = [o.fitness if o.status == FINISHED else fail for o in outs[: len(cands)]]
         t = time.monotonic()
         self.strategy.tell(cands, fits)
+        state = copy.deepcopy(self.strategy.state_dict())  # the checkpoint's, written later
         self.timings["strategy_s"] += time.monotonic() - t
-        self._update_incumbent(gen, jobs, outs, ids, run_ids)
+        previous = None if self.incumbent is None else self.incumbent["id"]
+        self._update_incumbent(gen, jobs, outs, ids)
         ok = [o.fitness for o in outs[: len(cands)] if o.status == FINISHED]
         rec = GenerationRecord(
             generation=gen, ids=ids, parents=parents, shas=shas, status=[o.status for o in outs],
             fitness=[o.fitness if o.status == FINISHED else None for o in outs],
             stderr=[o.stderr if o.status == FINISHED else None for o in outs],
-            errors=[o.error for o in outs], run_ids=[run_ids.get(i) for i in range(len(jobs))],
+            errors=[o.error for o in outs], run_ids=[None] * len(jobs),  # filled once logged
             best_fitness=max(ok) if ok else None, mean_fitness=float(np.mean(ok)) if ok else None,
             incumbent_fitness=None if self.incumbent is None else self.incumbent["fitness"],
             wall_s=time.monotonic() - t_gen,
             compute_s=sum(o.timings.get("train_s", 0.0) + o.timings.get("eval_s", 0.0) for o in outs),
         )
         self.history.append(rec)
+        inc = None if self.incumbent is None else dict(self.incumbent)
+        snapshot = (state, list(self.history), inc)
+
+        def finalise() -> None:
+            """After the generation's children are logged (FIFO pool): lineage ids, summary
+            metrics, the new incumbent's plot, then the checkpoint. Overlaps the next generation."""
+            for f in pending:
+                f.result()  # a logging error surfaces here, then in the search thread
+            t0 = time.monotonic()
+            for i in range(len(cands)):
+                if run_ids.get(i):
+                    self.run_ids[ids[i]] = run_ids[i]
+            rec.run_ids[:] = [run_ids.get(i) for i in range(len(jobs))]
+            if inc is not None:
+                inc["run_id"] = self.run_ids.get(inc["id"], inc.get("run_id"))
+            self.tracker.log_generation(gen, {
+                "best_fitness": rec.best_fitness if rec.best_fitness is not None else math.nan,
+                "mean_fitness": rec.mean_fitness if rec.mean_fitness is not None else math.nan,
+                "incumbent_fitness": rec.incumbent_fitness if rec.incumbent_fitness is not None else math.nan,
+                "failed": float(sum(s != FINISHED for s in rec.status)),
+            })
+            if inc is not None and inc["id"] != previous and self.cfg.tracking.plot_scope == "incumbents":
+                self.tracker.log_plot(inc["run_id"], inc["theta"])
+            self.timings["tracking_bg_s"] += time.monotonic() - t0
+            self._save_checkpoint(gen, parent_run, snapshot)
+
         t = time.monotonic()
-        self.tracker.log_generation(gen, {
-            "best_fitness": rec.best_fitness if rec.best_fitness is not None else math.nan,
-            "mean_fitness": rec.mean_fitness if rec.mean_fitness is not None else math.nan,
-            "incumbent_fitness": rec.incumbent_fitness if rec.incumbent_fitness is not None else math.nan,
-            "failed": float(sum(s != FINISHED for s in rec.status)),
-        })
+        self._wait_finalised()  # the previous generation's (long done, normally): errors surface here
         self.timings["tracking_s"] += time.monotonic() - t
-        self._save_checkpoint(gen, parent_run)
+        self._finalising = self._log_pool.submit(finalise)
         self._hook("on_generation_end", gen, rec.best_fitness, rec.mean_fitness,
                    sum(s != FINISHED for s in rec.status))
         if self.on_generation is not None:
             self.on_generation(rec)
+
+    def _wait_finalised(self) -> None:
+        """Wait for the background end-of-generation work (logging, checkpoint); re-raise its error."""
+        if self._finalising is not None:
+            f, self._finalising = self._finalising, None
+            f.result()
 
     def _hook(self, name: str, *args: Any) -> None:
         f = getattr(self.progress, name, None)
         if f is not None:
             f(*args)
 
-    def _update_incumbent(self, gen: int, jobs: list[Job], outs: list[Outcome], ids: list[str],
-                          run_ids: dict[int, str | None]) -> None:
+    def _update_incumbent(self, gen: int, jobs: list[Job], outs: list[Outcome], ids: list[str]) -> None:
         inc = self.incumbent
         for j, o in zip(jobs, outs, strict=True):
             if o.status != FINISHED:
@@ -603,7 +638,7 @@ class Search:
                 continue
             if inc is None or o.fitness > inc["fitness"]:
                 inc = {"theta": np.asarray(j.theta, dtype=np.float64).copy(), "fitness": float(o.fitness),
-                       "stderr": o.stderr, "n": 1, "id": ids[j.index], "run_id": run_ids.get(j.index),
+                       "stderr": o.stderr, "n": 1, "id": ids[j.index], "run_id": None,  # set once logged
                        "generation": gen}
         self.incumbent = inc
 
@@ -613,6 +648,7 @@ class Search:
             theta, fit = self.strategy.recommendation(), float("nan")
             return SearchResult(theta, fit, None, None, None, self.history, parent_run, None, wall,
                                 dict(self.timings))
+        inc["run_id"] = self.run_ids.get(inc["id"], inc.get("run_id"))
         return SearchResult(
             np.asarray(inc["theta"]), float(inc["fitness"]), inc["stderr"], inc["id"], inc["run_id"],
             self.history, parent_run, None, wall, dict(self.timings),

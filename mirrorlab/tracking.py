@@ -72,6 +72,9 @@ class NullTracker:
     def log_candidate(self, job: Job, outcome: Outcome, **kw: Any) -> str | None:
         return None
 
+    def log_plot(self, run_id: str | None, theta: Any) -> None:
+        pass
+
     def log_generation(self, generation: int, summary: dict[str, float]) -> None:
         pass
 
@@ -208,15 +211,25 @@ class MLflowTracker:
         with tempfile.TemporaryDirectory() as d:
             self.space.save(theta, Path(d) / "map")
             self.client.log_artifacts(rid, str(Path(d) / "map"), "map")
-            if self.cfg.tracking.plots:
-                try:
-                    p = self.space.plot(theta, Path(d) / "plot" / "map.png")
-                    if p is not None:
-                        self.client.log_artifact(rid, str(p), "plot")
-                except Exception as e:  # noqa: BLE001 - a plot must never fail a search
-                    self.client.set_tag(rid, TAG + "plot_error", str(e)[:500])
+            if self.cfg.tracking.plots and self.cfg.tracking.plot_scope == "all":
+                self._plot(rid, theta, Path(d))
         self.client.set_terminated(rid, status="FINISHED" if outcome.status == FINISHED else "FAILED")
         return rid
+
+    def _plot(self, rid: str, theta: np.ndarray, d: Path) -> None:
+        try:
+            p = self.space.plot(theta, d / "plot" / "map.png")
+            if p is not None:
+                self.client.log_artifact(rid, str(p), "plot")
+        except Exception as e:  # noqa: BLE001 - a plot must never fail a search
+            self.client.set_tag(rid, TAG + "plot_error", str(e)[:500])
+
+    def log_plot(self, run_id: str | None, theta: np.ndarray) -> None:
+        """Attach the map plot (`plot/map.png`) to an existing child run (used for new incumbents)."""
+        if run_id is None or not self.cfg.tracking.plots:
+            return
+        with tempfile.TemporaryDirectory() as d:
+            self._plot(run_id, np.asarray(theta, dtype=np.float64), Path(d))
 
     def log_generation(self, generation: int, summary: dict[str, float]) -> None:
         """Per-generation summary metrics on the parent run (step = generation)."""

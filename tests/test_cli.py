@@ -203,11 +203,12 @@ def test_quickstart_shortened(tmp_path: Path) -> None:
     r = run_cli(tmp_path, "run", str(QUICKSTART), sets=sets)
     assert r.returncode == 0, r.stderr
     flat = " ".join(r.stdout.split())
-    for label in ("KL (k3)", "ProbL2", "neural (random init)", "neural (searched)"):
+    for label in ("KL (k3)", "no regulariser (lambda 0)", "ProbL2", "neural (random init)",
+                  "neural (searched)"):
         assert label in flat
     d = tmp_path / "runs" / "quickstart"
     res = json.loads((d / "compare" / "results.json").read_text())
-    assert len(res["runs"]) == 8 and len(res["comparisons"]) == 3
+    assert len(res["runs"]) == 10 and len(res["comparisons"]) == 4
     searched = next(m for m in res["methods"] if m["label"] == "neural (searched)")
     assert searched["divergence"]["map"].endswith("best_map")
     assert (d / "search" / "fitness.png").is_file() and (d / "compare" / "metric_vs_length.png").is_file()

@@ -31,7 +31,7 @@ from mirrorlab.tracking import load_map
 
 def tiny_cfg(tmp: Path, name: str, strategy: str = "openai_es", params: dict | None = None,
              executor: str = "local", evaluator: dict | None = None, plots: bool = False,
-             prompts: int = 2, **search: Any) -> Any:
+             prompts: int = 2, plot_scope: str = "all", **search: Any) -> Any:
     """A tiny real search: tiny model, arithmetic, 2 generations x 4 candidates, 3 inner steps."""
     params = params if params is not None else {"sigma": 1.0}
     ev = {"inner_steps": 3, "val_size": 16, **(evaluator or {})}
@@ -44,7 +44,8 @@ def tiny_cfg(tmp: Path, name: str, strategy: str = "openai_es", params: dict | N
                    "strategy": {"name": strategy, "population": 4, "generations": 2, "params": params},
                    "evaluator": ev, "executor": {"kind": executor, "workers": 1},
                    "checkpoint_dir": str(tmp / f"ckpt-{name}"), **search},
-        "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "plots": plots},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "plots": plots,
+                     "plot_scope": plot_scope},
     })
 
 
@@ -154,9 +155,9 @@ def tiny_searches(tmp_path_factory):
     """Run the tiny search once per strategy (openai_es, nevergrad OnePlusOne); share the store."""
     tmp = tmp_path_factory.mktemp("search")
     out = {}
-    for strategy, params, plots in (("openai_es", {"sigma": 1.0}, True),
-                                    ("nevergrad", {"optimizer": "OnePlusOne", "sigma": 1.0}, False)):
-        cfg = tiny_cfg(tmp, f"tiny-{strategy}", strategy, params, plots=plots)
+    for strategy, params, scope in (("openai_es", {"sigma": 1.0}, "all"),
+                                    ("nevergrad", {"optimizer": "OnePlusOne", "sigma": 1.0}, "incumbents")):
+        cfg = tiny_cfg(tmp, f"tiny-{strategy}", strategy, params, plots=True, plot_scope=scope)
         out[strategy] = (cfg, Search(cfg).run())
     return tmp, out
 
@@ -175,6 +176,15 @@ def test_tiny_search_is_fully_recorded_in_mlflow(tiny_searches, strategy):
     assert {"config.yaml", "run_record.json", "search_result.json"} <= arts
     kids = children(client, res.parent_run_id)
     assert len(kids) == 8
+    by_id = {r.data.tags["mirrorlab.candidate_id"]: r.info.run_id for r in kids}
+    incumbents, best = set(), -math.inf  # children that improved on the incumbent
+    for g in res.history:
+        fs = [f if f is not None else -math.inf for f in g.fitness]
+        i = int(np.argmax(fs))
+        if fs[i] > best:
+            best = fs[i]
+            incumbents.add(by_id[g.ids[i]])
+    assert res.best_run_id in incumbents
     seen = set()
     for r in kids:
         t, m = r.data.tags, r.data.metrics
@@ -189,8 +199,11 @@ def test_tiny_search_is_fully_recorded_in_mlflow(tiny_searches, strategy):
         assert sorted(h.step for h in hist) == [1, 2, 3]  # the inner training curve
         names = {a.path for a in client.list_artifacts(r.info.run_id, "map")}
         assert {"map/map.safetensors", "map/map.json"} <= names
-        if strategy == "openai_es":
-            assert {a.path for a in client.list_artifacts(r.info.run_id, "plot")} == {"plot/map.png"}
+        plot = {a.path for a in client.list_artifacts(r.info.run_id, "plot")}
+        if strategy == "openai_es":  # plot_scope "all"
+            assert plot == {"plot/map.png"}
+        else:  # plot_scope "incumbents": only children that became the incumbent, drawn afterwards
+            assert plot == ({"plot/map.png"} if r.info.run_id in incumbents else set())
     assert seen == {(g, c) for g in (0, 1) for c in range(4)}
     # generation summaries on the parent, and the per-generation history
     assert len(client.get_metric_history(res.parent_run_id, "best_fitness")) == 2
