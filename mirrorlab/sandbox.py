@@ -149,11 +149,19 @@ if iso["mntns"] and mount(None, "/", None, MS_REC | MS_PRIVATE, None):
             mount("/proc/self/fd/%d" % fds[n], n, None, MS_BIND | MS_REC, None)
     for fd in fds.values():
         os.close(fd)
+    # The interpreter may live under a directory about to be replaced (a venv in /tmp): keep a
+    # handle on it now and bind it back at its own path after the fresh tmpfs is mounted.
+    under = [n for n in cfg["need"] if any(n == d or n.startswith(d + "/") for d in cfg["writable"])]
+    kept = {n: os.open(n, os.O_PATH) for n in under}
     ok = True
     for d in cfg["writable"]:
         if os.path.isdir(d):
             ok &= mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV,
                         "size=%dk,mode=1777,nr_inodes=1024" % (cfg["tmpfs_kb"]))
+    for n, fd in kept.items():
+        os.makedirs(n, exist_ok=True)
+        mount("/proc/self/fd/%d" % fd, n, None, MS_BIND | MS_REC, None)
+        os.close(fd)
     iso["private_tmp"] = ok
     # The run directory may now be hidden under a fresh tmpfs: bind it back at its own path.
     cwd = os.getcwd()

@@ -367,3 +367,26 @@ def test_frame_walking_forgery_is_a_known_gap(pool: SandboxPool) -> None:
         "    os._exit(0)\n"
     )
     assert assert_fractions([code], [TESTS], pool) == [0.0]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="private /tmp needs root (mount namespace)")
+def test_interpreter_under_tmp_stays_reachable(tmp_path: Path) -> None:
+    """A venv (or checkout) under /tmp must survive the fresh tmpfs mounted over /tmp (regression:
+    CI clones into a temporary folder; the sandboxed interpreter could not find its prefix)."""
+    import subprocess
+    import venv
+
+    env_dir = Path("/tmp") / f"mirrorlab-venv-test-{os.getpid()}"
+    try:
+        venv.EnvBuilder(with_pip=False, symlinks=True).create(env_dir)
+        repo = Path(sandbox.__file__).resolve().parents[1]
+        code = ("from mirrorlab.sandbox import run_program, isolation\n"
+                "r = run_program('print(6*7)', 5.0)\n"
+                "print(r.stdout.strip(), isolation()['private_tmp'], r.stderr[-300:])")
+        res = subprocess.run([str(env_dir / "bin" / "python"), "-c", code], capture_output=True, text=True,
+                             env={"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"}, timeout=60, cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        out = res.stdout.split()
+        assert out[:2] == ["42", "True"], res.stdout
+    finally:
+        shutil.rmtree(env_dir, ignore_errors=True)
