@@ -11,3 +11,23 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The cached `tiny` preset (model, tokenizer), loaded once per test module (tests may train it)."""
+    from mirrorlab.config import ModelConfig
+    from mirrorlab.models import load_model
+
+    return load_model(ModelConfig(name="tiny"))
+
+
+@pytest.fixture(scope="module")
+def task():
+    """A small arithmetic task for inner-loop tests (modules may override it)."""
+    from mirrorlab.tasks import get as get_task
+
+    return get_task("arithmetic", n_train=200, n_val=50, n_test=50)

@@ -14,7 +14,6 @@ from mirrorlab.config import GenerationConfig, LoraConfig, ModelConfig, OptimCon
 from mirrorlab.gbmpo import GBMPOTrainer, advantages, aggregate, gbmpo_loss, policy_loss
 from mirrorlab.gbmpo.trainer import completion_mask_from, token_logps
 from mirrorlab.models import load_model
-from mirrorlab.tasks import get as get_task
 
 DIVS = {
     "kl_k3": lambda: divergences.get("kl_k3"),
@@ -25,15 +24,6 @@ DIVS = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    torch.set_num_threads(1)
-    return load_model(ModelConfig(name="tiny"))
-
-
-@pytest.fixture(scope="module")
-def task():
-    return get_task("arithmetic", n_train=200, n_val=50, n_test=50)
 
 
 def _cfg(**kw):

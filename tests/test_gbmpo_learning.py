@@ -17,12 +17,10 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
 
 from mirrorlab import divergences
-from mirrorlab.config import GenerationConfig, ModelConfig, OptimConfig, TrainConfig
+from mirrorlab.config import GenerationConfig, OptimConfig, TrainConfig
 from mirrorlab.gbmpo import GBMPOTrainer
-from mirrorlab.models import load_model
 from mirrorlab.tasks import get as get_task
 
 ARMS = [
@@ -32,11 +30,6 @@ ARMS = [
 ]
 IDS = [a[0] for a in ARMS]
 
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.set_num_threads(1)
-    return load_model(ModelConfig(name="tiny"))
 
 
 class _StartsWithOne:

@@ -19,18 +19,6 @@ from mirrorlab.gbmpo import GBMPOTrainer
 from mirrorlab.gbmpo.sampling import LeanDecoder, SamplingParams, process_logits, sample
 from mirrorlab.gbmpo.trainer import token_logps
 from mirrorlab.models import load_model
-from mirrorlab.tasks import get as get_task
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.set_num_threads(1)
-    return load_model(ModelConfig(name="tiny"))
-
-
-@pytest.fixture(scope="module")
-def task():
-    return get_task("arithmetic", n_train=200, n_val=50, n_test=50)
 
 
 def _trainer(model, tok, task, backend, **gen):

@@ -11,12 +11,6 @@ from mirrorlab import models
 from mirrorlab.config import LoraConfig, ModelConfig
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    torch.set_num_threads(1)
-    return models.load_model(ModelConfig(name="tiny"))
-
-
 def test_tiny_preset_record_and_tokenizer(tiny):
     model, tok = tiny
     info = models.preset_info("tiny")
