@@ -383,7 +383,9 @@ class CompareTracker:
         """One child run: params, the evaluation, the training curve (batched)."""
         if not self.enabled:
             return None
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Param
+
+        from mirrorlab.tracking import mlflow_metric
 
         run = self.client.create_run(
             self.experiment_id, run_name=f"{r.method}-s{r.seed}",
@@ -394,13 +396,15 @@ class CompareTracker:
         ts = int(1000 * time.time())
         params = [Param("method", r.method), Param("seed", str(r.seed)), Param("split", split)]
         params += [Param(f"divergence.{k}", json.dumps(v, default=str)[:6000]) for k, v in divergence.items()]
-        ms = [Metric(f"{split}_{metric_name}", r.metric, ts, 0), Metric(f"{split}_stderr", r.stderr, ts, 0),
-              Metric(f"{split}_mean_length", r.mean_length, ts, 0), Metric("wall_s", r.wall_s, ts, 0)]
+        ms = [mlflow_metric(f"{split}_{metric_name}", r.metric, ts, 0),
+              mlflow_metric(f"{split}_stderr", r.stderr, ts, 0),
+              mlflow_metric(f"{split}_mean_length", r.mean_length, ts, 0),
+              mlflow_metric("wall_s", r.wall_s, ts, 0)]
         for i, row in enumerate(r.curve):
             step = int(row.get("step", i + 1))
             for k, v in row.items():
                 if k != "step" and isinstance(v, int | float) and math.isfinite(v):
-                    ms.append(Metric(f"train/{k}", float(v), ts, step))
+                    ms.append(mlflow_metric(f"train/{k}", float(v), ts, step))
         ms = [m for m in ms if math.isfinite(m.value)]
         self.client.log_batch(rid, params=params)
         for i in range(0, len(ms), 900):
@@ -412,20 +416,20 @@ class CompareTracker:
         """Summary metrics per method, the results JSON/table/plots as artifacts; close the run."""
         if not self.enabled or self.parent_run_id is None:
             return
-        from mlflow.entities import Metric
+        from mirrorlab.tracking import mlflow_metric
 
         if result is not None:
             ts = int(1000 * time.time())
             ms = []
             for m in result.methods:
                 k = metric_key(m.label)
-                ms += [Metric(f"{k}/{result.metric_name}_mean", m.metric_mean, ts, 0),
-                       Metric(f"{k}/{result.metric_name}_std", m.metric_std, ts, 0),
-                       Metric(f"{k}/length_mean", m.length_mean, ts, 0)]
+                ms += [mlflow_metric(f"{k}/{result.metric_name}_mean", m.metric_mean, ts, 0),
+                       mlflow_metric(f"{k}/{result.metric_name}_std", m.metric_std, ts, 0),
+                       mlflow_metric(f"{k}/length_mean", m.length_mean, ts, 0)]
             for c in result.comparisons:
                 k = metric_key(c.method)
-                ms += [Metric(f"{k}/diff_vs_baseline", c.mean_diff, ts, 0),
-                       Metric(f"{k}/p_t", c.t_pvalue, ts, 0)]
+                ms += [mlflow_metric(f"{k}/diff_vs_baseline", c.mean_diff, ts, 0),
+                       mlflow_metric(f"{k}/p_t", c.t_pvalue, ts, 0)]
             ms = [m for m in ms if math.isfinite(m.value)]
             if ms:
                 self.client.log_batch(self.parent_run_id, metrics=ms)
@@ -622,20 +626,22 @@ def log_single_run(
         return None
     import tempfile
 
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Param
 
     from mirrorlab.config import dump_config
     from mirrorlab.repro import run_record
+    from mirrorlab.tracking import mlflow_metric
 
     run = t.client.create_run(t.experiment_id, run_name=run_name,
                               tags={"mirrorlab.kind": kind, "mirrorlab.task": cfg.task.name})
     rid = run.info.run_id
     ts = int(1000 * time.time())
     t.client.log_batch(rid, params=[Param(k, json.dumps(v, default=str)[:6000]) for k, v in params.items()])
-    ms = [Metric(k, float(v), ts, 0) for k, v in metrics.items() if v is not None and math.isfinite(float(v))]
+    ms = [mlflow_metric(k, float(v), ts, 0) for k, v in metrics.items()
+          if v is not None and math.isfinite(float(v))]
     for i, row in enumerate(curve or []):
         step = int(row.get("step", i + 1))
-        ms += [Metric(f"train/{k}", float(v), ts, step) for k, v in row.items()
+        ms += [mlflow_metric(f"train/{k}", float(v), ts, step) for k, v in row.items()
                if k != "step" and isinstance(v, int | float) and math.isfinite(v)]
     for i in range(0, len(ms), 900):
         t.client.log_batch(rid, metrics=ms[i: i + 900])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -55,6 +56,22 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 def _finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
+
+
+_METRIC_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
+def metric_key(name: str) -> str:
+    """A valid MLflow metric name for `name`: '@' becomes '_at_' (pass@1 -> pass_at_1), any other
+    character MLflow rejects becomes '_'."""
+    return _METRIC_KEY_BAD.sub("_", name.replace("@", "_at_"))
+
+
+def mlflow_metric(key: str, value: float, timestamp: int, step: int) -> Any:
+    """An `mlflow.entities.Metric` whose key is made valid by `metric_key`."""
+    from mlflow.entities import Metric
+
+    return Metric(metric_key(key), float(value), timestamp, step)
 
 
 class NullTracker:
@@ -165,7 +182,7 @@ class MLflowTracker:
         parent_run: str | None = None, sha: str,
     ) -> str:
         """One child run for one evaluated candidate (FINISHED or FAILED with its error)."""
-        from mlflow.entities import Metric, RunTag
+        from mlflow.entities import RunTag
 
         label = job.label or str(job.index)
         tags = {
@@ -194,16 +211,16 @@ class MLflowTracker:
         for name in ("fitness", "stderr", "metric", "mean_length"):
             v = getattr(outcome, name)
             if _finite(v):
-                metrics.append(Metric("fitness_stderr" if name == "stderr" else name, float(v), ts, 0))
+                metrics.append(mlflow_metric("fitness_stderr" if name == "stderr" else name, float(v), ts, 0))
         if outcome.n_eval is not None:
-            metrics.append(Metric("n_eval", float(outcome.n_eval), ts, 0))
+            metrics.append(mlflow_metric("n_eval", float(outcome.n_eval), ts, 0))
         for k, v in outcome.timings.items():
-            metrics.append(Metric(f"time_{k}", float(v), ts, 0))
+            metrics.append(mlflow_metric(f"time_{k}", float(v), ts, 0))
         for i, row in enumerate(outcome.curves):
             step = int(row.get("step", i))
             for k, v in row.items():
                 if k != "step" and isinstance(v, int | float) and math.isfinite(v):
-                    metrics.append(Metric(f"train/{k}", float(v), ts, step))
+                    metrics.append(mlflow_metric(f"train/{k}", float(v), ts, step))
         for i in range(0, len(metrics), 900):
             self.client.log_batch(rid, metrics=metrics[i : i + 900])
         theta = np.asarray(job.theta, dtype=np.float64)
@@ -233,10 +250,8 @@ class MLflowTracker:
 
     def log_generation(self, generation: int, summary: dict[str, float]) -> None:
         """Per-generation summary metrics on the parent run (step = generation)."""
-        from mlflow.entities import Metric
-
         ts = int(1000 * __import__("time").time())
-        ms = [Metric(k, float(v), ts, generation) for k, v in summary.items() if _finite(v)]
+        ms = [mlflow_metric(k, float(v), ts, generation) for k, v in summary.items() if _finite(v)]
         if ms:
             self.client.log_batch(self.parent_run_id, metrics=ms)
 

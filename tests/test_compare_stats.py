@@ -118,3 +118,24 @@ def test_plots_write_pngs(tmp_path) -> None:
     ]
     for p in paths:
         assert p.is_file() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metric_names_from_task_metrics_are_valid_in_mlflow(tmp_path) -> None:
+    """Task metric names such as MBPP's `pass@1` become valid MLflow keys (regression: a real
+    `mirrorlab train` on MBPP crashed when logging `val_pass@1`)."""
+    from mlflow import MlflowClient
+
+    from mirrorlab.compare import log_single_run
+    from mirrorlab.config import config_from_dict
+    from mirrorlab.tracking import metric_key
+
+    assert metric_key("val_pass@1") == "val_pass_at_1"
+    assert metric_key("a/b c:d-e.f_g") == "a/b c:d-e.f_g"
+    assert metric_key("acc%") == "acc_"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = config_from_dict({"name": "keys", "tracking": {"tracking_uri": uri}})
+    rid = log_single_run(cfg, "train", "keys", {"x": 1}, {"val_pass@1": 0.5},
+                         curve=[{"step": 1, "pass@1": 0.25}])
+    run = MlflowClient(tracking_uri=uri).get_run(rid)
+    assert run.data.metrics["val_pass_at_1"] == 0.5
+    assert run.data.metrics["train/pass_at_1"] == 0.25
