@@ -325,13 +325,6 @@ def resolve_divergence(
 # --------------------------------------------------------------------------- MLflow
 
 
-def metric_key(label: str) -> str:
-    """A method label as an MLflow-safe metric-name prefix (alphanumerics, _-. /: kept)."""
-    import re
-
-    return re.sub(r"[^A-Za-z0-9_\-. /:]", "_", label)
-
-
 class CompareTracker:
     """MLflow logging of a comparison: a parent run, a child run per (method, seed).
 
@@ -422,12 +415,12 @@ class CompareTracker:
             ts = int(1000 * time.time())
             ms = []
             for m in result.methods:
-                k = metric_key(m.label)
+                k = m.label  # mlflow_metric makes the key valid
                 ms += [mlflow_metric(f"{k}/{result.metric_name}_mean", m.metric_mean, ts, 0),
                        mlflow_metric(f"{k}/{result.metric_name}_std", m.metric_std, ts, 0),
                        mlflow_metric(f"{k}/length_mean", m.length_mean, ts, 0)]
             for c in result.comparisons:
-                k = metric_key(c.method)
+                k = c.method
                 ms += [mlflow_metric(f"{k}/diff_vs_baseline", c.mean_diff, ts, 0),
                        mlflow_metric(f"{k}/p_t", c.t_pvalue, ts, 0)]
             ms = [m for m in ms if math.isfinite(m.value)]
