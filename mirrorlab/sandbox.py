@@ -309,25 +309,36 @@ def isolation(python: str | None = None) -> dict[str, bool]:
         return dict(_ISOLATION)
 
 
+def pids_with_uid(uids: Iterable[int]) -> list[int]:
+    """Pids of live processes whose real uid is in `uids` (read from /proc)."""
+    wanted = set(uids)
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/status") as f:
+                for line in f:
+                    if line.startswith("Uid:"):
+                        if int(line.split()[1]) in wanted:
+                            out.append(int(d))
+                        break
+        except (OSError, ValueError):
+            continue
+    return out
+
+
 def _kill_uid(uid: int) -> None:
     """SIGKILL every process whose real uid is `uid` (fallback cleanup without a PID namespace)."""
     for _ in range(3):
-        found = False
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            try:
-                with open(f"/proc/{d}/status") as f:
-                    for line in f:
-                        if line.startswith("Uid:"):
-                            if int(line.split()[1]) == uid:
-                                os.kill(int(d), signal.SIGKILL)
-                                found = True
-                            break
-            except (OSError, ValueError):
-                continue
-        if not found:
+        pids = pids_with_uid([uid])
+        if not pids:
             return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         time.sleep(0.01)
 
 

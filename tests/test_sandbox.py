@@ -42,21 +42,7 @@ def _uid_range() -> range:
 
 def _sandbox_processes() -> list[int]:
     """Pids of live processes running under a sandbox uid (should be none between runs)."""
-    out = []
-    uids = _uid_range()
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/status") as f:
-                for line in f:
-                    if line.startswith("Uid:"):
-                        if int(line.split()[1]) in uids:
-                            out.append(int(d))
-                        break
-        except OSError:
-            continue
-    return out
+    return sandbox.pids_with_uid(_uid_range())
 
 
 @pytest.fixture(scope="module")
