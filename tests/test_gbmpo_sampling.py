@@ -186,15 +186,8 @@ def test_lora_model_fast_backend_matches_hf_and_trains(task):
 
 
 @pytest.mark.slow
-def test_smollm2_lean_decoder_matches_hf_loop():
-    from mirrorlab import models
-
-    try:
-        models.smollm2_gguf()
-        import gguf  # noqa: F401
-    except (FileNotFoundError, ImportError) as e:
-        pytest.skip(f"smollm2 preset unavailable: {e}")
-    model, tok = load_model(ModelConfig(name="smollm2-135m"))
+def test_smollm2_lean_decoder_matches_hf_loop(smollm2):
+    model, tok = smollm2
     model.eval()
     assert LeanDecoder.supports(model) and model.config.num_key_value_heads < model.config.num_attention_heads
     enc = tok(["What is 2+3?", "Hello there, how are"], padding=True, padding_side="left",

@@ -80,13 +80,8 @@ def test_missing_smollm2_wheel_says_what_to_install(monkeypatch):
 
 
 @pytest.mark.slow
-def test_smollm2_preset_generates():
-    try:
-        models.smollm2_gguf()
-        import gguf  # noqa: F401
-    except (FileNotFoundError, ImportError) as e:
-        pytest.skip(f"smollm2 preset unavailable: {e}")
-    model, tok = models.load_model(ModelConfig(name="smollm2-135m"))
+def test_smollm2_preset_generates(smollm2):
+    model, tok = smollm2
     assert 1.2e8 < sum(p.numel() for p in model.parameters()) < 1.5e8
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
