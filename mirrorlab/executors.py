@@ -436,6 +436,22 @@ class _RayWorkerImpl:
         return run_job(self.evaluator, job, worker=self.name)
 
 
+def _token_auth_if_available() -> None:
+    """Turn on Ray's token authentication when a token is at hand and RAY_AUTH_MODE is unset.
+
+    Ray >= 2.52 starts clusters with token auth on, but a driver enables it by itself only for
+    `address="auto"`; an explicit `HOST:PORT` then fails with InvalidAuthToken. Presenting a token
+    to a cluster without auth is harmless (checked against Ray 2.60), so do what `auto` does.
+    """
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token auth
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
 class RayExecutor(Executor):
     """Ray actors with CPU/GPU resources; joins `address` or starts a local Ray instance."""
 
@@ -452,7 +468,7 @@ class RayExecutor(Executor):
         self.num_cpus = num_cpus
         self._payload = pickle.dumps(evaluator)
         self._actors: list[Any] = []
-        self._started_ray = False
+        self._ray_connected = False
         self._cls: Any = None
         self.restarts = 0
 
@@ -466,7 +482,8 @@ class RayExecutor(Executor):
 
         t = time.monotonic()
         if not ray.is_initialized():
-            if self.address:
+            if self.address:  # join a running cluster; close() disconnects and leaves it up
+                _token_auth_if_available()
                 ray.init(address=self.address, log_to_driver=False)
             else:
                 # local instance: workers import mirrorlab (and user evaluators) from our sys.path
@@ -483,7 +500,7 @@ class RayExecutor(Executor):
                         os.environ.pop("PYTHONPATH", None)
                     else:
                         os.environ["PYTHONPATH"] = saved
-                self._started_ray = True
+            self._ray_connected = True  # we connected this driver, so close() disconnects it
         self._cls = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus)(_RayWorkerImpl)
         self._actors = [self._new_actor() for _ in range(self.workers)]
         ray.get([a.setup.remote() for a in self._actors])
@@ -548,7 +565,7 @@ class RayExecutor(Executor):
         return [results[i] for i in range(len(jobs))]
 
     def close(self) -> None:
-        if not self._actors and not self._started_ray:
+        if not self._actors and not self._ray_connected:
             return
         import ray
 
@@ -558,9 +575,9 @@ class RayExecutor(Executor):
             except Exception:  # noqa: BLE001
                 pass
         self._actors = []
-        if self._started_ray:
+        if self._ray_connected:  # stops a local instance; only disconnects from a joined cluster
             ray.shutdown()
-            self._started_ray = False
+            self._ray_connected = False
 
 
 def make_executor(kind: str, evaluator: Evaluator, workers: int = 1, **kw: Any) -> Executor:

@@ -3,6 +3,8 @@ Ray instance (2 CPUs) runs the tiny real search to completion."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from mlflow import MlflowClient
@@ -57,3 +59,69 @@ def test_ray_executor_runs_the_tiny_search(tmp_path):
     ref = Search(tiny_cfg(tmp_path, "tiny-ray-ref")).run()
     assert res.fitness_history() == ref.fitness_history()
     np.testing.assert_array_equal(res.best_theta, ref.best_theta)
+
+
+_HEAD = """
+import sys, ray
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+print(ray.get_runtime_context().gcs_address, ray.get_runtime_context().get_node_id(), flush=True)
+sys.stdin.read()  # the cluster lives until the test closes our stdin
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_ray_executor_joins_a_running_cluster_and_leaves_it_up(tmp_path):
+    """A separate driver owns a real 2-CPU Ray cluster; the search joins it by address."""
+    import subprocess
+    import sys
+
+    import ray
+
+    head = subprocess.Popen([sys.executable, "-c", _HEAD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        address, node_id = head.stdout.readline().split()
+        cfg = tiny_cfg(tmp_path, "ray-join", evaluator={"kind": "analytic"}, executor="ray")
+        cfg.search.executor.workers = 2
+        cfg.search.executor.ray_address = address
+        res = Search(cfg).run()
+        assert [g.status for g in res.history] == [[FINISHED] * 4] * 2
+        assert not ray.is_initialized()  # the executor disconnected its driver
+        ray.init(address=address, log_to_driver=False)
+        try:  # the cluster is still up, and it is the head's (one node, 2 CPUs), not a new one
+            assert [n["NodeID"] for n in ray.nodes() if n["Alive"]] == [node_id]
+            assert ray.cluster_resources()["CPU"] == 2
+        finally:
+            ray.shutdown()
+        ref = Search(tiny_cfg(tmp_path, "ray-join-ref", evaluator={"kind": "analytic"})).run()
+        assert res.fitness_history() == ref.fitness_history()
+    finally:
+        head.stdin.close()
+        head.wait(60)
+    assert head.returncode == 0
+
+
+class EnvEvaluator:
+    """Reports the worker's CUDA_VISIBLE_DEVICES as its fitness (spawned workers import this module)."""
+
+    def setup(self) -> None:
+        """Nothing to load."""
+
+    def evaluate(self, job: Job) -> dict:
+        """The pinned device id, as a number."""
+        return {"fitness": float(os.environ["CUDA_VISIBLE_DEVICES"])}
+
+
+def test_process_workers_are_pinned_one_gpu_each(monkeypatch):
+    """CUDA_VISIBLE_DEVICES is set per worker before it starts, round-robin over the visible ids;
+    the search process's own environment is left as it was."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    with ProcessExecutor(EnvEvaluator(), workers=3) as ex:
+        outs = ex.map([Job(0, i, np.zeros(2), seed=0) for i in range(3)])
+        pinned = {ex._workers[s].proc.pid: ex._env(s)["CUDA_VISIBLE_DEVICES"] for s in range(3)}
+    assert all(o.status == FINISHED for o in outs)
+    assert sorted(pinned.values()) == ["3", "3", "5"]
+    for o in outs:  # what each worker saw is what it was pinned to
+        assert str(int(o.fitness)) == pinned[int(o.worker.split("-")[1])]
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,5"
