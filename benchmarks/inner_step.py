@@ -56,7 +56,7 @@ def make_tiny4m(path: Path, seed: int = 0) -> None:
 
 
 def run_pair(model_dir: Path, n_gen: int, max_new: int, warmup: int, steps: int, device: str,
-             label: str, backend: str = "fast") -> dict[str, Any]:
+             label: str, backend: str = "fast", cuda_graph: bool = True) -> dict[str, Any]:
     """Alternate TRL and mirrorlab steps on the model in `model_dir`; return timing summaries."""
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -77,7 +77,7 @@ def run_pair(model_dir: Path, n_gen: int, max_new: int, warmup: int, steps: int,
     cfg = TrainConfig(
         steps=total, prompts_per_step=1, advantage="grpo", loss_type="dr_grpo", reg_is_weight=True,
         generation=GenerationConfig(num_generations=n_gen, max_new_tokens=max_new, min_new_tokens=max_new,
-                                    backend=backend),
+                                    backend=backend, cuda_graph=cuda_graph),
         optim=OptimConfig(lr=1e-6), seed=0,
     )
     ours = GBMPOTrainer(model, tok, task, divergences.get("kl_k3"), cfg, coef=0.04)
@@ -101,7 +101,8 @@ def run_pair(model_dir: Path, n_gen: int, max_new: int, warmup: int, steps: int,
     trl = GRPOTrainer(model=str(model_dir), reward_funcs=reward, args=args, train_dataset=ds,
                       processing_class=trl_tok)
 
-    rec: dict[str, list[float]] = {"trl": [], "mirrorlab": [], "ml_tokens": [], "trl_mem": [], "ml_mem": []}
+    rec: dict[str, list[float]] = {"trl": [], "mirrorlab": [], "ml_tokens": [], "ml_gen": [], "trl_mem": [],
+                                   "ml_mem": []}
 
     class Alternate(TrainerCallback):
         mark = 0.0
@@ -121,6 +122,7 @@ def run_pair(model_dir: Path, n_gen: int, max_new: int, warmup: int, steps: int,
                 torch.cuda.reset_peak_memory_stats()
             rec["mirrorlab"].append(time.perf_counter() - t)
             rec["ml_tokens"].append(m["gen_tokens"])
+            rec["ml_gen"].append(m["gen_time"])
             Alternate.mark = time.perf_counter()
 
     trl.add_callback(Alternate())
@@ -136,13 +138,14 @@ def run_pair(model_dir: Path, n_gen: int, max_new: int, warmup: int, steps: int,
     gen_tokens = n_gen * max_new
     out = {
         "model": label, "params": sum(p.numel() for p in model.parameters()), "device": device,
-        "backend": backend,
+        "backend": backend, "cuda_graph": cuda_graph and cuda and backend == "fast",
         "completions": n_gen, "max_new_tokens": max_new, "warmup": warmup,
         "trl_s_per_step": tr, "mirrorlab_s_per_step": ml,
         "trl_tokens_per_s": gen_tokens / tr["median"],
         "mirrorlab_tokens_per_s":
             statistics.median(rec["ml_tokens"][warmup:] or rec["ml_tokens"]) / ml["median"],
         "ratio_median": ml["median"] / tr["median"], "ratio_mean": ml["mean"] / tr["mean"],
+        "mirrorlab_generation_s": statistics.median(rec["ml_gen"][warmup:] or rec["ml_gen"]),
         "raw": {"trl": rec["trl"], "mirrorlab": rec["mirrorlab"]},
     }
     if cuda:
@@ -161,6 +164,8 @@ def main() -> None:
     ap.add_argument("--skip-smollm", action="store_true")
     ap.add_argument("--backend", choices=["fast", "hf"], default="fast",
                     help="mirrorlab's generation backend (fast: lean sampler, hf: model.generate)")
+    ap.add_argument("--no-cuda-graph", action="store_true",
+                    help="fast backend on CUDA: decode step by step instead of replaying a CUDA graph")
     ap.add_argument("--smollm-steps", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args()
@@ -170,7 +175,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as d:
         make_tiny4m(Path(d))
-        rows.append(run_pair(Path(d), 16, 64, a.warmup, a.steps, a.device, "tiny4m", a.backend))
+        rows.append(run_pair(Path(d), 16, 64, a.warmup, a.steps, a.device, "tiny4m", a.backend,
+                             not a.no_cuda_graph))
     if not a.skip_smollm:
         from mirrorlab.models import smollm2_path
 
@@ -179,7 +185,8 @@ def main() -> None:
         except (FileNotFoundError, ImportError) as e:
             print(f"skipping smollm2-135m: {e}")
         else:
-            rows.append(run_pair(p, 8, 64, 1, a.smollm_steps, a.device, "smollm2-135m", a.backend))
+            rows.append(run_pair(p, 8, 64, 1, a.smollm_steps, a.device, "smollm2-135m", a.backend,
+                                 not a.no_cuda_graph))
 
     dev = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else platform.processor() or "cpu"
     result = {
@@ -190,14 +197,17 @@ def main() -> None:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1))
     hdr = (f"{'model':14} {'G x T':8} {'TRL s/step':>11} {'ml s/step':>10} {'ratio':>6} "
-           f"{'TRL tok/s':>10} {'ml tok/s':>9}")
-    print(f"device: {a.device} ({dev}), threads {torch.get_num_threads()}, mirrorlab backend {a.backend}")
+           f"{'TRL tok/s':>10} {'ml tok/s':>9} {'ml gen s':>8}")
+    graph = " (CUDA graph decode)" if rows and rows[0]["cuda_graph"] else ""
+    print(f"device: {a.device} ({dev}), threads {torch.get_num_threads()}, "
+          f"mirrorlab backend {a.backend}{graph}")
     print(hdr)
     for r in rows:
         print(f"{r['model']:14} {r['completions']}x{r['max_new_tokens']:<5} "
               f"{r['trl_s_per_step']['median']:11.3f} "
               f"{r['mirrorlab_s_per_step']['median']:10.3f} {r['ratio_median']:6.2f} "
-              f"{r['trl_tokens_per_s']:10.0f} {r['mirrorlab_tokens_per_s']:9.0f}"
+              f"{r['trl_tokens_per_s']:10.0f} {r['mirrorlab_tokens_per_s']:9.0f} "
+              f"{r['mirrorlab_generation_s']:8.3f}"
               + (f"  mem MB trl {r['trl_peak_mem_mb']:.0f} ml {r['mirrorlab_peak_mem_mb']:.0f}"
                  if "trl_peak_mem_mb" in r else ""))
     print(f"peak RSS (process): {result['peak_rss_mb_process']:.0f} MB; wrote {a.out}")

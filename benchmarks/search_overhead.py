@@ -6,8 +6,9 @@ and the overhead share = 1 - (train + eval) / (wall * workers): model loading, r
 (MLflow, map artifacts, plots), checkpoints and scheduling. Wall time is everything from
 `Search(cfg)` to the return of `run()` (construction, worker spawn and model load, MLflow parent
 run, every generation, registry, shutdown). "steady" subtracts the one-time worker start-up
-(`setup_s`: the time the search waited for workers to spawn and load the model, beyond what
-overlapped the MLflow start). The MLflow store itself (a fresh sqlite database: ~10 s of schema
+(`setup_s`: the time the search waited with no candidate running while workers spawned and
+loaded the model, beyond what overlapped the MLflow start; candidates go to each worker as soon
+as it is ready). The MLflow store itself (a fresh sqlite database: ~10 s of schema
 migrations, once per store, not per search) is created before timing. Target: <= 5% with
 `process`. Also the speed-up of 2 workers over 1 (meaningful only with 2 idle cores).
 

@@ -112,6 +112,8 @@ class GenerationConfig(Section):
     # `fast`: mirrorlab's lean KV-cached sampler (same distribution, prompt prefilled once per
     # group); `hf`: transformers' `model.generate` (the fallback)
     backend: Literal["hf", "fast"] = "fast"
+    # fast backend on CUDA: replay each decode step as one captured CUDA graph (ignored on CPU)
+    cuda_graph: bool = True
 
 
 class OptimConfig(Section):

@@ -304,18 +304,19 @@ class ProcessExecutor(Executor):
         self._workers[slot] = w
         return w
 
-    def _await_ready(self, w: _Worker) -> None:
-        t = time.monotonic()
+    def _take_ready(self, w: _Worker) -> None:
+        """Read a starting worker's first message: `ready`, or a set-up failure (raised)."""
         try:
             msg = w.conn.recv()
-        except EOFError:
+        except (EOFError, OSError):
             w.proc.join(5)
-            raise RuntimeError(f"worker {w.slot} died during setup (exit code {w.proc.exitcode})") from None
+            code = w.proc.exitcode
+            self._kill(w)
+            raise RuntimeError(f"worker {w.slot} died during setup (exit code {code})") from None
         if msg[0] == "setup_error":
             self._kill(w)
             raise RuntimeError(f"worker {w.slot} failed to set up the evaluator:\n{msg[1]}")
         w.ready = True
-        self.setup_s += time.monotonic() - t
 
     def launch(self) -> None:
         t = time.monotonic()
@@ -328,7 +329,9 @@ class ProcessExecutor(Executor):
         self.launch()
         for w in list(self._workers.values()):
             if not w.ready:
-                self._await_ready(w)
+                t = time.monotonic()
+                self._take_ready(w)
+                self.setup_s += time.monotonic() - t
 
     def _kill(self, w: _Worker) -> None:
         try:
@@ -339,15 +342,16 @@ class ProcessExecutor(Executor):
             w.conn.close()
             self._workers.pop(w.slot, None)
 
-    def _restart(self, w: _Worker) -> _Worker:
+    def _replace(self, w: _Worker) -> None:
+        """Kill `w` and spawn its successor without waiting: the others keep working meanwhile."""
         self._kill(w)
         self.restarts += 1
-        nw = self._spawn(w.slot)
-        self._await_ready(nw)
-        return nw
+        self._spawn(w.slot)
 
     def map(self, jobs: Sequence[Job], on_result: ResultCallback | None = None) -> list[Outcome]:
-        self.start()
+        """Jobs go to each worker as soon as it is ready (no barrier on the slowest start-up);
+        a crashed or timed-out worker is replaced while the others go on."""
+        self.launch()
         pending = deque(range(len(jobs)))
         results: dict[int, Outcome] = {}
 
@@ -359,7 +363,7 @@ class ProcessExecutor(Executor):
         index_of = {id(j): i for i, j in enumerate(jobs)}
         while len(results) < len(jobs):
             for w in list(self._workers.values()):
-                if w.job is None and pending:
+                if w.ready and w.job is None and pending:
                     i = pending.popleft()
                     job = jobs[i]
                     w.started = time.monotonic()
@@ -367,13 +371,19 @@ class ProcessExecutor(Executor):
                     w.job = job
                     w.conn.send(job)
             busy = [w for w in self._workers.values() if w.job is not None]
+            starting = [w for w in self._workers.values() if not w.ready]
             deadlines = [w.job.deadline for w in busy if w.job.deadline is not None]
             now = time.monotonic()
             wait_s = max(0.0, min(deadlines) - now) + 0.05 if deadlines else None
-            ready = wait([w.conn for w in busy], timeout=wait_s)
-            by_conn = {w.conn: w for w in busy}
+            ready = wait([w.conn for w in busy + starting], timeout=wait_s)
+            if not busy:  # nothing ran meanwhile: pure start-up wait (overhead)
+                self.setup_s += time.monotonic() - now
+            by_conn = {w.conn: w for w in busy + starting}
             for c in ready:
                 w = by_conn[c]
+                if not w.ready:
+                    self._take_ready(w)
+                    continue
                 job = w.job
                 try:
                     kind, out = c.recv()
@@ -385,7 +395,7 @@ class ProcessExecutor(Executor):
                         error=f"worker died (exit code {w.proc.exitcode})",
                         timings={"total_s": time.monotonic() - w.started},
                     )
-                    self._restart(w)
+                    self._replace(w)
                 else:
                     w.job = None
                 finish(index_of[id(job)], out)
@@ -394,7 +404,7 @@ class ProcessExecutor(Executor):
                 if w.job is not None and w.job.deadline is not None and now > w.job.deadline + 0.05:
                     job = w.job
                     out = _timeout_outcome(job, f"process-{w.proc.pid}", now - w.started)
-                    self._restart(w)  # really stops the work; the new worker reloads the model
+                    self._replace(w)  # really stops the work; the new worker reloads the model
                     finish(index_of[id(job)], out)
         return [results[i] for i in range(len(jobs))]
 

@@ -450,9 +450,7 @@ class Search:
         self._finalising: Future[None] | None = None
         status = "FAILED"
         try:
-            self.executor.start()  # workers load the base model once, here
-            self.timings["setup_s"] += self.executor.setup_s
-            setup0 = self.executor.setup_s
+            # no start-up barrier: each worker takes candidates as soon as its model is loaded
             for gen in range(start_gen, sc.strategy.generations):
                 self._generation(gen, parent_run)
             self.executor.request_stop()  # workers tear down while the last logs and registry run
@@ -467,7 +465,7 @@ class Search:
                     fitness=result.best_fitness,
                 )
             self.timings["tracking_s"] += time.monotonic() - t
-            self.timings["setup_s"] += self.executor.setup_s - setup0  # restarts after timeouts
+            self.timings["setup_s"] += self.executor.setup_s  # start-up waits, restarts included
             result.timings = dict(self.timings)
             result.wall_s = time.monotonic() - t_start
             self._hook("on_search_end", result)

@@ -4,6 +4,7 @@ Ray instance (2 CPUs) runs the tiny real search to completion."""
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -125,3 +126,34 @@ def test_process_workers_are_pinned_one_gpu_each(monkeypatch):
     for o in outs:  # what each worker saw is what it was pinned to
         assert str(int(o.fitness)) == pinned[int(o.worker.split("-")[1])]
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,5"
+
+
+class GatedEvaluator(EnvEvaluator):
+    """The worker pinned to `slow` cannot finish set-up until `gate` exists (at most 60 s)."""
+
+    def __init__(self, gate: str, slow: str) -> None:
+        self.gate, self.slow = gate, slow
+
+    def setup(self) -> None:
+        """Block the slow worker's set-up on the gate file."""
+        if os.environ["CUDA_VISIBLE_DEVICES"] == self.slow:
+            end = time.monotonic() + 60
+            while not os.path.exists(self.gate) and time.monotonic() < end:
+                time.sleep(0.05)
+
+
+def test_process_workers_take_jobs_as_soon_as_they_are_ready(tmp_path, monkeypatch):
+    """No start-up barrier: while worker "1" is still setting up, worker "0" runs every job."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    gate = tmp_path / "gate"
+    ex = ProcessExecutor(GatedEvaluator(str(gate), slow="1"), workers=2)
+    try:
+        outs = ex.map([Job(0, i, np.zeros(2), seed=0) for i in range(4)])
+        assert [o.fitness for o in outs] == [0.0] * 4 and all(o.status == FINISHED for o in outs)
+        assert not ex._workers[1].ready
+        gate.touch()  # now the slow worker comes up and takes its share
+        ex.start()
+        assert all(w.ready for w in ex._workers.values())
+    finally:
+        gate.touch()
+        ex.close()

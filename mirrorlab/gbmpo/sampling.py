@@ -80,7 +80,8 @@ class LeanDecoder:
 
     TYPES = ("qwen2", "llama")
 
-    def __init__(self, model: Any, cache: Any, attention_mask: Tensor, total_len: int) -> None:
+    def __init__(self, model: Any, cache: Any, attention_mask: Tensor, total_len: int,
+                 static: bool = False) -> None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.inner = base.model
         self.lm_head = base.lm_head
@@ -93,10 +94,13 @@ class LeanDecoder:
         self.len = P
         self.keys: list[Tensor] = []
         self.values: list[Tensor] = []
+        # static: the slots beyond the current length are attended under a mask, so they must
+        # hold finite values (0 * NaN would leak through the attention product)
+        alloc = torch.Tensor.new_zeros if static else torch.Tensor.new_empty
         for i in range(len(self.layers)):
             k, v = cache.layers[i].keys, cache.layers[i].values
-            kb = k.new_empty((B, k.shape[1], total_len, k.shape[3]))
-            vb = v.new_empty((B, v.shape[1], total_len, v.shape[3]))
+            kb = alloc(k, (B, k.shape[1], total_len, k.shape[3]))
+            vb = alloc(v, (B, v.shape[1], total_len, v.shape[3]))
             kb[:, :, :P] = k
             vb[:, :, :P] = v
             self.keys.append(kb)
@@ -107,6 +111,14 @@ class LeanDecoder:
             m[:, 0, 0, :P] = attention_mask.bool()
             self.mask = m
         self.gqa = self.n_kv != self.n_heads
+        self.static = static
+        self.graph: Any = None
+        if static:  # fixed shapes: the length lives on the device, the mask covers the buffer
+            dev = attention_mask.device
+            self._pad = self.mask if self.mask is not None else \
+                torch.ones((B, 1, 1, total_len), dtype=torch.bool, device=dev)
+            self._slots = torch.arange(total_len, device=dev)
+            self._len = torch.full((1,), P, dtype=torch.long, device=dev)
 
     @classmethod
     def supports(cls, model: Any) -> bool:
@@ -123,7 +135,17 @@ class LeanDecoder:
         return inner is not None and hasattr(inner, "rotary_emb") and hasattr(inner, "layers")
 
     def step(self, tok: Tensor, pos: Tensor) -> Tensor:
-        """Float32 next-token logits [B, V] after feeding `tok` [B] at positions `pos` [B, 1]."""
+        """Float32 next-token logits [B, V] after feeding `tok` [B] at positions `pos` [B, 1].
+
+        With a captured graph the result is the graph's output buffer, overwritten by the next
+        step: use it before stepping again (the sampler does)."""
+        if self.graph is not None:
+            self._tok.copy_(tok)
+            self._pos.copy_(pos)
+            self.graph.replay()
+            return self._out
+        if self.static:
+            return self._step_static(tok, pos)
         h = self.inner.embed_tokens(tok[:, None])
         cos, sin = self.inner.rotary_emb(h, pos)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
@@ -149,6 +171,56 @@ class LeanDecoder:
         h = self.inner.norm(h)
         return self.lm_head(h[:, -1]).float()
 
+    def _step_static(self, tok: Tensor, pos: Tensor) -> Tensor:
+        """`step` with fixed shapes and no host values: attention over the whole buffer with the
+        slots past the current length masked, the write index a device tensor (graph-capturable)."""
+        h = self.inner.embed_tokens(tok[:, None])
+        cos, sin = self.inner.rotary_emb(h, pos)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        idx = self._len
+        mask = self._pad & (self._slots <= idx)
+        B = h.shape[0]
+        for i, layer in enumerate(self.layers):
+            att = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = att.q_proj(x).view(B, 1, self.n_heads, self.head_dim).transpose(1, 2)
+            k = att.k_proj(x).view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)
+            v = att.v_proj(x).view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            self.keys[i].index_copy_(2, idx, k)
+            self.values[i].index_copy_(2, idx, v)
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q, self.keys[i], self.values[i], attn_mask=mask, scale=att.scaling, enable_gqa=self.gqa)
+            h = h + att.o_proj(o.transpose(1, 2).reshape(B, 1, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        self._len.add_(1)
+        h = self.inner.norm(h)
+        return self.lm_head(h[:, -1]).float()
+
+    def capture(self) -> None:
+        """Record one static step as a CUDA graph; `step` then replays it (CUDA, static only).
+
+        A decode step of a small model is ~100 kernel launches of microseconds each: replaying
+        them as one graph removes the launch cost that bounds generation on a GPU."""
+        if not self.static or self._len.device.type != "cuda":
+            raise ValueError("CUDA-graph capture needs static=True and a CUDA model")
+        B, dev = self._pad.shape[0], self._len.device
+        self._tok = torch.zeros(B, dtype=torch.long, device=dev)
+        self._pos = self._len.new_zeros((B, 1))
+        start = self._len.clone()
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # warm-up (lazy inits) off the capture; it only writes the
+            self._step_static(self._tok, self._pos)  # slot the first real step overwrites
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self._len.copy_(start)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._out = self._step_static(self._tok, self._pos)
+        self._len.copy_(start)
+        self.graph = graph
+
 
 @torch.no_grad()
 def sample(
@@ -162,6 +234,8 @@ def sample(
     with_logps: bool = False,
     use_lean: bool = True,
     check_every: int | None = None,
+    cuda_graph: bool = False,
+    static: bool | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Complete each left-padded prompt row `repeats` times (rows repeat-interleaved).
 
@@ -170,6 +244,9 @@ def sample(
     drawn tokens (the sampling policy's log-probs, no processors), for mu > 1. `check_every`: test
     for "all rows stopped" every that many tokens (default 1 on CPU, 8 on accelerators, where the
     test is a host sync; extra all-pad steps are trimmed, so only the RNG position differs).
+    `cuda_graph`: on CUDA, replay the lean decode step as a captured CUDA graph (static shapes).
+    `static`: use the fixed-shape decode step without a graph (default: when a graph is used;
+    on the CPU it exists to test the graph's arithmetic against the dynamic step).
     """
     dev = input_ids.device
     stop = torch.as_tensor(list(stop_ids), dtype=torch.long, device=dev)
@@ -193,8 +270,12 @@ def sample(
     toks: list[Tensor] = []
     lps: list[Tensor] = []
     ones = torch.ones((B, 1), dtype=att.dtype, device=dev)
-    lean = LeanDecoder(model, cache, att, att.shape[1] + params.max_new_tokens) \
+    graph = cuda_graph and dev.type == "cuda" and params.max_new_tokens > 1
+    lean = LeanDecoder(model, cache, att, att.shape[1] + params.max_new_tokens,
+                       static=graph if static is None else static) \
         if use_lean and hasattr(cache, "layers") and LeanDecoder.supports(model) else None
+    if lean is not None and graph:
+        lean.capture()
     if check_every is None:
         check_every = 1 if dev.type == "cpu" else 8
     for t in range(params.max_new_tokens):

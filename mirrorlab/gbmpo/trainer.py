@@ -315,7 +315,7 @@ class GBMPOTrainer:
         self.model.eval()
         try:
             comp, old = sample(self.model, ids, att, params, self.stop_ids, self.pad_id,
-                               repeats=repeats, with_logps=with_logps)
+                               repeats=repeats, with_logps=with_logps, cuda_graph=g.cuda_graph)
         finally:
             if was_training:
                 self.model.train()
