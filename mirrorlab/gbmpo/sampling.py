@@ -11,12 +11,15 @@ its `repeats` completions. With the same seed and logits it draws the same token
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -209,17 +212,19 @@ class LeanDecoder:
         self._tok = torch.zeros(B, dtype=torch.long, device=dev)
         self._pos = self._len.new_zeros((B, 1))
         start = self._len.clone()
-        side = torch.cuda.Stream(device=dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):  # warm-up (lazy inits) off the capture; it only writes the
-            self._step_static(self._tok, self._pos)  # slot the first real step overwrites
-        torch.cuda.current_stream(dev).wait_stream(side)
-        self._len.copy_(start)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._out = self._step_static(self._tok, self._pos)
-        self._len.copy_(start)
-        self.graph = graph
+        try:
+            side = torch.cuda.Stream(device=dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):  # warm-up (lazy inits) off the capture; it only writes
+                self._step_static(self._tok, self._pos)  # the slot the first real step overwrites
+            torch.cuda.current_stream(dev).wait_stream(side)
+            self._len.copy_(start)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._out = self._step_static(self._tok, self._pos)
+            self.graph = graph
+        finally:  # captured or not, the decoder is where it was (static eager steps still work)
+            self._len.copy_(start)
 
 
 @torch.no_grad()
@@ -275,7 +280,10 @@ def sample(
                        static=graph if static is None else static) \
         if use_lean and hasattr(cache, "layers") and LeanDecoder.supports(model) else None
     if lean is not None and graph:
-        lean.capture()
+        try:
+            lean.capture()
+        except Exception as e:  # noqa: BLE001 - an op that cannot be captured: decode eagerly
+            log.warning("CUDA-graph capture failed (%s: %s); decoding step by step", type(e).__name__, e)
     if check_every is None:
         check_every = 1 if dev.type == "cpu" else 8
     for t in range(params.max_new_tokens):
