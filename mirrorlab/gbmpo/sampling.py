@@ -147,41 +147,21 @@ class LeanDecoder:
             self._pos.copy_(pos)
             self.graph.replay()
             return self._out
-        if self.static:
-            return self._step_static(tok, pos)
-        h = self.inner.embed_tokens(tok[:, None])
-        cos, sin = self.inner.rotary_emb(h, pos)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        L = self.len
-        mask = None if self.mask is None else self.mask[..., : L + 1]
-        B = h.shape[0]
-        for i, layer in enumerate(self.layers):
-            att = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = att.q_proj(x).view(B, 1, self.n_heads, self.head_dim).transpose(1, 2)
-            k = att.k_proj(x).view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)
-            v = att.v_proj(x).view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            self.keys[i][:, :, L:L + 1] = k
-            self.values[i][:, :, L:L + 1] = v
-            o = torch.nn.functional.scaled_dot_product_attention(
-                q, self.keys[i][:, :, :L + 1], self.values[i][:, :, :L + 1], attn_mask=mask,
-                scale=att.scaling, enable_gqa=self.gqa)
-            h = h + att.o_proj(o.transpose(1, 2).reshape(B, 1, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        self.len = L + 1
-        h = self.inner.norm(h)
-        return self.lm_head(h[:, -1]).float()
+        return self._decode(tok, pos)
 
-    def _step_static(self, tok: Tensor, pos: Tensor) -> Tensor:
-        """`step` with fixed shapes and no host values: attention over the whole buffer with the
-        slots past the current length masked, the write index a device tensor (graph-capturable)."""
+    def _decode(self, tok: Tensor, pos: Tensor) -> Tensor:
+        """One decode step. Dynamic: attend to the filled prefix of the KV buffer (host length).
+        Static: attend to the whole buffer with the slots past the current length masked and
+        the write index a device tensor, so the step has fixed shapes (graph-capturable)."""
         h = self.inner.embed_tokens(tok[:, None])
         cos, sin = self.inner.rotary_emb(h, pos)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        idx = self._len
-        mask = self._pad & (self._slots <= idx)
+        if self.static:
+            idx = self._len
+            mask = self._pad & (self._slots <= idx)
+        else:
+            L = self.len
+            mask = None if self.mask is None else self.mask[..., : L + 1]
         B = h.shape[0]
         for i, layer in enumerate(self.layers):
             att = layer.self_attn
@@ -191,13 +171,22 @@ class LeanDecoder:
             v = att.v_proj(x).view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            self.keys[i].index_copy_(2, idx, k)
-            self.values[i].index_copy_(2, idx, v)
+            if self.static:
+                self.keys[i].index_copy_(2, idx, k)
+                self.values[i].index_copy_(2, idx, v)
+                keys, values = self.keys[i], self.values[i]
+            else:
+                self.keys[i][:, :, L:L + 1] = k
+                self.values[i][:, :, L:L + 1] = v
+                keys, values = self.keys[i][:, :, :L + 1], self.values[i][:, :, :L + 1]
             o = torch.nn.functional.scaled_dot_product_attention(
-                q, self.keys[i], self.values[i], attn_mask=mask, scale=att.scaling, enable_gqa=self.gqa)
+                q, keys, values, attn_mask=mask, scale=att.scaling, enable_gqa=self.gqa)
             h = h + att.o_proj(o.transpose(1, 2).reshape(B, 1, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        self._len.add_(1)
+        if self.static:
+            self._len.add_(1)
+        else:
+            self.len = L + 1
         h = self.inner.norm(h)
         return self.lm_head(h[:, -1]).float()
 
@@ -216,12 +205,12 @@ class LeanDecoder:
             side = torch.cuda.Stream(device=dev)
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):  # warm-up (lazy inits) off the capture; it only writes
-                self._step_static(self._tok, self._pos)  # the slot the first real step overwrites
+                self._decode(self._tok, self._pos)  # the slot the first real step overwrites
             torch.cuda.current_stream(dev).wait_stream(side)
             self._len.copy_(start)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self._out = self._step_static(self._tok, self._pos)
+                self._out = self._decode(self._tok, self._pos)
             self.graph = graph
         finally:  # captured or not, the decoder is where it was (static eager steps still work)
             self._len.copy_(start)
