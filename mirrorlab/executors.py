@@ -463,7 +463,11 @@ def _token_auth_if_available() -> None:
 
 
 class RayExecutor(Executor):
-    """Ray actors with CPU/GPU resources; joins `address` or starts a local Ray instance."""
+    """Ray actors with CPU/GPU resources; joins `address` or starts a local Ray instance.
+
+    Like the process executor, each actor takes candidates as soon as its own set-up is done
+    (nodes of a cluster come up at different times), and a replaced actor sets up while the
+    others go on."""
 
     kind = "ray"
 
@@ -478,14 +482,18 @@ class RayExecutor(Executor):
         self.num_cpus = num_cpus
         self._payload = pickle.dumps(evaluator)
         self._actors: list[Any] = []
+        self._setting_up: dict[Any, int] = {}  # setup() ref -> slot, for actors not ready yet
+        self._ready: set[int] = set()
         self._ray_connected = False
         self._cls: Any = None
         self.restarts = 0
 
-    def _new_actor(self) -> Any:
-        return self._cls.remote(self._payload, max(1, int(self.cpus)))
+    def _new_actor(self, slot: int) -> Any:
+        actor = self._cls.remote(self._payload, max(1, int(self.cpus)))
+        self._setting_up[actor.setup.remote()] = slot
+        return actor
 
-    def start(self) -> None:
+    def launch(self) -> None:
         if self._actors:
             return
         import ray
@@ -512,28 +520,47 @@ class RayExecutor(Executor):
                         os.environ["PYTHONPATH"] = saved
             self._ray_connected = True  # we connected this driver, so close() disconnects it
         self._cls = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus)(_RayWorkerImpl)
-        self._actors = [self._new_actor() for _ in range(self.workers)]
-        ray.get([a.setup.remote() for a in self._actors])
+        self._actors = [self._new_actor(s) for s in range(self.workers)]
+        self.setup_s += time.monotonic() - t
+
+    def _take_ready(self, ref: Any) -> int:
+        """The slot whose set-up `ref` finished; a set-up failure is raised (it would fail every job)."""
+        import ray
+
+        slot = self._setting_up.pop(ref)
+        try:
+            ray.get(ref)
+        except Exception as e:  # noqa: BLE001 - evaluator.setup raised, or the actor died
+            cause = getattr(e, "cause", None) or e  # RayTaskError wraps the evaluator's exception
+            raise RuntimeError(
+                f"ray worker {slot} failed to set up the evaluator: {type(cause).__name__}: {cause}"
+            ) from e
+        self._ready.add(slot)
+        return slot
+
+    def start(self) -> None:
+        self.launch()
+        t = time.monotonic()
+        for ref in list(self._setting_up):
+            self._take_ready(ref)
         self.setup_s += time.monotonic() - t
 
     def _replace(self, slot: int) -> None:
         import ray
 
         ray.kill(self._actors[slot], no_restart=True)
+        self._ready.discard(slot)
         self.restarts += 1
-        self._actors[slot] = self._new_actor()
-        t = time.monotonic()
-        ray.get(self._actors[slot].setup.remote())
-        self.setup_s += time.monotonic() - t
+        self._actors[slot] = self._new_actor(slot)
 
     def map(self, jobs: Sequence[Job], on_result: ResultCallback | None = None) -> list[Outcome]:
         import ray
 
-        self.start()
+        self.launch()
         pending = deque(range(len(jobs)))
         results: dict[int, Outcome] = {}
         running: dict[Any, tuple[int, int, float]] = {}  # ref -> (job index, slot, start)
-        free = deque(range(len(self._actors)))
+        free = deque(sorted(self._ready))
 
         def finish(i: int, out: Outcome) -> None:
             results[i] = out
@@ -550,9 +577,15 @@ class RayExecutor(Executor):
             deadlines = [
                 t0 + jobs[i].timeout_s for i, _, t0 in running.values() if jobs[i].timeout_s is not None
             ]
-            wait_s = max(0.0, min(deadlines) - time.monotonic()) + 0.1 if deadlines else None
-            done, _ = ray.wait(list(running), num_returns=1, timeout=wait_s)
+            now = time.monotonic()
+            wait_s = max(0.0, min(deadlines) - now) + 0.1 if deadlines else None
+            done, _ = ray.wait(list(running) + list(self._setting_up), num_returns=1, timeout=wait_s)
+            if not running:  # nothing ran meanwhile: pure start-up wait (overhead)
+                self.setup_s += time.monotonic() - now
             for ref in done:
+                if ref in self._setting_up:
+                    free.append(self._take_ready(ref))
+                    continue
                 i, slot, t0 = running.pop(ref)
                 try:
                     out = ray.get(ref)
@@ -562,7 +595,8 @@ class RayExecutor(Executor):
                                   error=f"ray worker failed: {type(e).__name__}: {e}",
                                   timings={"total_s": time.monotonic() - t0})
                     self._replace(slot)
-                free.append(slot)
+                else:
+                    free.append(slot)
                 finish(i, out)
             now = time.monotonic()
             for ref, (i, slot, t0) in list(running.items()):
@@ -570,7 +604,6 @@ class RayExecutor(Executor):
                 if job.timeout_s is not None and now - t0 > job.timeout_s + 0.1:
                     running.pop(ref)
                     self._replace(slot)  # ray.kill stops the work for real
-                    free.append(slot)
                     finish(i, _timeout_outcome(job, "ray", now - t0))
         return [results[i] for i in range(len(jobs))]
 
@@ -584,7 +617,7 @@ class RayExecutor(Executor):
                 ray.kill(a, no_restart=True)
             except Exception:  # noqa: BLE001
                 pass
-        self._actors = []
+        self._actors, self._setting_up, self._ready = [], {}, set()
         if self._ray_connected:  # stops a local instance; only disconnects from a joined cluster
             ray.shutdown()
             self._ray_connected = False

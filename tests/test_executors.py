@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 from test_search import children, tiny_cfg
 
-from mirrorlab.executors import FINISHED, Job, LocalExecutor, ProcessExecutor, make_executor
+from mirrorlab.executors import FAILED, FINISHED, Job, LocalExecutor, ProcessExecutor, make_executor
 from mirrorlab.search import AnalyticEvaluator, Search
 
 
@@ -83,11 +83,19 @@ def test_ray_executor_joins_a_running_cluster_and_leaves_it_up(tmp_path):
                             text=True)
     try:
         address, node_id = head.stdout.readline().split()
-        cfg = tiny_cfg(tmp_path, "ray-join", evaluator={"kind": "analytic"}, executor="ray")
+        # candidate 0/1 raises, 0/2 hangs until the 4 s limit: its actor is killed and replaced
+        # (setting up while the other actor goes on); generation 1 runs on the new actor too
+        faults = {"kind": "fault_injection", "timeout_s": 4.0, "failure_value": -9.0,
+                  "params": {"inner": "analytic", "inner_params": {"delay_s": 0.2},
+                             "faults": {"0/1": "raise", "0/2": "hang"}}}
+        cfg = tiny_cfg(tmp_path, "ray-join", evaluator=faults, executor="ray")
         cfg.search.executor.workers = 2
         cfg.search.executor.ray_address = address
-        res = Search(cfg).run()
-        assert [g.status for g in res.history] == [[FINISHED] * 4] * 2
+        search = Search(cfg)
+        res = search.run()
+        assert [g.status for g in res.history] == [[FINISHED, FAILED, FAILED, FINISHED], [FINISHED] * 4]
+        assert "injected failure" in res.history[0].errors[1] and "timeout" in res.history[0].errors[2]
+        assert search.executor.restarts == 1
         assert not ray.is_initialized()  # the executor disconnected its driver
         ray.init(address=address, log_to_driver=False)
         try:  # the cluster is still up, and it is the head's (one node, 2 CPUs), not a new one
@@ -95,8 +103,6 @@ def test_ray_executor_joins_a_running_cluster_and_leaves_it_up(tmp_path):
             assert ray.cluster_resources()["CPU"] == 2
         finally:
             ray.shutdown()
-        ref = Search(tiny_cfg(tmp_path, "ray-join-ref", evaluator={"kind": "analytic"})).run()
-        assert res.fitness_history() == ref.fitness_history()
     finally:
         head.stdin.close()
         head.wait(60)
@@ -156,4 +162,24 @@ def test_process_workers_take_jobs_as_soon_as_they_are_ready(tmp_path, monkeypat
         assert all(w.ready for w in ex._workers.values())
     finally:
         gate.touch()
+        ex.close()
+
+
+class BrokenSetupEvaluator(EnvEvaluator):
+    """Its set-up fails, as a worker whose node lacks the model would."""
+
+    def setup(self) -> None:
+        """Fail loudly."""
+        raise FileNotFoundError("no model at /nowhere")
+
+
+@pytest.mark.parametrize("kind", ["process", pytest.param("ray", marks=pytest.mark.slow)])
+def test_a_worker_whose_setup_fails_stops_the_map_with_the_reason(kind):
+    """A set-up failure would fail every candidate: it is raised, not recorded per candidate."""
+    ex = make_executor(kind, BrokenSetupEvaluator(), workers=1, num_cpus=1)
+    try:
+        with pytest.raises(RuntimeError,
+                           match="(?s)failed to set up the evaluator.*FileNotFoundError: no model at"):
+            ex.map([Job(0, 0, np.zeros(2), seed=0)])
+    finally:
         ex.close()
