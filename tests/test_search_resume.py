@@ -28,14 +28,23 @@ Search(load_config(sys.argv[1])).run(resume=False)
 """
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 @pytest.mark.slow
-def test_kill9_mid_generation_then_resume_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("executor", ["local", "process"])
+def test_kill9_mid_generation_then_resume_matches_uninterrupted(tmp_path, executor):
     # 4 prompts x 4 inner steps, 32 val problems: enough for candidates' fitness to differ
     big = {"evaluator": {"inner_steps": 4, "val_size": 32}, "prompts": 4}
     ref = Search(tiny_cfg(tmp_path, "resume-ref", **big)).run()
     assert len(set(ref.history[0].fitness)) > 1, "candidates should differ for the comparison to bite"
 
-    cfg = tiny_cfg(tmp_path, "resume-killed", **big)
+    cfg = tiny_cfg(tmp_path, "resume-killed", executor=executor, **big)
     cfg_file = tmp_path / "killed.yaml"
     cfg_file.write_text(dump_config(cfg))
     ckpt = Path(cfg.search.checkpoint_dir)
@@ -49,6 +58,12 @@ def test_kill9_mid_generation_then_resume_matches_uninterrupted(tmp_path):
             time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)  # in the middle of generation 1
         proc.wait(30)
+        # orphaned process workers notice the closed pipe and exit by themselves (their current
+        # candidate finishes first); nothing of the killed search lingers
+        end = time.monotonic() + 60
+        while _group_alive(proc.pid) and time.monotonic() < end:
+            time.sleep(0.1)
+        assert not _group_alive(proc.pid), "workers of the killed search are still running"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
