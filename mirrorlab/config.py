@@ -53,7 +53,8 @@ class LoraConfig(Section):
 
 
 class ModelConfig(Section):
-    """Which causal LM to train: a preset (`tiny`, `smollm2-135m`), a hub name or a local path."""
+    """Which causal LM to train: a preset (`tiny`, `tiny-scratchpad`, `smollm2-135m`), a hub name
+    or a local path."""
 
     name: str = "tiny"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -293,6 +294,19 @@ class Config(Section):
     search: SearchConfig = Field(default_factory=SearchConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
+
+    @model_validator(mode="after")
+    def _tiny_format_matches_task(self) -> Config:
+        """The tiny presets answer in one arithmetic format; the other would score 0 everywhere."""
+        if self.task.name == "arithmetic" and self.model.name in ("tiny", "tiny-scratchpad"):
+            want = self.model.name == "tiny-scratchpad"
+            if bool(self.task.params.get("scratchpad", False)) != want:
+                raise ValueError(
+                    f"task.params.scratchpad: model.name={self.model.name} is trained on "
+                    f"{'scratchpad' if want else 'bare-answer'} completions; set "
+                    f"task.params.scratchpad={str(want).lower()} or use model.name="
+                    f"{'tiny' if want else 'tiny-scratchpad'}")
+        return self
 
 
 # --------------------------------------------------------------------------- loading

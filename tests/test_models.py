@@ -90,3 +90,48 @@ def test_smollm2_preset_generates(smollm2):
         out = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
     reply = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in reply
+
+
+@pytest.mark.slow
+def test_tiny_scratchpad_preset_writes_its_steps_and_trains(tiny):
+    """Built here like CI's first use (~2 min on one core): scratchpad completions whose length
+    varies with the problem, the same vocabulary as `tiny`, and GBMPO runs on it."""
+    from mirrorlab.config import config_from_dict
+    from mirrorlab.gbmpo import build_trainer
+
+    info = models.preset_info("tiny-scratchpad")
+    assert info["preset"] == "tiny-scratchpad" and info["key"] != models.preset_info("tiny")["key"]
+    assert 0.6 <= info["val_accuracy"] <= 0.97, info  # measured 0.822; tiny (bare answers) 0.402
+    cfg = config_from_dict({
+        "model": {"name": "tiny-scratchpad"},
+        "task": {"name": "arithmetic",
+                 "params": {"scratchpad": True, "n_train": 200, "n_val": 64, "n_test": 8}},
+        "train": {"steps": 2, "prompts_per_step": 4, "optim": {"lr": 1e-4},
+                  "generation": {"num_generations": 4, "max_new_tokens": 32}},
+    })
+    tr = build_trainer(cfg)
+    assert tr.tokenizer.get_vocab() == tiny[1].get_vocab()  # maps and prompts mean the same
+    exs = tr.task.val[:64]
+    _, _, comp, cmask = tr.generate(exs, greedy=True)
+    texts = tr.tokenizer.batch_decode(comp.masked_fill(cmask == 0, tr.pad_id).tolist(),
+                                      skip_special_tokens=True)
+    assert sum(f" {tr.task.marker} " in t and "=" in t for t in texts) >= 60  # steps, marker, answer
+    lengths = cmask.sum(1).float()
+    assert lengths.min() >= 8 and lengths.std() > 0.5  # far from the ~3-token bare answers, and varying
+    ev = tr.evaluate("val", n=64)
+    assert ev.metric > 0.5 and ev.mean_length > 8
+    hist = tr.train(2)
+    assert len(hist) == 2 and all(h["completion_length"] > 8 for h in hist)
+
+
+def test_tiny_presets_refuse_the_other_answer_format():
+    from mirrorlab.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError,
+                       match="task.params.scratchpad: model.name=tiny-scratchpad.*scratchpad=true"):
+        config_from_dict({"model": {"name": "tiny-scratchpad"}})
+    with pytest.raises(ConfigError, match="model.name=tiny is trained on bare-answer.*tiny-scratchpad"):
+        config_from_dict({"task": {"params": {"scratchpad": True}}})
+    other = config_from_dict({"model": {"name": "/some/local/model"},
+                              "task": {"params": {"scratchpad": True}}})
+    assert other.task.params["scratchpad"] is True  # any other model may use either format
