@@ -1,9 +1,16 @@
-"""Shared pytest setup: keep torch to one thread per worker so xdist workers do not oversubscribe."""
+"""Shared pytest setup: keep torch to one thread per worker so xdist workers do not oversubscribe,
+and give each worker its own Ray auth token."""
 
 from __future__ import annotations
 
 import os
+import secrets
 
+# Ray >= 2.52 writes ~/.ray/auth_token on a cluster's first start, unlocked and non-atomically:
+# two xdist workers starting Ray at once on a fresh machine could each use a different token
+# while the file holds one of them. A token in the environment wins over the file (clusters and
+# drivers of this worker, and the subprocesses it starts, share it), and nothing is written.
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
