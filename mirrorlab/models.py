@@ -182,7 +182,7 @@ def _build_tiny(out: Path, variant: str = "tiny") -> None:
     sp = get_task("arithmetic", scratchpad=True, n_train=200, n_val=0, n_test=0)
     texts = [plain.prompt(e) + plain.reference_completion(e) for e in plain.train[:2000]]
     texts += [sp.prompt(e) + sp.reference_completion(e) for e in sp.train]  # one vocabulary for all
-    task = get_task("arithmetic", **TINY_VARIANTS[variant])
+    task = get_task("arithmetic", **TINY_VARIANTS[variant]) if TINY_VARIANTS[variant] else plain
     tokenizer = build_char_tokenizer(texts, extra_chars=task.charset + sp.charset)
     threads = torch.get_num_threads()
     rng_state = torch.get_rng_state()

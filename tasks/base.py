@@ -6,6 +6,7 @@ for RL and a per-example score used for evaluation. Concrete tasks subclass `Tas
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,21 @@ def data_dir() -> Path:
     import mirrorlab
 
     return Path(mirrorlab.__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def load_rows(local: Path, source: str, dataset: str,
+              hub: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Rows of a local JSONL file (`source` local, or auto when the file exists), else `hub()`.
+
+    `source` is `auto`, `local` or `hub`; `dataset` names the data in the missing-file error."""
+    if source == "local" or (source == "auto" and local.is_file()):
+        if not local.is_file():
+            raise FileNotFoundError(f"{dataset} data not found at {local} (set MIRRORLAB_DATA_DIR)")
+        with open(local) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if source not in ("auto", "hub"):
+        raise ValueError(f"source must be 'auto', 'local' or 'hub', got {source!r}")
+    return hub()
 
 
 def _normalise(text: str) -> str:

@@ -9,14 +9,13 @@ tolerance. Validation is carved deterministically from train (disjoint by constr
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
 from pathlib import Path
 from typing import Any
 
-from .base import Example, Task, data_dir
+from .base import Example, Task, data_dir, load_rows
 
 _MINUS = "\u2212\u2013\u2014"  # unicode minus and dashes used as minus signs
 # A number: optional sign and $, digits with optional thousands groups, decimals, or a leading-dot decimal.
@@ -113,17 +112,13 @@ def numbers_match(pred: float | None, gold: float, rel_tol: float = 1e-6, abs_to
 def load_gsm8k_rows(split: str, source: str = "auto", path: str | Path | None = None) -> list[dict[str, Any]]:
     """Rows {question, answer} of the `train` or `test` file (local JSONL, or the hub via datasets)."""
     root = Path(path) if path else data_dir() / "gsm8k"
-    p = root / f"{split}.jsonl"
-    if source == "local" or (source == "auto" and p.is_file()):
-        if not p.is_file():
-            raise FileNotFoundError(f"GSM8K data not found at {p} (set MIRRORLAB_DATA_DIR)")
-        with open(p) as f:
-            return [json.loads(line) for line in f if line.strip()]
-    if source not in ("auto", "hub"):
-        raise ValueError(f"source must be 'auto', 'local' or 'hub', got {source!r}")
-    import datasets  # the hub path (not exercised offline)
 
-    return [dict(r) for r in datasets.load_dataset("openai/gsm8k", "main", split=split)]
+    def hub() -> list[dict[str, Any]]:
+        import datasets  # the hub path (not exercised offline)
+
+        return [dict(r) for r in datasets.load_dataset("openai/gsm8k", "main", split=split)]
+
+    return load_rows(root / f"{split}.jsonl", source, "GSM8K", hub)
 
 
 class GSM8K(Task):

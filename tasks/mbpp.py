@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import json
 import math
 import re
 import secrets
@@ -34,7 +33,7 @@ from typing import Any
 
 from mirrorlab.sandbox import Program, SandboxLimits, SandboxPool
 
-from .base import Example, Task, _normalise, data_dir
+from .base import Example, Task, _normalise, data_dir, load_rows
 
 SPLIT_IDS = {"prompt": (1, 10), "test": (11, 510), "val": (511, 600), "train": (601, 974)}
 
@@ -241,18 +240,13 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def load_mbpp_rows(source: str = "auto", path: str | Path | None = None) -> list[dict[str, Any]]:
     """MBPP rows (task_id, text, code, test_list, test_setup_code) from local JSONL or the hub."""
-    p = Path(path) if path else data_dir() / "mbpp" / "mbpp.jsonl"
-    if source == "local" or (source == "auto" and p.is_file()):
-        if not p.is_file():
-            raise FileNotFoundError(f"MBPP data not found at {p} (set MIRRORLAB_DATA_DIR)")
-        with open(p) as f:
-            return [json.loads(line) for line in f if line.strip()]
-    if source not in ("auto", "hub"):
-        raise ValueError(f"source must be 'auto', 'local' or 'hub', got {source!r}")
-    import datasets  # the hub path (not exercised offline)
+    def hub() -> list[dict[str, Any]]:
+        import datasets  # the hub path (not exercised offline)
 
-    ds = datasets.load_dataset("mbpp", "full")
-    return [dict(r) for split in ds.values() for r in split]
+        ds = datasets.load_dataset("mbpp", "full")
+        return [dict(r) for split in ds.values() for r in split]
+
+    return load_rows(Path(path) if path else data_dir() / "mbpp" / "mbpp.jsonl", source, "MBPP", hub)
 
 
 class MBPP(Task):

@@ -97,5 +97,8 @@ def test_data_dir_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     assert data_dir() == tmp_path
     with pytest.raises(FileNotFoundError, match="MIRRORLAB_DATA_DIR"):
         tasks.get("gsm8k", source="local")
-    with pytest.raises(FileNotFoundError, match="MIRRORLAB_DATA_DIR"):
+    with pytest.raises(FileNotFoundError, match="MBPP data not found at .*MIRRORLAB_DATA_DIR"):
         tasks.get("mbpp", source="local")
+    for name in ("gsm8k", "mbpp"):
+        with pytest.raises(ValueError, match="source must be 'auto', 'local' or 'hub', got 'disk'"):
+            tasks.get(name, source="disk")
