@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import time
 from pathlib import Path
@@ -213,45 +212,20 @@ def _search(cfg: Config, resume: bool) -> dict[str, Any]:
     (d / "config.yaml").write_text(dump_config(cfg))
     t0 = time.perf_counter()
     search = Search(cfg)
-    start = 0
-    if resume and search.checkpoint_path.is_file():
-        start = int(json.loads(search.checkpoint_path.read_text()).get("completed_generations", 0))
-    sc = cfg.search.strategy
     with SearchProgress(console=err) as prog:
-        prog.on_search_start(sc.generations, sc.population, start_generation=start)
-        if hasattr(search, "progress"):  # per-candidate hooks, when the search offers them
-            search.progress = prog
-        else:
-            def _on_gen(rec: Any) -> None:
-                fails = sum(st != "FINISHED" for st in rec.status)
-                prog.on_generation_end(rec.generation, rec.best_fitness, rec.mean_fitness, fails)
-
-            search.on_generation = _on_gen
+        search.progress = prog  # the search calls every hook itself
         result = search.run(resume=resume)
     wall = time.perf_counter() - t0
     return search_report(cfg, result, d, wall)
 
 
-_CID = re.compile(r"g\d+-\d+")
-_MEAN = re.compile(r"mean@g\d+")
-
-
 def lineage_records(history: list[Any]) -> list[dict[str, Any]]:
-    """Candidates of a search history as plain dicts for `plots.plot_lineage` (parents resolved to
-    candidate ids where they name one, else to the ES mean `mean@gK`)."""
-    ids = {i for g in history for i in g.ids}
-    out = []
-    for g in history:
-        for cid, par, st, fit in zip(g.ids, g.parents, g.status, g.fitness, strict=False):
-            parent = None
-            if par:
-                m = _CID.search(par)
-                mm = _MEAN.search(par)
-                parent = m.group(0) if m and m.group(0) in ids and m.group(0) != cid else (
-                    mm.group(0) if mm else par)
-            out.append({"id": cid, "generation": g.generation, "fitness": fit, "parent": parent,
-                        "status": st})
-    return out
+    """Candidates of a search history as plain dicts for `plots.plot_lineage` (the first of each
+    candidate's structured `parent_ids`: another candidate, or a strategy point like `mean@g3`)."""
+    return [{"id": cid, "generation": g.generation, "fitness": fit, "parent": pids[0] if pids else None,
+             "status": st}
+            for g in history
+            for cid, pids, st, fit in zip(g.ids, g.parent_ids, g.status, g.fitness, strict=True)]
 
 
 def search_report(cfg: Config, result: Any, d: Path, wall: float) -> dict[str, Any]:

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mirrorlab.config import START_LABEL
+
 # --------------------------------------------------------------------------- statistics
 
 
@@ -512,7 +514,7 @@ def run_compare(
 
     t_start = time.perf_counter()
     methods = compare_methods(cfg)
-    labels = [m.label for m in methods]
+    labels = ([START_LABEL] if cfg.compare.include_start else []) + [m.label for m in methods]
     baseline = cfg.compare.baseline or labels[0]
     split = cfg.compare.split
     uri = cfg.tracking.tracking_uri
@@ -526,6 +528,8 @@ def run_compare(
         if isinstance(sha, str):
             info["sha"] = sha
         div_info[m.label] = info
+    if cfg.compare.include_start:
+        div_info[START_LABEL] = {"name": "untrained", "coef": None, "steps": 0}
     tracker = CompareTracker(cfg)
     tracker.start(cfg)
     runs: list[RunResult] = []
@@ -549,6 +553,13 @@ def run_compare(
                     metric_name = getattr(trainer.task, "metric_name", "metric")
                 else:
                     trainer.reset(seed=seed)
+                if cfg.compare.include_start and m is methods[0]:  # the start, on this seed's eval
+                    ev = trainer.evaluate(split, n=cfg.compare.eval_size)
+                    r = RunResult(START_LABEL, seed, float(ev.metric), float(ev.stderr),
+                                  float(ev.mean_length), int(ev.n), time.perf_counter() - t0, [])
+                    r.run_id = tracker.log_run(r, div_info[START_LABEL], split, metric_name)
+                    runs.append(r)
+                    t0 = time.perf_counter()
                 _set_divergence(trainer, divs[m.label], m.divergence)
                 rec = _CurveRecorder()
                 cbs: list[Any] = [rec]

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mirrorlab.evaluators import evaluators
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the field and what is allowed."""
@@ -186,36 +188,80 @@ class StrategyConfig(Section):
         return self
 
 
+class RacingConfig(Section):
+    """Successive halving over inner seeds: every candidate is first scored on `min_seeds` seeds,
+    then the best 1/`eta` of the survivors get `eta` times as many, up to `search.evaluator.seeds`.
+    Candidates dropped at a rung keep the (noisier) fitness of the seeds they ran."""
+
+    enabled: bool = Field(False, description="race candidates instead of giving each the full seed budget")
+    eta: int = Field(2, ge=2, description="keep the best 1/eta of the candidates at each rung")
+    min_seeds: int = Field(1, ge=1, description="inner seeds every candidate gets at the first rung")
+
+
+class ConfirmConfig(Section):
+    """The final confirmation stage: the `top_k` candidates of the whole search (by the incumbent
+    rule) are re-scored on `seeds` fresh inner seeds the search never used; the best confirmed one
+    is the search's answer and is registered with its confirmed fitness and standard error."""
+
+    top_k: int = Field(0, ge=0, description="candidates re-scored at the end; 0 turns the stage off")
+    seeds: int = Field(3, ge=1, description="fresh inner seeds per confirmed candidate")
+    val_size: int | None = Field(None, ge=1, description="val problems per confirmation run (None: all)")
+
+
 class EvaluatorConfig(Section):
-    """How a candidate is scored: T inner steps on task.train, metric on task.val.
+    """How a candidate is scored: T inner steps on task.train, metric on task.val (DESIGN 5).
 
     `kind` is a registered evaluator (`gbmpo`, the real one; `analytic`, a cheap function of
     theta for debugging strategies) or a `package.module:factory` path; `params` go to it.
-    `resample_each_generation`: draw a fresh inner seed and val subset per generation (shared
-    by all candidates of that generation: common random numbers); False keeps one for the search.
+    Noise-aware fitness: `seeds` inner seeds per candidate (the same for every candidate of a
+    generation: common random numbers), fitness paired against a `baseline` divergence trained on
+    the same seeds (cached per seed), racing, an incumbent rule and a confirmation stage.
     """
 
-    kind: str = "gbmpo"
-    params: dict[str, Any] = Field(default_factory=dict)
-    resample_each_generation: bool = True
-    inner_steps: int = Field(20, ge=0)
-    val_size: int | None = Field(None, ge=1)
-    length_penalty: float = Field(0.0, ge=0)
-    failure_value: float = -1.0
-    timeout_s: float | None = Field(None, gt=0)
-    reevaluate_incumbent: bool = False
+    kind: str = Field("gbmpo", description="registered evaluator name or package.module:factory")
+    params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the evaluator")
+    seeds: int = Field(1, ge=1, description="inner seeds per candidate; fitness = mean over them")
+    resample_each_generation: bool = Field(
+        True, description="fresh seeds (and val subsets) each generation; False keeps one set for the search")
+    baseline: DivergenceConfig | None = Field(
+        None, description="paired fitness: subtract this divergence's fitness on the same seeds "
+        "(trained once per seed and cached), e.g. {name: kl_k3, coef: 0.04}")
+    inner_steps: int = Field(20, ge=0, description="GBMPO steps of each inner run")
+    val_size: int | None = Field(None, ge=1, description="validation problems per inner run (None: all)")
+    length_penalty: float = Field(0.0, ge=0, description="fitness -= this x mean completion length")
+    failure_value: float = Field(-1.0, description="what the strategy is told for a FAILED candidate")
+    timeout_s: float | None = Field(None, gt=0, description="wall-clock limit per inner run")
+    reevaluate_incumbent: bool = Field(
+        False, description="re-score the incumbent on every generation's seeds (running mean)")
+    incumbent: Literal["mean", "lcb"] = Field(
+        "mean", description="how the incumbent is chosen: best mean fitness, or best lower confidence "
+        "bound mean - lcb_z x stderr (penalises lucky single draws)")
+    lcb_z: float = Field(1.0, ge=0, description="z of the lower confidence bound (incumbent: lcb)")
+    racing: RacingConfig = Field(default_factory=RacingConfig, description="successive halving over seeds")
+    confirm: ConfirmConfig = Field(default_factory=ConfirmConfig, description="re-scoring on fresh seeds")
 
     @field_validator("kind")
     @classmethod
     def _known_evaluator(cls, v: str) -> str:
         if ":" in v:  # package.module:factory, imported where the evaluator is built
             return v
-        from mirrorlab.search import evaluators
-
         if v not in evaluators:
             raise ValueError(f"unknown evaluator {v!r}; allowed: {', '.join(evaluators.names())} "
                              "or package.module:factory")
         return v
+
+    @model_validator(mode="after")
+    def _racing_fits(self) -> EvaluatorConfig:
+        r = self.racing
+        if r.enabled and r.min_seeds >= self.seeds:
+            raise ValueError(
+                f"racing.min_seeds ({r.min_seeds}) must be < seeds ({self.seeds}) when racing is enabled: "
+                "raise search.evaluator.seeds or set racing.enabled=false")
+        bmap = self.baseline.map if self.baseline is not None else None
+        if bmap is not None and bmap.startswith("search:"):
+            raise ValueError("baseline.map: a search-relative map (search:...) cannot be the baseline; "
+                             "use a file, a map directory or a models:/ URI")
+        return self
 
 
 class ExecutorConfig(Section):
@@ -261,6 +307,9 @@ class MethodConfig(Section):
     divergence: DivergenceConfig
 
 
+START_LABEL = "untrained start"
+
+
 class CompareConfig(Section):
     """Methods x seeds on the same settings; the first method (or `baseline`) is the baseline."""
 
@@ -269,12 +318,19 @@ class CompareConfig(Section):
     baseline: str | None = None
     split: Literal["val", "test"] = "test"
     eval_size: int | None = Field(None, ge=1)
+    include_start: bool = Field(
+        False, description="add an 'untrained start' row: the starting model evaluated without training "
+        "(the limit of an infinitely strong regulariser), on the same split and seeds")
 
     @model_validator(mode="after")
     def _baseline_known(self) -> CompareConfig:
         labels = [m.label for m in self.methods]
         if len(set(labels)) != len(labels):
             raise ValueError(f"method labels must be unique, got {labels}")
+        if self.include_start and START_LABEL in labels:
+            raise ValueError(f"method label {START_LABEL!r} is reserved for compare.include_start")
+        if self.include_start:
+            labels = [START_LABEL, *labels]
         if self.baseline is not None and self.baseline not in labels:
             raise ValueError(f"baseline {self.baseline!r} is not a method label; allowed: {labels}")
         return self

@@ -22,59 +22,11 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any, Protocol
 
-import numpy as np
-
-FINISHED = "FINISHED"
-FAILED = "FAILED"
-
-
-class CandidateTimeout(TimeoutError):
-    """Raised inside an evaluation when its deadline has passed."""
-
-
-@dataclass
-class Job:
-    """One evaluation: a theta, where it sits in the search, its common-random-numbers seed."""
-
-    generation: int
-    index: int
-    theta: np.ndarray
-    seed: int
-    timeout_s: float | None = None
-    label: str = ""  # "" for strategy candidates, "incumbent" for re-evaluations
-    deadline: float | None = None  # set by the executor when the job starts (time.monotonic)
-
-
-@dataclass
-class Outcome:
-    """What an evaluation returns to the search (plain data, picklable, JSON-able)."""
-
-    generation: int
-    index: int
-    status: str
-    fitness: float | None = None
-    stderr: float | None = None
-    metric: float | None = None
-    mean_length: float | None = None
-    n_eval: int | None = None
-    error: str | None = None
-    curves: list[dict[str, float]] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    worker: str = ""
-    label: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict (used by the resume journal)."""
-        return dict(self.__dict__)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Outcome:
-        """Inverse of `to_dict`."""
-        return cls(**d)
+from mirrorlab.records import FAILED, FINISHED, CandidateTimeout, Job, Outcome
 
 
 class Evaluator(Protocol):
@@ -83,12 +35,6 @@ class Evaluator(Protocol):
     def setup(self) -> None: ...
 
     def evaluate(self, job: Job) -> dict[str, Any]: ...
-
-
-def check_deadline(job: Job) -> None:
-    """Raise CandidateTimeout when `job`'s deadline has passed (for cooperative timeouts)."""
-    if job.deadline is not None and time.monotonic() > job.deadline:
-        raise CandidateTimeout(f"candidate exceeded its time limit of {job.timeout_s} s")
 
 
 def _finite(x: Any) -> bool:
@@ -100,7 +46,7 @@ def run_job(evaluator: Evaluator, job: Job, worker: str = "local") -> Outcome:
     start = time.monotonic()
     if job.timeout_s is not None and job.deadline is None:
         job.deadline = start + job.timeout_s
-    out = Outcome(job.generation, job.index, FAILED, worker=worker, label=job.label)
+    out = Outcome(job.generation, job.index, FAILED, worker=worker, label=job.role)
     try:
         res = evaluator.evaluate(job)
     except CandidateTimeout as e:
@@ -112,6 +58,7 @@ def run_job(evaluator: Evaluator, job: Job, worker: str = "local") -> Outcome:
             if k in res and res[k] is not None:
                 setattr(out, k, float(res[k]) if k != "n_eval" else int(res[k]))
         out.curves = list(res.get("curves", []))
+        out.scores = [float(x) for x in res.get("scores", [])]
         out.timings = {k: float(v) for k, v in res.get("timings", {}).items()}
         elapsed = time.monotonic() - start
         if not _finite(out.fitness):
@@ -126,7 +73,7 @@ def run_job(evaluator: Evaluator, job: Job, worker: str = "local") -> Outcome:
 
 def _timeout_outcome(job: Job, worker: str, elapsed: float) -> Outcome:
     return Outcome(
-        job.generation, job.index, FAILED, label=job.label, worker=worker,
+        job.generation, job.index, FAILED, label=job.role, worker=worker,
         error=f"timeout: killed worker after {elapsed:.1f} s (limit {job.timeout_s} s)",
         timings={"total_s": elapsed},
     )
@@ -390,7 +337,7 @@ class ProcessExecutor(Executor):
                 except (EOFError, OSError):  # worker crashed (segfault, OOM kill, ...)
                     w.proc.join(5)
                     out = Outcome(
-                        job.generation, job.index, FAILED, label=job.label,
+                        job.generation, job.index, FAILED, label=job.role,
                         worker=f"process-{w.proc.pid}",
                         error=f"worker died (exit code {w.proc.exitcode})",
                         timings={"total_s": time.monotonic() - w.started},
@@ -591,7 +538,7 @@ class RayExecutor(Executor):
                     out = ray.get(ref)
                 except Exception as e:  # noqa: BLE001 - actor died
                     job = jobs[i]
-                    out = Outcome(job.generation, job.index, FAILED, label=job.label, worker="ray",
+                    out = Outcome(job.generation, job.index, FAILED, label=job.role, worker="ray",
                                   error=f"ray worker failed: {type(e).__name__}: {e}",
                                   timings={"total_s": time.monotonic() - t0})
                     self._replace(slot)

@@ -1,21 +1,35 @@
-"""The search (outer loop, DESIGN section 5): ask, evaluate in parallel, tell, log, checkpoint.
+"""The search (outer loop, DESIGN section 5): ask, evaluate, tell, record, then confirm.
 
-`Search(cfg).run()` proposes mirror-map parameter vectors with a strategy, scores each with an
-evaluator (by default a short inner GBMPO run, `GBMPOEvaluator`) through an executor (`local`,
-`process`, `ray`: the loop does not know which), records every candidate in MLflow and
-checkpoints after each generation so `run(resume=True)` continues a killed search and reaches
-the same result as an uninterrupted one.
+`Search(cfg).run()` proposes mirror-map parameter vectors with a strategy, scores each through an
+executor (`local`, `process`, `ray`: the loop does not know which) and an evaluator (by default a
+short inner GBMPO run), and hands every result to one `SearchRecorder`, which owns what is written:
+the resume journal, the MLflow child runs and the checkpoint. One generation reads straight:
 
-Common random numbers: every candidate of a generation gets the same seed, from which the
-evaluator derives the inner training seed (prompt order, sampling) and the validation subset.
-Seeds depend only on (cfg.seed, generation), so a resumed search uses the same ones.
+    candidates = strategy.ask()
+    scores     = score(candidates, seeds)        # k seeds each, paired, raced; journal reused
+    strategy.tell(candidates, fitness)
+    incumbent  = re-evaluated / chosen by mean or lower confidence bound
+    recorder.generation(record)                  # an immutable GenerationRecord
 
-Resume: the checkpoint (JSON, written atomically) holds the strategy's state dict, the history,
-the incumbent, the MLflow parent run id and the candidate -> run id map. While a generation runs,
-each logged candidate is appended to a journal; on resume the interrupted generation is asked
-again (same candidates, the strategy state is exact), candidates found in the journal with the
-same theta hash are reused (their child runs kept), and child runs the journal does not know
-(partially logged when the process died) are deleted before those candidates are re-evaluated.
+Noise-aware fitness (`search.evaluator`):
+- `seeds`: k inner seeds per candidate, the same k for every candidate of a generation (common
+  random numbers; `resample_each_generation: false` fixes them for the whole search); fitness is
+  the mean over seeds, its standard error the spread of the k values (which holds both seed and
+  validation-sampling noise) or, for k = 1, the sampling error alone.
+- `baseline`: paired fitness. A baseline divergence (e.g. KL) is trained once per seed (cached,
+  checkpointed) and each candidate's fitness is its metric minus the baseline's on the same seed
+  and validation subset, so fitness is comparable across generations and its noise is the paired
+  noise (for k = 1 the per-problem paired differences give the standard error).
+- `racing`: successive halving over seeds; budget spent per candidate goes to MLflow.
+- `incumbent`: `mean` or `lcb` (mean - z stderr); optional re-evaluation on each generation's seeds.
+- `confirm`: after the last generation the top-k candidates are re-scored on fresh seeds the search
+  never used; the best confirmed one is the answer, registered with its confirmed fitness.
+
+Resume: the checkpoint (JSON, atomic) holds the strategy state, the history, the incumbent, the
+confirmation pool, the baseline cache and the run ids. While a generation runs every finished job
+is appended to that generation's journal; a resumed search asks the interrupted generation again
+(the strategy state is exact), reuses journalled jobs with the same theta hash, deletes child runs
+of the interrupted generation (they are logged only once a generation is complete) and goes on.
 """
 
 from __future__ import annotations
@@ -25,9 +39,7 @@ import json
 import logging
 import math
 import os
-import re
 import time
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,232 +49,155 @@ import numpy as np
 
 from mirrorlab import strategies
 from mirrorlab.config import Config, dump_config
-from mirrorlab.executors import (
-    FINISHED,
-    Executor,
-    Job,
-    Outcome,
-    check_deadline,
-    make_executor,
+from mirrorlab.evaluators import (  # noqa: F401  (re-exported: the search's public names)
+    AnalyticEvaluator,
+    FaultInjectionEvaluator,
+    GBMPOEvaluator,
+    build_evaluator,
+    confirmation_seeds,
+    evaluators,
+    generation_seed,
+    generation_seeds,
+    val_subset,
 )
-from mirrorlab.registry import Registry
+from mirrorlab.executors import Executor, make_executor
+from mirrorlab.records import FAILED, FINISHED, Job, Outcome
 from mirrorlab.spaces import SearchSpace, make_space
+from mirrorlab.strategies import Candidate
 from mirrorlab.tracking import make_tracker
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.json"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
 
-# --------------------------------------------------------------------------- seeds (pure)
-def generation_seed(seed: int, generation: int, resample: bool = True) -> int:
-    """The common-random-numbers seed shared by all candidates of `generation` (31-bit)."""
-    ss = np.random.SeedSequence([int(seed) % 2**32, int(generation) if resample else 0, 0x5EA6C])
-    return int(ss.generate_state(1)[0] >> 1)
+# --------------------------------------------------------------------------- fitness (pure)
+@dataclass(frozen=True)
+class Score:
+    """A candidate's fitness aggregated over the inner seeds it ran (paired if a baseline is set)."""
+
+    status: str
+    fitness: float | None
+    stderr: float | None
+    values: tuple[float, ...]  # per seed (paired differences with a baseline)
+    seeds: tuple[int, ...]
+    metric: float | None = None  # mean raw metric (unpaired)
+    mean_length: float | None = None
+    error: str | None = None
+    rung: int = 0
+    workers: tuple[str, ...] = ()
+    curves: tuple[dict[str, float], ...] = ()  # inner training curves, mean over seeds per step
+    timings: tuple[tuple[str, float], ...] = ()  # summed over seeds
+
+    @property
+    def ok(self) -> bool:
+        """True when every seed finished."""
+        return self.status == FINISHED
 
 
-def val_subset(seed: int, n_val: int, size: int | None) -> list[int] | None:
-    """The validation indices for a generation's seed: all (None) or `size` drawn without replacement."""
-    if size is None or size >= n_val:
-        return None
-    rng = np.random.default_rng([int(seed), 0xEFA1])
-    return sorted(int(i) for i in rng.choice(n_val, size=size, replace=False))
+def paired_stderr(values: list[float], a: Outcome, b: Outcome | None) -> float | None:
+    """Standard error of a mean fitness: the spread of >= 2 per-seed values, else (one seed) the
+    per-problem paired differences with the baseline `b`, else the run's own sampling error."""
+    if len(values) >= 2:
+        return float(np.std(values, ddof=1) / math.sqrt(len(values)))
+    if b is not None and len(a.scores) == len(b.scores) >= 2:
+        d = np.asarray(a.scores) - np.asarray(b.scores)
+        return float(np.std(d, ddof=1) / math.sqrt(d.size))
+    return a.stderr
 
 
-# --------------------------------------------------------------------------- evaluators
-evaluators: Registry[Any] = Registry("evaluator")
+def aggregate(outs: list[Outcome], seeds: list[int], baselines: list[Outcome] | None = None,
+              rung: int = 0) -> Score:
+    """The Score of one candidate from its per-seed outcomes (and, paired, the baseline's on the
+    same seeds). Any failed seed fails the candidate, with that seed's error."""
+    workers = tuple(sorted({o.worker for o in outs if o.worker}))
+    timings: dict[str, float] = {}
+    for o in outs:
+        for k, v in o.timings.items():
+            timings[k] = timings.get(k, 0.0) + float(v)
+    common = {"rung": rung, "workers": workers, "timings": tuple(sorted(timings.items()))}
+    for o, s in zip(outs, seeds, strict=True):
+        if o.status != FINISHED:
+            return Score(FAILED, None, None, (), tuple(seeds), error=f"seed {s}: {o.error}", **common)
+    if baselines is not None:
+        for b, s in zip(baselines, seeds, strict=True):
+            if b.status != FINISHED:
+                return Score(FAILED, None, None, (), tuple(seeds),
+                             error=f"paired baseline failed on seed {s}: {b.error}", **common)
+    base = [b.fitness for b in baselines] if baselines is not None else [0.0] * len(outs)
+    values = [float(o.fitness) - float(bf) for o, bf in zip(outs, base, strict=True)]
+    se = paired_stderr(values, outs[0], baselines[0] if baselines is not None else None)
+    lengths = [o.mean_length for o in outs if o.mean_length is not None]
+    return Score(FINISHED, float(np.mean(values)), se, tuple(values), tuple(seeds),
+                 metric=float(np.mean([o.metric if o.metric is not None else o.fitness for o in outs])),
+                 mean_length=float(np.mean(lengths)) if lengths else None,
+                 curves=mean_curves([o.curves for o in outs]), **common)
 
 
-def build_evaluator(cfg: Config) -> Any:
-    """The evaluator named by `cfg.search.evaluator.kind` (registered name or `module:factory`)."""
-    kind = cfg.search.evaluator.kind
-    params = dict(cfg.search.evaluator.params)
-    if kind in evaluators:
-        return evaluators.get(kind, cfg=cfg, **params)
-    if ":" in kind:
-        import importlib
-
-        mod, _, attr = kind.partition(":")
-        return getattr(importlib.import_module(mod), attr)(cfg=cfg, **params)
-    allowed = ", ".join(evaluators.names())
-    raise ValueError(f"unknown evaluator {kind!r}; allowed: {allowed} or package.module:factory")
+def mean_curves(curves: list[list[dict[str, float]]]) -> tuple[dict[str, float], ...]:
+    """Per step, the mean over seeds of each metric the seeds' curves share."""
+    n = min((len(c) for c in curves), default=0)
+    out = []
+    for i in range(n):
+        rows = [c[i] for c in curves]
+        keys = set(rows[0]).intersection(*rows[1:])
+        out.append({k: float(np.mean([r[k] for r in rows])) for k in sorted(keys)})
+    return tuple(out)
 
 
-class _DeadlineCallback:
-    """Trainer callback that stops an inner run at the next step once the job's deadline passed."""
-
-    def __init__(self, job: Job) -> None:
-        self.job = job
-
-    def on_step(self, step: int, metrics: dict[str, Any]) -> None:
-        check_deadline(self.job)
-
-
-def _nonfinite_loss(curves: list[dict[str, Any]]) -> str | None:
-    for i, row in enumerate(curves):
-        for k, v in row.items():
-            if "loss" in k and isinstance(v, int | float) and not math.isfinite(v):
-                return f"non-finite {k}={v} at inner step {row.get('step', i)}"
-    return None
+def racing_rungs(seeds: int, min_seeds: int, eta: int) -> list[int]:
+    """Cumulative seeds per rung of successive halving: min_seeds, x eta, ..., up to `seeds`."""
+    out, n = [], max(1, min(int(min_seeds), int(seeds)))
+    while n < seeds:
+        out.append(n)
+        n *= int(eta)
+    return out + [int(seeds)]
 
 
-class GBMPOEvaluator:
-    """Scores a theta by T inner GBMPO steps on task.train from the base weights, then task.val.
-
-    `setup()` builds the model, task and trainer once per worker; each evaluation resets the
-    trainer to the base weights with the generation's seed, sets the candidate's divergence (and
-    coefficient, for spaces that search it), trains, and evaluates on the generation's val subset.
-    fitness = metric - length_penalty * mean completion length; stderr = the metric's.
-    """
-
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self.trainer: Any = None
-        self.space: SearchSpace | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"cfg": self.cfg, "trainer": None, "space": None}
-
-    def setup(self) -> None:
-        """Load the base model and build the trainer (heavy; once per worker)."""
-        from mirrorlab.gbmpo import build_trainer
-
-        self.space = make_space(self.cfg)
-        self.trainer = build_trainer(self.cfg, divergence=self.space.divergence(self.space.initial(0)))
-        self.n_val = len(self.trainer.task.val)
-
-    def evaluate(self, job: Job) -> dict[str, Any]:
-        """One candidate: reset, set map, train T steps, evaluate on val (common random numbers)."""
-        if self.trainer is None:
-            self.setup()
-        ec = self.cfg.search.evaluator
-        t0 = time.monotonic()
-        div = self.space.divergence(job.theta)
-        coef = self.space.coef(job.theta)
-        self.trainer.reset(seed=job.seed)
-        self.trainer.set_divergence(div, coef)
-        t1 = time.monotonic()
-        curves = self.trainer.train(steps=ec.inner_steps, callbacks=[_DeadlineCallback(job)])
-        t2 = time.monotonic()
-        bad = _nonfinite_loss(curves)
-        if bad:
-            raise FloatingPointError(bad)
-        check_deadline(job)
-        res = self.trainer.evaluate("val", indices=val_subset(job.seed, self.n_val, ec.val_size))
-        t3 = time.monotonic()
-        fitness = float(res.metric) - ec.length_penalty * float(res.mean_length)
-        return {
-            "fitness": fitness, "stderr": float(res.stderr), "metric": float(res.metric),
-            "mean_length": float(res.mean_length), "n_eval": int(res.n),
-            "curves": [{k: float(v) for k, v in row.items() if isinstance(v, int | float)} for row in curves],
-            "timings": {"reset_s": t1 - t0, "train_s": t2 - t1, "eval_s": t3 - t2},
-        }
+def criterion(fitness: float, stderr: float | None, rule: str, z: float) -> float:
+    """The incumbent rule: the mean, or its lower confidence bound mean - z * stderr."""
+    if rule == "lcb":
+        return float(fitness) - float(z) * float(stderr or 0.0)
+    return float(fitness)
 
 
-class AnalyticEvaluator:
-    """A cheap known objective of theta, for debugging strategies and the search machinery.
-
-    fitness = -mean((theta - target)^2) (`sphere`) or minus the mean Rastrigin term
-    (`rastrigin`), plus optional Gaussian noise (seeded by the generation seed and theta, so
-    common random numbers hold; `stderr` = noise). `delay_s` sleeps per evaluation in small slices
-    (checking the deadline) to simulate inner-run cost; it counts as training time.
-    """
-
-    def __init__(self, cfg: Config | None = None, function: str = "sphere", target: float = 1.0,
-                 noise: float = 0.0, delay_s: float = 0.0) -> None:
-        if function not in ("sphere", "rastrigin"):
-            raise ValueError(f"analytic function must be sphere or rastrigin, got {function!r}")
-        self.function, self.target, self.noise, self.delay_s = function, float(target), float(noise), delay_s
-
-    def setup(self) -> None:
-        """Nothing to load."""
-
-    def value(self, theta: np.ndarray) -> float:
-        """The noiseless objective (maximised)."""
-        d = np.asarray(theta, dtype=np.float64) - self.target
-        if self.function == "sphere":
-            return float(-np.mean(d**2))
-        return float(-np.mean(d**2 - 10.0 * np.cos(2 * np.pi * d) + 10.0))
-
-    def evaluate(self, job: Job) -> dict[str, Any]:
-        """Objective (+ seeded noise) after the simulated delay."""
-        t0 = time.monotonic()
-        end = t0 + self.delay_s
-        while time.monotonic() < end:
-            time.sleep(min(0.01, max(0.0, end - time.monotonic())))
-            check_deadline(job)
-        f = self.value(job.theta)
-        if self.noise > 0:
-            h = int.from_bytes(np.asarray(job.theta, "<f8").tobytes()[:8], "little") % 2**32
-            f += float(np.random.default_rng([job.seed, h]).normal(0.0, self.noise))
-        return {"fitness": f, "stderr": self.noise, "metric": f,
-                "timings": {"train_s": time.monotonic() - t0, "eval_s": 0.0}}
-
-
-class FaultInjectionEvaluator:
-    """Wraps another evaluator and makes chosen candidates fail, to exercise the failure policy.
-
-    `faults` maps "generation/index" (or "*/index") to `raise` (an exception), `nan` (the inner
-    result's fitness replaced by NaN) or `hang` (a blocking sleep of `hang_s`, which only the
-    timeout can stop; the `process` and `ray` executors kill it, `local` cannot).
-    """
-
-    def __init__(self, cfg: Config, inner: str = "gbmpo", inner_params: dict[str, Any] | None = None,
-                 faults: dict[str, str] | None = None, hang_s: float = 3600.0) -> None:
-        self.inner = evaluators.get(inner, cfg=cfg, **(inner_params or {}))
-        self.faults = dict(faults or {})
-        bad = {v for v in self.faults.values()} - {"raise", "nan", "hang"}
-        if bad:
-            raise ValueError(f"unknown fault kinds {sorted(bad)}; allowed: raise, nan, hang")
-        self.hang_s = hang_s
-
-    def setup(self) -> None:
-        """Set up the wrapped evaluator."""
-        self.inner.setup()
-
-    def evaluate(self, job: Job) -> dict[str, Any]:
-        """The wrapped evaluation, unless a fault is configured for this candidate."""
-        fault = self.faults.get(f"{job.generation}/{job.index}") or self.faults.get(f"*/{job.index}")
-        if fault == "raise":
-            raise RuntimeError(f"injected failure for candidate {job.generation}/{job.index}")
-        if fault == "hang":
-            time.sleep(self.hang_s)
-        res = self.inner.evaluate(job)
-        if fault == "nan":
-            res = {**res, "fitness": float("nan")}
-        return res
-
-
-evaluators.register("gbmpo", GBMPOEvaluator)
-evaluators.register("analytic", AnalyticEvaluator)
-evaluators.register("fault_injection", FaultInjectionEvaluator)
-
-
-# --------------------------------------------------------------------------- results
-@dataclass
+# --------------------------------------------------------------------------- records
+@dataclass(frozen=True)
 class GenerationRecord:
-    """One generation: per-candidate ids, lineage, hashes, fitness, errors, and timings."""
+    """One generation, written once: per candidate its id, lineage, hash, aggregate fitness, seeds
+    used and budget (inner steps), plus the incumbent after it and how many jobs were reused."""
 
     generation: int
     ids: list[str]
-    parents: list[str | None]
+    parent_ids: list[list[str]]
+    notes: list[str]
     shas: list[str]
     status: list[str]
     fitness: list[float | None]
     stderr: list[float | None]
+    n_seeds: list[int]
+    budget_steps: list[int]
     errors: list[str | None]
-    run_ids: list[str | None]
     best_fitness: float | None
     mean_fitness: float | None
+    incumbent_id: str | None
     incumbent_fitness: float | None
+    incumbent_reevaluation: float | None  # this generation's re-evaluated fitness of the incumbent
+    seeds: list[int]
+    reused_jobs: int
     wall_s: float
     compute_s: float
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GenerationRecord:
+        """Inverse of `dataclasses.asdict` (checkpoint loading)."""
+        return cls(**d)
 
 
 @dataclass
 class SearchResult:
-    """The outcome of a search: the incumbent (best theta and its fitness) and the history."""
+    """The outcome of a search: the answer (confirmed when the stage ran, else the incumbent)."""
 
     best_theta: np.ndarray
     best_fitness: float
@@ -274,6 +209,8 @@ class SearchResult:
     registered_uri: str | None
     wall_s: float
     timings: dict[str, float] = field(default_factory=dict)
+    confirmation: dict[str, Any] | None = None  # the confirm stage's table, when it ran
+    inner_steps_spent: int = 0  # all inner GBMPO steps the search trained (baselines included)
 
     def fitness_history(self) -> list[list[float | None]]:
         """Per generation, the candidates' fitness (None for FAILED)."""
@@ -306,13 +243,14 @@ def atomic_write_json(path: Path, data: Any) -> None:
         pass
 
 
-def _journal_path(ckpt_dir: Path, generation: int) -> Path:
+def journal_path(ckpt_dir: Path, generation: int) -> Path:
+    """The journal of finished jobs of `generation` (the confirmation stage uses generations)."""
     return ckpt_dir / f"generation_{generation:04d}.journal.jsonl"
 
 
-def read_journal(path: Path) -> dict[int, dict[str, Any]]:
-    """Entries of a generation journal by candidate index; a torn last line is ignored."""
-    out: dict[int, dict[str, Any]] = {}
+def read_journal(path: Path) -> dict[str, dict[str, Any]]:
+    """Entries of a generation journal by job key; a torn last line is ignored."""
+    out: dict[str, dict[str, Any]] = {}
     if not path.is_file():
         return out
     for line in path.read_text().splitlines():
@@ -320,7 +258,7 @@ def read_journal(path: Path) -> dict[int, dict[str, Any]]:
             e = json.loads(line)
         except json.JSONDecodeError:
             continue
-        out[int(e["index"])] = e
+        out[str(e["key"])] = e
     return out
 
 
@@ -331,7 +269,90 @@ def _append_journal(path: Path, entry: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-_CID = re.compile(r"g\d+-\d+")
+def job_key(role: str, slot: int, seed: int) -> str:
+    """Journal key of a job: what is trained (role and candidate slot) on which seed."""
+    return f"baseline:{seed}" if role == "baseline" else f"{role}:{slot}:{seed}"
+
+
+def run_key(role: str, candidate_id: str) -> str:
+    """Key of a child run in the recorder's map: the candidate id, or `confirm:<id>`."""
+    return candidate_id if role == "candidate" else f"{role}:{candidate_id}"
+
+
+# --------------------------------------------------------------------------- the recorder
+@dataclass(frozen=True)
+class ChildLog:
+    """One child run to log: the candidate, its aggregate outcome and its lineage."""
+
+    job: Job
+    outcome: Outcome
+    candidate_id: str
+    parent_ids: tuple[str, ...]
+    note: str
+    sha: str
+    extra: dict[str, float]
+    seeds: list[int]
+
+
+class SearchRecorder:
+    """Everything a search writes, in one place: the journal of finished jobs (synchronously, in
+    the search thread), and on one background thread, in order, the child runs of each finished
+    generation, its summary metrics, the new incumbent's plot and then the checkpoint. It alone
+    owns the candidate id -> run id map, so no record is changed after it is made."""
+
+    def __init__(self, cfg: Config, tracker: Any, checkpoint_dir: Path, timings: dict[str, float]) -> None:
+        self.cfg, self.tracker, self.dir, self.timings = cfg, tracker, checkpoint_dir, timings
+        self.run_ids: dict[str, str] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mirrorlab-tracking")
+        self._last: Future[None] | None = None
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    # -- journal (search thread)
+    def journal(self, generation: int, key: str, sha: str, outcome: Outcome) -> None:
+        """Append one finished job to its generation's journal (fsynced)."""
+        _append_journal(journal_path(self.dir, generation),
+                        {"key": key, "sha": sha, "outcome": outcome.to_dict()})
+
+    def journalled(self, generation: int) -> dict[str, dict[str, Any]]:
+        """Jobs of `generation` finished before an interruption."""
+        return read_journal(journal_path(self.dir, generation))
+
+    # -- background writes
+    def submit(self, generation: int, children: list[ChildLog], summary: dict[str, float] | None,
+               plot: tuple[str, np.ndarray] | None, checkpoint: dict[str, Any]) -> None:
+        """Queue a finished generation (or the confirmation stage): children, summary, plot, checkpoint."""
+        self.wait()  # the previous generation's (long done, normally): its errors surface here
+        self._last = self._pool.submit(self._write, generation, children, summary, plot, checkpoint)
+
+    def _write(self, generation: int, children: list[ChildLog], summary: dict[str, float] | None,
+               plot: tuple[str, np.ndarray] | None, checkpoint: dict[str, Any]) -> None:
+        t0 = time.monotonic()
+        for c in children:
+            parent_run = self.run_ids.get(c.parent_ids[0]) if c.parent_ids else None
+            rid = self.tracker.log_candidate(
+                c.job, c.outcome, candidate_id=c.candidate_id, parent_ids=c.parent_ids, note=c.note,
+                parent_run=parent_run, sha=c.sha, extra=c.extra, seeds=c.seeds)
+            if rid is not None:
+                self.run_ids[run_key(c.job.role, c.candidate_id)] = rid
+        if summary is not None:
+            self.tracker.log_generation(generation, summary)
+        if plot is not None and self.cfg.tracking.plot_scope == "incumbents":
+            self.tracker.log_plot(self.run_ids.get(plot[0]), plot[1])
+        self.timings["tracking_bg_s"] += time.monotonic() - t0
+        t = time.monotonic()
+        atomic_write_json(self.dir / CHECKPOINT, {**checkpoint, "run_ids": dict(self.run_ids)})
+        journal_path(self.dir, generation).unlink(missing_ok=True)
+        self.timings["checkpoint_s"] += time.monotonic() - t
+
+    def wait(self) -> None:
+        """Wait for the queued writes; re-raise their error."""
+        if self._last is not None:
+            f, self._last = self._last, None
+            f.result()
+
+    def close(self) -> None:
+        """Finish the queued writes and stop the thread."""
+        self._pool.shutdown(wait=True)
 
 
 # --------------------------------------------------------------------------- the search
@@ -341,7 +362,7 @@ class Search:
     def __init__(self, cfg: Config, evaluator: Any = None) -> None:
         self.cfg = cfg
         sc = cfg.search
-        self.space = make_space(cfg)
+        self.space: SearchSpace = make_space(cfg)
         self.evaluator = evaluator if evaluator is not None else build_evaluator(cfg)
         self.strategy = strategies.get(
             sc.strategy.name, dim=self.space.dim, population=sc.strategy.population, seed=cfg.seed,
@@ -350,18 +371,27 @@ class Search:
         self.checkpoint_dir = Path(sc.checkpoint_dir or Path(cfg.output_dir) / cfg.name / "search")
         self.executor: Executor | None = None
         self.tracker: Any = None
+        self.recorder: SearchRecorder | None = None
         self.history: list[GenerationRecord] = []
-        self.run_ids: dict[str, str] = {}  # candidate id -> child run id
-        self.incumbent: dict[str, Any] | None = None  # theta, fitness (mean of evals), n, id, run_id
-        self.on_generation: Callable[[GenerationRecord], None] | None = None
-        self._resumed_at: int | None = None
+        # the incumbent: theta, id, generation, values (per-seed fitness), fitness, stderr
+        self.incumbent: dict[str, Any] | None = None
+        self.pool: list[dict[str, Any]] = []  # the top-k candidates for the confirmation stage
+        self.baselines: dict[str, dict[str, Any]] = {}  # "seed:val_size" -> baseline Outcome dict
+        self.confirmation: dict[str, Any] | None = None
+        self.steps_spent = 0
+        self.parent_run: str | None = None
         # optional progress display (e.g. mirrorlab.progress.SearchProgress): any of
-        # on_generation_start(g, n), on_candidate_end(g, id, fitness, status),
-        # on_generation_end(g, best, mean, failures), on_search_end(result)
+        # on_search_start(generations, population, start_generation), on_generation_start(g, n),
+        # on_candidate_end(g, id, fitness, status), on_generation_end(g, best, mean, failures),
+        # on_search_end(result)
         self.progress: Any = None
         self.timings = dict.fromkeys(
             ("setup_s", "tracking_s", "tracking_bg_s", "checkpoint_s", "strategy_s", "compute_s",
              "reset_s", "train_s", "eval_s", "job_s"), 0.0)
+        self._resumed_at: int | None = None
+        self._failed_baselines: dict[str, dict[str, Any]] = {}  # this generation's, never cached
+        self._jobs_reused = 0
+        self._compute = 0.0
 
     # ------------------------------------------------------------------ checkpoint
     @property
@@ -369,47 +399,42 @@ class Search:
         """Where the checkpoint of the last complete generation lives."""
         return self.checkpoint_dir / CHECKPOINT
 
-    def _save_checkpoint(self, generation: int, parent_run_id: str | None,
-                         snapshot: tuple[Any, list[GenerationRecord], dict[str, Any] | None] | None = None,
-                         ) -> None:
-        """Write the checkpoint of `generation`; `snapshot` = (strategy state, history, incumbent)
-        taken right after that generation's `tell` (it is written later, from the tracking thread)."""
-        t = time.monotonic()
-        if snapshot is None:
-            snapshot = (self.strategy.state_dict(), list(self.history), self.incumbent)
-        state, history, incumbent = snapshot
-        inc = None
-        if incumbent is not None:
-            inc = {**incumbent, "theta": np.asarray(incumbent["theta"]).tolist()}
-        atomic_write_json(self.checkpoint_path, {
-            "version": CHECKPOINT_VERSION,
-            "completed_generations": generation + 1,
-            "strategy": state,
-            "history": [asdict(g) for g in history],
-            "incumbent": inc,
-            "run_ids": dict(self.run_ids),
-            "parent_run_id": parent_run_id,
-            "config": dump_config(self.cfg),
-            "seed": self.cfg.seed,
-        })
-        _journal_path(self.checkpoint_dir, generation).unlink(missing_ok=True)
-        self.timings["checkpoint_s"] += time.monotonic() - t
+    def _checkpoint(self, completed: int) -> dict[str, Any]:
+        """A JSON-able snapshot of the search state after `completed` generations (run ids are
+        added by the recorder when it writes it)."""
+        def theta_free(d: dict[str, Any] | None) -> dict[str, Any] | None:
+            return None if d is None else {**d, "theta": np.asarray(d["theta"]).tolist()}
+
+        return {
+            "version": CHECKPOINT_VERSION, "completed_generations": completed,
+            "strategy": copy.deepcopy(self.strategy.state_dict()),
+            "history": [asdict(g) for g in self.history],
+            "incumbent": theta_free(self.incumbent), "pool": [theta_free(p) for p in self.pool],
+            "baselines": copy.deepcopy(self.baselines), "confirmation": copy.deepcopy(self.confirmation),
+            "steps_spent": self.steps_spent, "parent_run_id": self.parent_run,
+            "config": dump_config(self.cfg), "seed": self.cfg.seed,
+        }
 
     def _load_checkpoint(self) -> dict[str, Any] | None:
         if not self.checkpoint_path.is_file():
             return None
         ck = json.loads(self.checkpoint_path.read_text())
         if ck.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"{self.checkpoint_path}: unsupported checkpoint version {ck.get('version')}")
+            raise ValueError(f"{self.checkpoint_path}: checkpoint version {ck.get('version')} cannot be "
+                             f"resumed by this mirrorlab (version {CHECKPOINT_VERSION}); start anew")
         if ck.get("config") != dump_config(self.cfg):
             log.warning("resuming %s with a config differing from the checkpointed one", self.checkpoint_path)
         self.strategy.load_state_dict(ck["strategy"])
-        self.history = [GenerationRecord(**g) for g in ck["history"]]
-        self.run_ids = dict(ck["run_ids"])
-        inc = ck["incumbent"]
-        if inc is not None:
-            inc["theta"] = np.asarray(inc["theta"], dtype=np.float64)
-        self.incumbent = inc
+        self.history = [GenerationRecord.from_dict(g) for g in ck["history"]]
+
+        def with_theta(d: dict[str, Any] | None) -> dict[str, Any] | None:
+            return None if d is None else {**d, "theta": np.asarray(d["theta"], dtype=np.float64)}
+
+        self.incumbent = with_theta(ck["incumbent"])
+        self.pool = [with_theta(p) for p in ck["pool"]]
+        self.baselines = dict(ck["baselines"])
+        self.confirmation = ck["confirmation"]
+        self.steps_spent = int(ck["steps_spent"])
         return ck
 
     # ------------------------------------------------------------------ main loop
@@ -421,14 +446,17 @@ class Search:
         )
 
     def run(self, resume: bool = False) -> SearchResult:
-        """Run (or, with `resume`, continue from the last checkpoint) all generations."""
+        """Run (or, with `resume`, continue from the last checkpoint) all generations, then the
+        confirmation stage, then register the answer."""
         t_start = time.monotonic()
         sc = self.cfg.search
-        start_gen, parent_run = 0, None
+        start_gen, run_ids = 0, {}
         if resume:
             ck = self._load_checkpoint()
             if ck is not None:
-                start_gen, parent_run = int(ck["completed_generations"]), ck["parent_run_id"]
+                start_gen, self.parent_run, run_ids = (int(ck["completed_generations"]), ck["parent_run_id"],
+                                                       ck["run_ids"])
+                self._resumed_at = start_gen
         elif self.checkpoint_path.exists():
             self.checkpoint_path.unlink()
             for j in self.checkpoint_dir.glob("generation_*.journal.jsonl"):
@@ -438,31 +466,37 @@ class Search:
         t = time.monotonic()
         try:
             self.tracker = make_tracker(self.cfg, sc.strategy.name, self.space)
-            parent_run = self.tracker.start(resume_run_id=parent_run)
+            self.parent_run = self.tracker.start(resume_run_id=self.parent_run)
         except BaseException:
             self.executor.close()
             raise
+        self.recorder = SearchRecorder(self.cfg, self.tracker, self.checkpoint_dir, self.timings)
+        self.recorder.run_ids.update(run_ids)
         self.timings["tracking_s"] += time.monotonic() - t
         if start_gen == 0 and not self.history:
-            self._save_checkpoint(-1, parent_run)  # records the parent run before generation 0
-        self._resumed_at = start_gen if resume else None
-        self._log_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mirrorlab-tracking")
-        self._finalising: Future[None] | None = None
-        status = "FAILED"
+            atomic_write_json(self.checkpoint_path, {**self._checkpoint(0), "run_ids": {}})  # the parent run
+        self._hook("on_search_start", sc.strategy.generations, sc.strategy.population,
+                   start_generation=start_gen)
+        status, result = "FAILED", None
         try:
-            # no start-up barrier: each worker takes candidates as soon as its model is loaded
             for gen in range(start_gen, sc.strategy.generations):
-                self._generation(gen, parent_run)
+                self._generation(gen)
+            if sc.evaluator.confirm.top_k > 0 and self.confirmation is None and self.pool:
+                self._confirm(sc.strategy.generations)
             self.executor.request_stop()  # workers tear down while the last logs and registry run
             t = time.monotonic()
-            self._wait_finalised()
+            self.recorder.wait()
             self.timings["tracking_s"] += time.monotonic() - t
-            result = self._result(parent_run, time.monotonic() - t_start)
+            result = self._result(time.monotonic() - t_start)
             t = time.monotonic()
             if result.best_run_id is not None and self.cfg.tracking.enabled:
+                c = self.confirmation
+                info = {"confirmed": c is not None, "search_fitness": self._search_fitness(result.best_id)}
+                if c is not None:
+                    info.update(confirm_seeds=c["seeds"], confirm_n=len(c["seeds"]))
                 result.registered_uri = self.tracker.register_best(
                     result.best_run_id, name=self.cfg.tracking.register_as, alias=self.cfg.tracking.alias,
-                    fitness=result.best_fitness,
+                    fitness=result.best_fitness, stderr=result.best_stderr, info=info,
                 )
             self.timings["tracking_s"] += time.monotonic() - t
             self.timings["setup_s"] += self.executor.setup_s  # start-up waits, restarts included
@@ -475,179 +509,260 @@ class Search:
             status = "KILLED"
             raise
         finally:
-            self._log_pool.shutdown(wait=True)
+            self.recorder.close()
             if self.executor is not None:
                 self.executor.close()
             summary = None
-            if status == "FINISHED":
+            if status == "FINISHED" and result is not None:
                 summary = {k: v for k, v in result.to_dict().items() if k != "history"}
             self.tracker.finish(status, summary)
 
-    def _jobs(self, gen: int, cands: list[Any]) -> list[Job]:
-        ec = self.cfg.search.evaluator
-        seed = generation_seed(self.cfg.seed, gen, ec.resample_each_generation)
-        jobs = [Job(gen, i, np.asarray(c.theta, dtype=np.float64), seed, ec.timeout_s)
-                for i, c in enumerate(cands)]
-        if ec.reevaluate_incumbent and self.incumbent is not None:
-            jobs.append(Job(gen, len(cands), np.asarray(self.incumbent["theta"]), seed, ec.timeout_s,
-                            label="incumbent"))
-        return jobs
-
-    def _generation(self, gen: int, parent_run: str | None) -> None:
+    def _generation(self, gen: int) -> None:
+        """ask -> score (seeds, pairing, racing) -> tell -> incumbent -> one immutable record."""
         t_gen = time.monotonic()
+        ec = self.cfg.search.evaluator
         t = time.monotonic()
         cands = self.strategy.ask()
         self.timings["strategy_s"] += time.monotonic() - t
-        jobs = self._jobs(gen, cands)
-        ids = [c.id or f"g{gen}-{i}" for i, c in enumerate(cands)] + (
-            [f"g{gen}-incumbent"] if len(jobs) > len(cands) else []
+        self._start_stage(gen)
+        seeds = generation_seeds(self.cfg.seed, gen, ec.seeds, ec.resample_each_generation)
+        scores = self._score(gen, "candidate", [c.theta for c in cands], [c.id for c in cands], seeds,
+                             racing=ec.racing.enabled)
+        fits = [s.fitness if s.ok else ec.failure_value for s in scores]
+        t = time.monotonic()
+        self.strategy.tell(cands, fits)
+        self.timings["strategy_s"] += time.monotonic() - t
+        reeval = self._reevaluate_incumbent(gen, seeds)
+        previous = None if self.incumbent is None else self.incumbent["id"]
+        for c, s in zip(cands, scores, strict=True):
+            if s.ok:
+                self._offer(gen, c, s)
+        inc = self.incumbent
+        ok = [s.fitness for s in scores if s.ok]
+        rec = GenerationRecord(
+            generation=gen, ids=[c.id for c in cands], parent_ids=[list(c.parent_ids) for c in cands],
+            notes=[c.note for c in cands], shas=[self.space.sha(c.theta) for c in cands],
+            status=[s.status for s in scores], fitness=[s.fitness for s in scores],
+            stderr=[s.stderr for s in scores], n_seeds=[len(s.seeds) for s in scores],
+            budget_steps=[len(s.seeds) * ec.inner_steps for s in scores], errors=[s.error for s in scores],
+            best_fitness=max(ok) if ok else None, mean_fitness=float(np.mean(ok)) if ok else None,
+            incumbent_id=None if inc is None else inc["id"],
+            incumbent_fitness=None if inc is None else inc["fitness"], incumbent_reevaluation=reeval,
+            seeds=seeds, reused_jobs=self._jobs_reused, wall_s=time.monotonic() - t_gen,
+            compute_s=self._compute,
         )
-        parents = [c.parent for c in cands] + (
-            [f"incumbent:{self.incumbent['id']}"] if len(jobs) > len(cands) else []
-        )
-        shas = [self.space.sha(j.theta) for j in jobs]
-        journal = _journal_path(self.checkpoint_dir, gen)
-        done = {i: e for i, e in read_journal(journal).items() if i < len(jobs) and e["sha"] == shas[i]}
-        outcomes: dict[int, Outcome] = {i: Outcome.from_dict(e["outcome"]) for i, e in done.items()}
-        run_ids: dict[int, str | None] = {i: e["run_id"] for i, e in done.items()}
+        self.history.append(rec)
+        children = [self._child(gen, i, c.id, c.theta, c.parent_ids, c.note, s, "candidate")
+                    for i, (c, s) in enumerate(zip(cands, scores, strict=True))]
+        summary = {
+            "best_fitness": _nan(rec.best_fitness), "mean_fitness": _nan(rec.mean_fitness),
+            "incumbent_fitness": _nan(rec.incumbent_fitness),
+            "failed": float(sum(s != FINISHED for s in rec.status)),
+            "inner_steps_spent": float(self.steps_spent),
+        }
+        plot = (inc["id"], inc["theta"]) if inc is not None and inc["id"] != previous else None
+        self.recorder.submit(gen, children, summary, plot, self._checkpoint(gen + 1))
+        self._hook("on_generation_end", gen, rec.best_fitness, rec.mean_fitness,
+                   sum(s != FINISHED for s in rec.status))
+
+    # ------------------------------------------------------------------ scoring
+    def _score(self, gen: int, role: str, thetas: list[np.ndarray], ids: list[str], seeds: list[int],
+               racing: bool = False) -> list[Score]:
+        """Scores of `thetas` on `seeds` (all of them, or by successive halving with `racing`)."""
+        ec = self.cfg.search.evaluator
+        rungs = racing_rungs(len(seeds), ec.racing.min_seeds, ec.racing.eta) if racing else [len(seeds)]
+        eval_size = ec.confirm.val_size if role == "confirm" else ec.val_size
+        outs: dict[str, Outcome] = {}
+        active = list(range(len(thetas)))
+        scores: dict[int, Score] = {}
+        done = 0
+        for r, upto in enumerate(rungs):
+            specs = [(role, i, thetas[i], s, ids[i]) for i in active for s in seeds[done:upto]]
+            outs.update(self._run_jobs(gen, specs, eval_size))
+            for i in active:
+                ss = seeds[:upto]
+                per = [outs[job_key(role, i, s)] for s in ss]
+                base = None
+                if ec.baseline is not None:
+                    base = [self._baseline_outcome(s, eval_size) for s in ss]
+                scores[i] = aggregate(per, ss, base, rung=r)
+            done = upto
+            if r + 1 < len(rungs):  # promote the best 1/eta of the survivors
+                alive = sorted((i for i in active if scores[i].ok), key=lambda i: -scores[i].fitness)
+                active = sorted(alive[: math.ceil(len(alive) / ec.racing.eta)])
+                if not active:
+                    break
+        return [scores[i] for i in range(len(thetas))]
+
+    def _baseline_outcome(self, seed: int, eval_size: int | None) -> Outcome:
+        key = f"{seed}:{eval_size}"
+        return Outcome.from_dict(self.baselines.get(key) or self._failed_baselines[key])
+
+    def _run_jobs(self, gen: int, specs: list[tuple[str, int, np.ndarray, int, str]],
+                  eval_size: int | None) -> dict[str, Outcome]:
+        """Evaluate (role, slot, theta, seed, id) specs through the executor, plus the paired
+        baseline on any seed not cached yet; jobs in this generation's journal are reused."""
+        ec = self.cfg.search.evaluator
+        journal = self.recorder.journalled(gen)
+        need = []
+        if ec.baseline is not None:
+            for s in dict.fromkeys(sp[3] for sp in specs):
+                if f"{s}:{eval_size}" not in self.baselines:
+                    need.append(("baseline", -1, np.zeros(self.space.dim), s, "baseline"))
+        self._hook("on_generation_start", gen, len(need) + len(specs))
+        outs: dict[str, Outcome] = {}
+        todo: list[Job] = []
+        meta: dict[int, tuple[str, str, str]] = {}  # job index -> key, sha, id
+        for role, slot, theta, seed, cid in need + specs:
+            key = job_key(role, slot, seed)
+            sha = "baseline" if role == "baseline" else self.space.sha(theta)
+            e = journal.get(key)
+            if e is not None and e["sha"] == sha:  # finished before an interruption
+                outs[key] = Outcome.from_dict(e["outcome"])
+                self._jobs_reused += 1
+                o = outs[key]
+                self._hook("on_candidate_end", gen, f"{cid}/s{seed}", _ok_fitness(o), o.status)
+                continue
+            job = Job(gen, len(todo), np.asarray(theta, dtype=np.float64), seed, ec.timeout_s, role=role,
+                      candidate=max(slot, 0), eval_size=eval_size)
+            meta[job.index] = (key, sha, cid)
+            todo.append(job)
+
+        def on_result(job: Job, out: Outcome) -> None:
+            key, sha, cid = meta[job.index]
+            outs[key] = out
+            self.recorder.journal(gen, key, sha, out)
+            self._hook("on_candidate_end", gen, f"{cid}/s{job.seed}", _ok_fitness(out), out.status)
+
+        t = time.monotonic()
+        if todo:
+            self.executor.map(todo, on_result=on_result)
+        self.timings["compute_s"] += time.monotonic() - t
+        ran = {key for key, _sha, _cid in meta.values()}
+        for key, o in outs.items():
+            if key in ran:
+                for k in ("reset_s", "train_s", "eval_s"):
+                    self.timings[k] += o.timings.get(k, 0.0)
+                self.timings["job_s"] += o.timings.get("total_s", 0.0)
+            self._compute += o.timings.get("train_s", 0.0) + o.timings.get("eval_s", 0.0)
+            self.steps_spent += ec.inner_steps
+            if key.startswith("baseline:"):  # cached when it finished; a failure fails this call's seed
+                cache = self.baselines if o.status == FINISHED else self._failed_baselines
+                cache[f"{key.split(':')[1]}:{eval_size}"] = o.to_dict()
+        return outs
+
+    # ------------------------------------------------------------------ incumbent
+    def _reevaluate_incumbent(self, gen: int, seeds: list[int]) -> float | None:
+        """Re-score the incumbent on this generation's seeds (its own jobs); fold into its mean."""
+        inc = self.incumbent
+        if not self.cfg.search.evaluator.reevaluate_incumbent or inc is None:
+            return None
+        (s,) = self._score(gen, "incumbent", [inc["theta"]], [inc["id"]], seeds)
+        if not s.ok:
+            log.warning("generation %d: re-evaluating the incumbent %s failed: %s", gen, inc["id"], s.error)
+            return None
+        values = list(inc["values"]) + list(s.values)
+        inc.update(values=values, fitness=float(np.mean(values)),
+                   stderr=float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1
+                   else inc["stderr"])
+        return s.fitness
+
+    def _offer(self, gen: int, cand: Candidate, s: Score) -> None:
+        """A finished candidate may become the incumbent and may join the confirmation pool."""
+        ec = self.cfg.search.evaluator
+        entry = {"theta": np.asarray(cand.theta, dtype=np.float64).copy(), "id": cand.id, "generation": gen,
+                 "values": list(s.values), "fitness": float(s.fitness), "stderr": s.stderr}
+
+        def crit(e: dict[str, Any]) -> float:
+            return criterion(e["fitness"], e["stderr"], ec.incumbent, ec.lcb_z)
+
+        if self.incumbent is None or crit(entry) > crit(self.incumbent):
+            self.incumbent = entry
+        k = ec.confirm.top_k
+        if k > 0:
+            self.pool = sorted([*self.pool, entry], key=lambda e: -crit(e))[:k]
+
+    # ------------------------------------------------------------------ confirmation
+    def _confirm(self, gen: int) -> None:
+        """Re-score the pool on fresh seeds; the best confirmed candidate becomes the answer."""
+        ec = self.cfg.search.evaluator
+        seeds = confirmation_seeds(self.cfg.seed, ec.confirm.seeds)
+        self._start_stage(gen)
+        pool = self.pool
+        scores = self._score(gen, "confirm", [p["theta"] for p in pool], [p["id"] for p in pool], seeds)
+        rows = []
+        for p, s in zip(pool, scores, strict=True):
+            rows.append({"id": p["id"], "search_fitness": p["fitness"], "search_stderr": p["stderr"],
+                         "status": s.status, "fitness": s.fitness, "stderr": s.stderr,
+                         "values": list(s.values), "error": s.error})
+        ok = [i for i, s in enumerate(scores) if s.ok]
+        best = max(ok, key=lambda i: criterion(scores[i].fitness, scores[i].stderr, ec.incumbent, ec.lcb_z),
+                   default=None)
+        self.confirmation = {"seeds": seeds, "rows": rows, "reused_jobs": self._jobs_reused,
+                             "best": None if best is None else pool[best]["id"]}
+        children = [self._child(gen, i, p["id"], p["theta"], (p["id"],), "confirmation", s, "confirm")
+                    for i, (p, s) in enumerate(zip(pool, scores, strict=True))]
+        self.recorder.submit(gen, children, None, None, self._checkpoint(gen))
+
+    # ------------------------------------------------------------------ helpers
+    def _start_stage(self, gen: int) -> None:
+        """Reset the per-generation counters; after a resume, drop the interrupted generation's
+        partially logged child runs (a generation's children are logged again as a whole)."""
+        self._jobs_reused, self._compute, self._failed_baselines = 0, 0.0, {}
         if self._resumed_at == gen:
             t = time.monotonic()
-            removed = self.tracker.interrupted_children(gen, [r for r in run_ids.values() if r])
+            removed = self.tracker.interrupted_children(gen, list(self.recorder.run_ids.values()))
             if removed:
                 log.info("generation %d: deleted %d partially logged child runs", gen, removed)
             self.timings["tracking_s"] += time.monotonic() - t
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
 
-        def log_one(job: Job, out: Outcome) -> None:
-            t0 = time.monotonic()
-            i = job.index
-            parent = parents[i]
-            parent_run_id = None
-            if parent:
-                m = _CID.search(parent)
-                parent_run_id = self.run_ids.get(m.group(0)) if m else None
-            rid = self.tracker.log_candidate(
-                job, out, candidate_id=ids[i], parent=parent, parent_run=parent_run_id, sha=shas[i],
-            )
-            outcomes[i], run_ids[i] = out, rid
-            _append_journal(journal, {"index": i, "sha": shas[i], "run_id": rid, "outcome": out.to_dict()})
-            self.timings["tracking_bg_s"] += time.monotonic() - t0
+    def _child(self, gen: int, slot: int, cid: str, theta: np.ndarray, parent_ids: tuple[str, ...],
+               note: str, s: Score, role: str) -> ChildLog:
+        ec = self.cfg.search.evaluator
+        seeds = list(s.seeds)
+        out = Outcome(gen, slot, s.status, fitness=s.fitness, stderr=s.stderr, metric=s.metric,
+                      mean_length=s.mean_length, error=s.error, label=role, curves=list(s.curves),
+                      timings=dict(s.timings), worker=",".join(s.workers))
+        extra = {"n_seeds": float(len(seeds)), "budget_inner_steps": float(len(seeds) * ec.inner_steps),
+                 "rung": float(s.rung), "paired": float(ec.baseline is not None)}
+        extra.update({f"fitness_seed_{j}": v for j, v in enumerate(s.values)})
+        job = Job(gen, slot, np.asarray(theta, dtype=np.float64), seeds[0] if seeds else 0, role=role,
+                  candidate=slot)
+        return ChildLog(job, out, cid, tuple(parent_ids), note, self.space.sha(theta), extra, seeds)
 
-        # children are logged by one background thread while the executor keeps evaluating, so
-        # tracking (MLflow writes, map artifacts, plots) overlaps the inner runs
-        pending: list[Future[None]] = []
+    def _search_fitness(self, cid: str | None) -> float | None:
+        for g in self.history:
+            if cid in g.ids:
+                return g.fitness[g.ids.index(cid)]
+        return None
 
-        def on_result(job: Job, out: Outcome) -> None:
-            outcomes[job.index] = out
-            self._hook("on_candidate_end", gen, ids[job.index],
-                       out.fitness if out.status == FINISHED else None, out.status)
-            pending.append(self._log_pool.submit(log_one, job, out))
-
-        todo = [j for j in jobs if j.index not in outcomes]
-        self._hook("on_generation_start", gen, len(jobs))
-        for i in sorted(outcomes):  # reused from the journal of an interrupted run
-            o = outcomes[i]
-            self._hook("on_candidate_end", gen, ids[i], o.fitness if o.status == FINISHED else None, o.status)
-        t = time.monotonic()
-        self.executor.map(todo, on_result=on_result)
-        self.timings["compute_s"] += time.monotonic() - t
-        outs = [outcomes[i] for i in range(len(jobs))]
-        for o in outs:
-            for k in ("reset_s", "train_s", "eval_s"):
-                self.timings[k] += o.timings.get(k, 0.0)
-            self.timings["job_s"] += o.timings.get("total_s", 0.0)  # the whole job, in the worker
-        fail = self.cfg.search.evaluator.failure_value
-        fits = [o.fitness if o.status == FINISHED else fail for o in outs[: len(cands)]]
-        t = time.monotonic()
-        self.strategy.tell(cands, fits)
-        state = copy.deepcopy(self.strategy.state_dict())  # the checkpoint's, written later
-        self.timings["strategy_s"] += time.monotonic() - t
-        previous = None if self.incumbent is None else self.incumbent["id"]
-        self._update_incumbent(gen, jobs, outs, ids)
-        ok = [o.fitness for o in outs[: len(cands)] if o.status == FINISHED]
-        rec = GenerationRecord(
-            generation=gen, ids=ids, parents=parents, shas=shas, status=[o.status for o in outs],
-            fitness=[o.fitness if o.status == FINISHED else None for o in outs],
-            stderr=[o.stderr if o.status == FINISHED else None for o in outs],
-            errors=[o.error for o in outs], run_ids=[None] * len(jobs),  # filled once logged
-            best_fitness=max(ok) if ok else None, mean_fitness=float(np.mean(ok)) if ok else None,
-            incumbent_fitness=None if self.incumbent is None else self.incumbent["fitness"],
-            wall_s=time.monotonic() - t_gen,
-            compute_s=sum(o.timings.get("train_s", 0.0) + o.timings.get("eval_s", 0.0) for o in outs),
-        )
-        self.history.append(rec)
-        inc = None if self.incumbent is None else dict(self.incumbent)
-        snapshot = (state, list(self.history), inc)
-
-        def finalise() -> None:
-            """After the generation's children are logged (FIFO pool): lineage ids, summary
-            metrics, the new incumbent's plot, then the checkpoint. Overlaps the next generation."""
-            for f in pending:
-                f.result()  # a logging error surfaces here, then in the search thread
-            t0 = time.monotonic()
-            for i in range(len(cands)):
-                if run_ids.get(i):
-                    self.run_ids[ids[i]] = run_ids[i]
-            rec.run_ids[:] = [run_ids.get(i) for i in range(len(jobs))]
-            if inc is not None:
-                inc["run_id"] = self.run_ids.get(inc["id"], inc.get("run_id"))
-            self.tracker.log_generation(gen, {
-                "best_fitness": rec.best_fitness if rec.best_fitness is not None else math.nan,
-                "mean_fitness": rec.mean_fitness if rec.mean_fitness is not None else math.nan,
-                "incumbent_fitness": rec.incumbent_fitness if rec.incumbent_fitness is not None else math.nan,
-                "failed": float(sum(s != FINISHED for s in rec.status)),
-            })
-            if inc is not None and inc["id"] != previous and self.cfg.tracking.plot_scope == "incumbents":
-                self.tracker.log_plot(inc["run_id"], inc["theta"])
-            self.timings["tracking_bg_s"] += time.monotonic() - t0
-            self._save_checkpoint(gen, parent_run, snapshot)
-
-        t = time.monotonic()
-        self._wait_finalised()  # the previous generation's (long done, normally): errors surface here
-        self.timings["tracking_s"] += time.monotonic() - t
-        self._finalising = self._log_pool.submit(finalise)
-        self._hook("on_generation_end", gen, rec.best_fitness, rec.mean_fitness,
-                   sum(s != FINISHED for s in rec.status))
-        if self.on_generation is not None:
-            self.on_generation(rec)
-
-    def _wait_finalised(self) -> None:
-        """Wait for the background end-of-generation work (logging, checkpoint); re-raise its error."""
-        if self._finalising is not None:
-            f, self._finalising = self._finalising, None
-            f.result()
-
-    def _hook(self, name: str, *args: Any) -> None:
+    def _hook(self, name: str, *args: Any, **kw: Any) -> None:
         f = getattr(self.progress, name, None)
         if f is not None:
-            f(*args)
+            f(*args, **kw)
 
-    def _update_incumbent(self, gen: int, jobs: list[Job], outs: list[Outcome], ids: list[str]) -> None:
-        inc = self.incumbent
-        for j, o in zip(jobs, outs, strict=True):
-            if o.status != FINISHED:
-                continue
-            if j.label == "incumbent" and inc is not None:
-                n = inc["n"] + 1
-                inc["fitness"] = inc["fitness"] + (o.fitness - inc["fitness"]) / n
-                inc["n"] = n
-        for j, o in zip(jobs, outs, strict=True):
-            if o.status != FINISHED or j.label == "incumbent":
-                continue
-            if inc is None or o.fitness > inc["fitness"]:
-                inc = {"theta": np.asarray(j.theta, dtype=np.float64).copy(), "fitness": float(o.fitness),
-                       "stderr": o.stderr, "n": 1, "id": ids[j.index], "run_id": None,  # set once logged
-                       "generation": gen}
-        self.incumbent = inc
-
-    def _result(self, parent_run: str | None, wall: float) -> SearchResult:
+    def _result(self, wall: float) -> SearchResult:
+        run_ids = self.recorder.run_ids
+        c = self.confirmation
+        if c is not None and c["best"] is not None:
+            row = next(r for r in c["rows"] if r["id"] == c["best"])
+            theta = next(p["theta"] for p in self.pool if p["id"] == c["best"])
+            rid = run_ids.get(run_key("confirm", c["best"]))
+            return SearchResult(np.asarray(theta), float(row["fitness"]), row["stderr"], c["best"], rid,
+                                self.history, self.parent_run, None, wall, dict(self.timings), c,
+                                self.steps_spent)
         inc = self.incumbent
         if inc is None:
-            theta, fit = self.strategy.recommendation(), float("nan")
-            return SearchResult(theta, fit, None, None, None, self.history, parent_run, None, wall,
-                                dict(self.timings))
-        inc["run_id"] = self.run_ids.get(inc["id"], inc.get("run_id"))
-        return SearchResult(
-            np.asarray(inc["theta"]), float(inc["fitness"]), inc["stderr"], inc["id"], inc["run_id"],
-            self.history, parent_run, None, wall, dict(self.timings),
-        )
+            return SearchResult(self.strategy.recommendation(), float("nan"), None, None, None, self.history,
+                                self.parent_run, None, wall, dict(self.timings), c, self.steps_spent)
+        return SearchResult(np.asarray(inc["theta"]), float(inc["fitness"]), inc["stderr"], inc["id"],
+                            run_ids.get(inc["id"]), self.history, self.parent_run, None, wall,
+                            dict(self.timings), c, self.steps_spent)
+
+
+def _nan(x: float | None) -> float:
+    return math.nan if x is None else float(x)
+
+
+def _ok_fitness(o: Outcome) -> float | None:
+    return o.fitness if o.status == FINISHED else None

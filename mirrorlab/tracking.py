@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from mirrorlab.config import Config, dump_config
-from mirrorlab.executors import FINISHED, Job, Outcome
+from mirrorlab.records import FINISHED, Job, Outcome
 
 TAG = "mirrorlab."
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -178,33 +178,41 @@ class MLflowTracker:
 
     # ------------------------------------------------------------------ children
     def log_candidate(
-        self, job: Job, outcome: Outcome, *, candidate_id: str, parent: str | None,
-        parent_run: str | None = None, sha: str,
+        self, job: Job, outcome: Outcome, *, candidate_id: str, parent_ids: tuple[str, ...] = (),
+        note: str = "", parent_run: str | None = None, sha: str, extra: dict[str, float] | None = None,
+        seeds: list[int] | None = None,
     ) -> str:
-        """One child run for one evaluated candidate (FINISHED or FAILED with its error)."""
+        """One child run for one evaluated candidate (FINISHED or FAILED with its error).
+
+        `outcome` is the candidate's aggregate over its inner seeds; `extra` adds metrics (per-seed
+        fitness, budget spent, racing rung); lineage is `parent_ids` (JSON tag) and the first
+        parent's run id; `note` says how the strategy made the candidate."""
         from mlflow.entities import RunTag
 
-        label = job.label or str(job.index)
+        label = str(job.candidate) if job.role in ("candidate", "confirm") else job.role
         tags = {
             "mlflow.parentRunId": self.parent_run_id,
             TAG + "generation": str(job.generation),
             TAG + "candidate": label,
             TAG + "candidate_id": candidate_id,
-            TAG + "parent": parent or "",
+            TAG + "stage": "confirm" if job.role == "confirm" else "search",
+            TAG + "parent": parent_ids[0] if parent_ids else note,
+            TAG + "parent_ids": json.dumps(list(parent_ids)),
+            TAG + "note": note,
             TAG + "strategy": self.strategy,
             TAG + "theta_sha": sha,
             TAG + "status": outcome.status,
             TAG + "space": self.space.kind,
             TAG + "worker": outcome.worker,
             TAG + "seed": str(job.seed),
+            TAG + "seeds": json.dumps(seeds if seeds is not None else [job.seed]),
         }
         if parent_run:
             tags[TAG + "parent_run"] = parent_run
         if outcome.error:
             tags[TAG + "error"] = outcome.error[:4900]
-        run = self.client.create_run(
-            self.experiment_id, run_name=f"g{job.generation}-{label}", tags=tags
-        )
+        name = candidate_id if job.role == "candidate" else f"{job.role}-{candidate_id}"
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         rid = run.info.run_id
         ts = int(1000 * __import__("time").time())
         metrics = []
@@ -214,6 +222,9 @@ class MLflowTracker:
                 metrics.append(mlflow_metric("fitness_stderr" if name == "stderr" else name, float(v), ts, 0))
         if outcome.n_eval is not None:
             metrics.append(mlflow_metric("n_eval", float(outcome.n_eval), ts, 0))
+        for k, v in (extra or {}).items():
+            if _finite(v):
+                metrics.append(mlflow_metric(k, float(v), ts, 0))
         for k, v in outcome.timings.items():
             metrics.append(mlflow_metric(f"time_{k}", float(v), ts, 0))
         for i, row in enumerate(outcome.curves):
@@ -257,8 +268,11 @@ class MLflowTracker:
 
     # ------------------------------------------------------------------ registry / end
     def register_best(self, run_id: str | None, *, name: str | None = None, alias: str = "best",
-                      fitness: float | None = None) -> str | None:
-        """Register the `map` artifact of child `run_id` as a model version and alias it."""
+                      fitness: float | None = None, stderr: float | None = None,
+                      info: dict[str, Any] | None = None) -> str | None:
+        """Register the `map` artifact of child `run_id` as a model version and alias it; the
+        version's tags carry the fitness it was chosen with, its standard error and `info`
+        (e.g. whether the fitness is the confirmed one, on how many fresh seeds)."""
         if run_id is None:
             return None
         from mlflow.exceptions import MlflowException
@@ -274,6 +288,10 @@ class MLflowTracker:
         tags = {TAG + "space": self.space.kind, TAG + "search_run": self.parent_run_id or ""}
         if fitness is not None:
             tags[TAG + "fitness"] = repr(fitness)
+        if stderr is not None:
+            tags[TAG + "fitness_stderr"] = repr(stderr)
+        for k, v in (info or {}).items():
+            tags[TAG + k] = v if isinstance(v, str) else json.dumps(v)
         mv = self.client.create_model_version(
             name, source=f"runs:/{run_id}/map", run_id=run_id, tags=tags
         )

@@ -22,22 +22,32 @@ STATE_VERSION = 1
 
 @dataclass(frozen=True, eq=False)
 class Candidate:
-    """One proposed point: `theta` (float64, shape [dim]), `parent` (human-readable lineage
-    pointer such as "mean@g3+eps[5]", "elite:g2-4", "ng:CMA@g1") and a stable `id` ("g3-5":
-    generation 3, slot 5) that is unique within a search and identical after a resume."""
+    """One proposed point: `theta` (float64, shape [dim]), a stable `id` ("g3-5": generation 3,
+    slot 5; unique within a search and identical after a resume), the ids of the points it
+    derives from (`parent_ids`, structured lineage: other candidates' ids, or a strategy point that
+    is never evaluated itself such as the ES search mean `mean@g3`; empty for a fresh draw) and a
+    human-readable `note` on how it was made ("mean@g3+eps[5]", "elite", ...)."""
 
     theta: np.ndarray
-    parent: str | None = None
-    id: str = ""
+    id: str
+    parent_ids: tuple[str, ...] = ()
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            raise ValueError("Candidate.id is required (e.g. Strategy._cid(slot))")
+        object.__setattr__(self, "parent_ids", tuple(str(p) for p in self.parent_ids))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (used for pending candidates in state dicts)."""
-        return {"theta": self.theta.tolist(), "parent": self.parent, "id": self.id}
+        return {"theta": self.theta.tolist(), "id": self.id, "parent_ids": list(self.parent_ids),
+                "note": self.note}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Candidate:
         """Inverse of `to_dict`."""
-        return cls(theta=np.asarray(d["theta"], dtype=np.float64), parent=d["parent"], id=d["id"])
+        return cls(theta=np.asarray(d["theta"], dtype=np.float64), id=d["id"],
+                   parent_ids=tuple(d.get("parent_ids", ())), note=d.get("note", ""))
 
 
 # --------------------------------------------------------------------------- pure helpers

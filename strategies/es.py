@@ -57,7 +57,8 @@ class _GaussianES(Strategy):
         out = []
         for slot, (k, s) in zip(self._slots, rows, strict=True):
             theta = self.mean + s * self.sigma * eps[k]
-            out.append(Candidate(theta, f"mean@g{g}{'+' if s > 0 else '-'}eps[{k}]", self._cid(slot)))
+            out.append(Candidate(theta, self._cid(slot), parent_ids=(f"mean@g{g}",),
+                                 note=f"mean@g{g}{'+' if s > 0 else '-'}eps[{k}]"))
         return out
 
     def _base_state(self) -> dict[str, Any]:
@@ -121,7 +122,7 @@ class OpenAIES(_GaussianES):
     def _ask(self) -> list[Candidate]:
         out = []
         if self.eval_mean:
-            out.append(Candidate(self.mean.copy(), f"mean@g{self._generation}", self._cid(0)))
+            out.append(Candidate(self.mean.copy(), self._cid(0), note=f"mean@g{self._generation}"))
         out += self._perturbations(self.population - len(out), len(out))
         return out
 
@@ -169,7 +170,7 @@ class GBMPOES(_GaussianES):
       baseline Fbar cancels within pairs and only matters for an unpaired last slot).
     - When the mean does not beat the best so far, the mean stays and the top
       max(1, floor(elite_frac * population)) candidates of the iteration (by raw fitness, elites
-      included) are carried into the next batch as its first slots (parent "elite:<id>"), so
+      included) are carried into the next batch as its first slots (parent_ids: the elite), so
       they are re-evaluated under that generation's common random numbers; they never enter the
       gradient or the population mean. After a step the elites are dropped.
     - sigma *= sigma_decay after every iteration, step or not.
@@ -201,7 +202,8 @@ class GBMPOES(_GaussianES):
 
     def _ask(self) -> list[Candidate]:
         out = [
-            Candidate(e.theta.copy(), f"elite:{e.id}", self._cid(i)) for i, e in enumerate(self.elites)
+            Candidate(e.theta.copy(), self._cid(i), parent_ids=(e.id,), note="elite")
+            for i, e in enumerate(self.elites)
         ]
         out += self._perturbations(self.population - len(out), len(out))
         return out

@@ -98,12 +98,12 @@ class NevergradStrategy(Strategy):
                 c = self._opt.ask()
                 cid = self._cid(i)
                 lineage = c.heritage.get("lineage")
-                parent = f"ng:{self.optimizer_name}@g{self._generation}"
-                if lineage in self._uid_to_id and lineage != c.uid:
-                    parent += f"<{self._uid_to_id[lineage]}"
+                parents = ((self._uid_to_id[lineage],)
+                           if lineage in self._uid_to_id and lineage != c.uid else ())
                 self._uid_to_id[c.uid] = cid
                 self._ng_pending[cid] = c
-                out.append(Candidate(np.array(c.value, dtype=np.float64).reshape(-1), parent, cid))
+                out.append(Candidate(np.array(c.value, dtype=np.float64).reshape(-1), cid, parent_ids=parents,
+                                     note=f"ng:{self.optimizer_name}@g{self._generation}"))
         return out
 
     def _tell(self, candidates: list[Candidate], fitnesses: np.ndarray) -> None:

@@ -82,7 +82,7 @@ class RandomInit(Strategy):
         for i in range(self.population):
             s = derive_seed(self.seed, self._count + i)
             theta = as_vector(self._sample(s), self.dim, what=f"sampler({s})")
-            out.append(Candidate(theta, f"random_init:seed={s}", self._cid(i)))
+            out.append(Candidate(theta, self._cid(i), note=f"random_init:seed={s}"))
         self._count += self.population
         return out
 

@@ -261,17 +261,32 @@ def test_progress_callbacks_record_and_print() -> None:
 
 
 def test_lineage_records_resolve_parents() -> None:
-    """ES parents (`mean@g1+eps[0]`) become the virtual node `mean@g1`; elites point at candidates."""
-    from types import SimpleNamespace
-
+    """Structured parent ids: ES perturbations point at the virtual node `mean@gK`, elites at the
+    candidate they copy; a real search's strategies produce exactly these."""
+    from mirrorlab import strategies
     from mirrorlab.cli import lineage_records
+    from mirrorlab.search import GenerationRecord
 
-    hist = [
-        SimpleNamespace(generation=0, ids=["g0-0", "g0-1"], parents=["mean@g0+eps[0]", "mean@g0-eps[0]"],
-                        status=["FINISHED", "FAILED"], fitness=[0.3, None]),
-        SimpleNamespace(generation=1, ids=["g1-0", "g1-1"], parents=["elite:g0-0", "mean@g1+eps[0]"],
-                        status=["FINISHED", "FINISHED"], fitness=[0.31, 0.4]),
-    ]
+    es = strategies.get("gbmpo_es", dim=3, population=6, seed=0, generations=3)
+    c0 = es.ask()
+    es.tell(c0, [-10.0] * 6)  # the population mean beats -inf: a step
+    c1 = es.ask()
+    es.tell(c1, [-20.0] * 6)  # worse than the best so far: elites are kept
+    c2 = es.ask()
+
+    def rec(g, cands, fits, status):
+        n = len(cands)
+        return GenerationRecord(
+            generation=g, ids=[c.id for c in cands], parent_ids=[list(c.parent_ids) for c in cands],
+            notes=[c.note for c in cands], shas=[""] * n, status=status, fitness=fits, stderr=[None] * n,
+            n_seeds=[1] * n, budget_steps=[1] * n, errors=[None] * n, best_fitness=None, mean_fitness=None,
+            incumbent_id=None, incumbent_fitness=None, incumbent_reevaluation=None, seeds=[0],
+            reused_jobs=0, wall_s=0.0, compute_s=0.0)
+
+    hist = [rec(0, c0, [0.3, None] + [0.1] * 4, ["FINISHED", "FAILED"] + ["FINISHED"] * 4),
+            rec(1, c1, [0.31] * 6, ["FINISHED"] * 6), rec(2, c2, [0.2] * 6, ["FINISHED"] * 6)]
     recs = {r["id"]: r for r in lineage_records(hist)}
-    assert recs["g0-0"]["parent"] == "mean@g0" and recs["g1-0"]["parent"] == "g0-0"
+    assert recs["g0-0"]["parent"] == "mean@g0"
+    elite = next(c for c in c2 if c.note == "elite")
+    assert recs[elite.id]["parent"] == elite.parent_ids[0] and elite.parent_ids[0].startswith("g1-")
     assert recs["g0-1"]["status"] == "FAILED" and recs["g1-1"]["generation"] == 1

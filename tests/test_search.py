@@ -76,8 +76,8 @@ def test_val_subset_is_deterministic_sorted_and_unique(seed, n, size):
 
 def test_journal_ignores_a_torn_last_line_and_atomic_write(tmp_path):
     j = tmp_path / "g.jsonl"
-    j.write_text(json.dumps({"index": 0, "sha": "a"}) + "\n" + '{"index": 1, "sh')
-    assert list(read_journal(j)) == [0]
+    j.write_text(json.dumps({"key": "candidate:0:7", "sha": "a"}) + "\n" + '{"key": "candidate:1:7", "sh')
+    assert list(read_journal(j)) == ["candidate:0:7"]
     p = tmp_path / "ck.json"
     atomic_write_json(p, {"x": 1})
     atomic_write_json(p, {"x": 2})
@@ -191,7 +191,14 @@ def test_tiny_search_is_fully_recorded_in_mlflow(tiny_searches, strategy):
         g, c = int(t["mirrorlab.generation"]), int(t["mirrorlab.candidate"])
         seen.add((g, c))
         assert t["mirrorlab.strategy"] == strategy and t["mirrorlab.status"] == FINISHED
-        assert t["mirrorlab.parent"]  # lineage string from the strategy
+        # structured lineage: the strategy's parent ids, and the parent's run when it is a candidate
+        pids = res.history[g].parent_ids[c]
+        assert json.loads(t["mirrorlab.parent_ids"]) == pids
+        assert t["mirrorlab.parent"] == (pids[0] if pids else res.history[g].notes[c])
+        assert t.get("mirrorlab.parent_run") == (by_id.get(pids[0]) if pids else None)
+        if strategy == "openai_es":
+            assert pids == [f"mean@g{g}"]
+        assert m["n_seeds"] == 1 and m["budget_inner_steps"] == 3
         theta_sha = t["mirrorlab.theta_sha"]
         assert len(theta_sha) == 64
         assert 0.0 <= m["fitness"] <= 1.0 and m["fitness_stderr"] >= 0.0 and m["mean_length"] > 0
@@ -280,14 +287,20 @@ def test_incumbent_is_reevaluated_each_generation_with_that_generations_seed(tmp
                                  "params": {"noise": 0.2}},
                    "checkpoint_dir": str(tmp_path / "ck")},
     })
-    res = Search(cfg).run()
-    assert [len(g.ids) for g in res.history] == [3, 4, 4]  # the incumbent rides along from gen 1
-    assert res.history[1].ids[-1] == "g1-incumbent" and res.history[1].parents[-1].startswith("incumbent:")
-    inc_sha = res.history[1].shas[-1]
-    assert inc_sha in res.history[0].shas  # the re-evaluated theta is a previous candidate
-    # noisy fitness under a new seed differs from the first evaluation of the same theta
-    first = res.history[0].fitness[res.history[0].shas.index(inc_sha)]
-    assert res.history[1].fitness[-1] != first
+    s = Search(cfg)
+    res = s.run()
+    assert [len(g.ids) for g in res.history] == [3, 3, 3]  # re-evaluation is its own job, not a candidate
+    h0, h1 = res.history[0], res.history[1]
+    assert h0.incumbent_reevaluation is None and h1.incumbent_reevaluation is not None
+    inc = h0.incumbent_id
+    first = h0.fitness[h0.ids.index(inc)]
+    # noisy fitness under generation 1's seed differs from the first evaluation of the same theta
+    assert h1.incumbent_reevaluation != first
+    if h1.incumbent_id == inc:  # kept: its fitness is the running mean of both evaluations
+        assert h1.incumbent_fitness == pytest.approx((first + h1.incumbent_reevaluation) / 2)
+
+
+def test_unknown_evaluator_is_a_config_error():
     with pytest.raises(Exception, match="unknown evaluator 'nope'"):
         config_from_dict({"search": {"evaluator": {"kind": "nope"}}})
 
@@ -299,7 +312,7 @@ def test_progress_hooks_are_called_in_order(tmp_path):
         def __getattr__(self, name):
             if not name.startswith("on_"):
                 raise AttributeError(name)
-            return lambda *a: calls.append((name, *a[:2]))
+            return lambda *a, **kw: calls.append((name, *a[:2]))
 
     cfg = config_from_dict({
         "name": "hooks", "tracking": {"enabled": False},
@@ -311,8 +324,9 @@ def test_progress_hooks_are_called_in_order(tmp_path):
     s.progress = Recorder()
     s.run()
     per_gen = ["on_generation_start", "on_candidate_end", "on_candidate_end", "on_generation_end"]
-    assert [c[0] for c in calls] == per_gen * 2 + ["on_search_end"]
-    assert calls[1][1:] == (0, "g0-0")
+    assert [c[0] for c in calls] == ["on_search_start"] + per_gen * 2 + ["on_search_end"]
+    assert calls[0][1:] == (2, 2)  # generations, population
+    assert calls[2][1:] == (0, f"g0-0/s{generation_seed(0, 0)}")
 
 
 def test_neural_raw_space_is_the_papers_parametrisation(tmp_path):

@@ -67,8 +67,8 @@ class HillClimb(Strategy):
         self.rng = np.random.default_rng(self.seed)
 
     def _ask(self) -> list[Candidate]:
-        return [Candidate(self.center + self.sigma * self.rng.standard_normal(self.dim), "center",
-                          self._cid(i)) for i in range(self.population)]
+        return [Candidate(self.center + self.sigma * self.rng.standard_normal(self.dim), self._cid(i),
+                          note="center") for i in range(self.population)]
 
     def _tell(self, candidates: list[Candidate], fitnesses: np.ndarray) -> None:
         i = int(np.argmax(fitnesses))

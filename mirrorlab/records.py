@@ -1,0 +1,82 @@
+"""Plain records shared by the executors, the evaluators, the tracker and the search (bottom layer).
+
+`Job` is one inner run the search asks for; `Outcome` is what comes back (plain data, picklable,
+JSON-able for the resume journal). Nothing here imports another mirrorlab module.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+FINISHED = "FINISHED"
+FAILED = "FAILED"
+ROLES = ("candidate", "incumbent", "baseline", "confirm")
+
+
+class CandidateTimeout(TimeoutError):
+    """Raised inside an evaluation when its deadline has passed."""
+
+
+@dataclass
+class Job:
+    """One evaluation: a theta, where it sits in the search, its common-random-numbers seed.
+
+    `index` is the job's position in its batch; `candidate` the candidate's slot in its generation
+    (one candidate has one job per inner seed); `role` what is trained: the candidate's map
+    (`candidate`, `incumbent` re-evaluation, `confirm` stage) or the paired `baseline`.
+    """
+
+    generation: int
+    index: int
+    theta: np.ndarray
+    seed: int
+    timeout_s: float | None = None
+    role: str = "candidate"
+    candidate: int = -1
+    eval_size: int | None = None  # validation problems (a seeded subset); None = the whole split
+    deadline: float | None = None  # set by the executor when the job starts (time.monotonic)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"Job.role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if self.candidate < 0:
+            self.candidate = self.index
+
+
+@dataclass
+class Outcome:
+    """What an evaluation returns to the search (plain data, picklable, JSON-able)."""
+
+    generation: int
+    index: int
+    status: str
+    fitness: float | None = None
+    stderr: float | None = None
+    metric: float | None = None
+    mean_length: float | None = None
+    n_eval: int | None = None
+    error: str | None = None
+    curves: list[dict[str, float]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    worker: str = ""
+    label: str = ""  # the job's role
+    scores: list[float] = field(default_factory=list)  # per validation problem (paired errors)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (used by the resume journal)."""
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Outcome:
+        """Inverse of `to_dict`."""
+        return cls(**d)
+
+
+def check_deadline(job: Job) -> None:
+    """Raise CandidateTimeout when `job`'s deadline has passed (for cooperative timeouts)."""
+    if job.deadline is not None and time.monotonic() > job.deadline:
+        raise CandidateTimeout(f"candidate exceeded its time limit of {job.timeout_s} s")
