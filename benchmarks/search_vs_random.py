@@ -32,12 +32,13 @@ import torch
 from scipy import stats
 
 from mirrorlab import compare as cmp
-from mirrorlab.config import MethodConfig, load_config
+from mirrorlab.config import START_LABEL, CompareConfig, MethodConfig, load_config
 from mirrorlab.repro import run_record
 from mirrorlab.search import Search
 from mirrorlab.spaces import make_space
 
 RESULTS = Path(__file__).resolve().parent / "results" / "search_vs_random.json"
+BASELINE = "paired baseline"
 
 
 def strategy_cfg(base: Any, spec: str, seed: int, tmp: Path) -> Any:
@@ -62,7 +63,7 @@ def strategy_cfg(base: Any, spec: str, seed: int, tmp: Path) -> Any:
 
 def min_detectable(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
     """Smallest mean paired difference a two-sided paired t-test detects with `power` (n pairs)."""
-    if n < 2 or not math.isfinite(sd):
+    if n < 2 or not math.isfinite(sd) or sd == 0:  # no spread observed: nothing to size it from
         return float("nan")
     t_a = stats.t.ppf(1 - alpha / 2, n - 1)
     t_b = stats.t.ppf(power, n - 1)
@@ -103,20 +104,21 @@ def main() -> None:
         # score every answer on fresh seeds, on the test split, as `mirrorlab compare` trains
         score_cfg = base.model_copy(deep=True)
         score_cfg.tracking.enabled = False
-        score_cfg.compare.seeds = test_seeds
-        score_cfg.compare.split = "test"
-        score_cfg.compare.include_start = False
         coef = base.divergence.coef
-        score_cfg.compare.methods = [
-            MethodConfig(label=f"{s['strategy']}/s{s['seed']}",
-                         divergence={"name": base.divergence.name, "coef": coef, "map": s["map"]})
-            for s in searches]
-        score_cfg.compare.baseline = score_cfg.compare.methods[0].label
+        methods = [MethodConfig(label=f"{s['strategy']}/s{s['seed']}",
+                                divergence={"name": base.divergence.name, "coef": coef, "map": s["map"]})
+                   for s in searches]
+        if base.search.evaluator.baseline is not None:  # context: the paired baseline on the same seeds
+            methods.append(MethodConfig(label=BASELINE, divergence=base.search.evaluator.baseline))
+        score_cfg.compare = CompareConfig(methods=methods, seeds=test_seeds, split="test", include_start=True,
+                                          baseline=methods[0].label)
         scored = cmp.run_compare(score_cfg, out_dir=None, progress=False)
         for s in searches:
             rs = [r.metric for r in scored.runs if r.method == f"{s['strategy']}/s{s['seed']}"]
             s["test"] = float(np.mean(rs))
             s["test_runs"] = rs
+    context = {lab: float(np.mean([r.metric for r in scored.runs if r.method == lab]))
+               for lab in (START_LABEL, BASELINE) if any(r.method == lab for r in scored.runs)}
     rows = []
     rnd = {s["seed"]: s["test"] for s in searches if s["strategy"] == "random"}
     for spec in specs:
@@ -145,11 +147,13 @@ def main() -> None:
         mde = f"{m:.3f}" if math.isfinite(m) else "-"
         print(f"{r['strategy']:<22} {r['inner_steps']:>11.0f} {r['test_mean']:>7.3f} +- {r['test_std']:.3f} "
               f"{diff:>15} {p:>6} {mde:>6}")
+    for lab, v in context.items():
+        print(f"{lab:<22} {'':>11} {v:>7.3f} (same test seeds)")
     wall = time.perf_counter() - t_all
     print(f"wall time {wall:.0f} s")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": args.config, "overrides": args.set, "rows": rows,
+    out.write_text(json.dumps({"config": args.config, "overrides": args.set, "rows": rows, "context": context,
                                "searches": searches, "test_seeds": test_seeds, "wall_s": wall,
                                "machine": platform.processor() or platform.machine(),
                                "run_record": run_record(base.seed)}, indent=2))

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 
 from mirrorlab.config import Config, ConfigError, dump_config, load_config
@@ -251,7 +251,10 @@ def search_report(cfg: Config, result: Any, d: Path, wall: float) -> dict[str, A
         err.print(f"maps plot skipped: {e}")
     stats = plots.fitness_stats(result.fitness_history())
     summary = {"best_fitness": result.best_fitness, "best_stderr": result.best_stderr,
-               "best_id": result.best_id,
+               "best_id": result.best_id, "confirmed": result.confirmation is not None,
+               "confirmation": result.confirmation, "inner_steps_spent": result.inner_steps_spent,
+               "paired_against": (cfg.search.evaluator.baseline.model_dump(mode="json")
+                                  if cfg.search.evaluator.baseline is not None else None),
                "best_map": str(best_dir), "registered_uri": result.registered_uri,
                "mlflow_parent_run": result.parent_run_id, "wall_s": wall, "generations": stats,
                "timings": result.timings}
@@ -264,16 +267,31 @@ def search_report(cfg: Config, result: Any, d: Path, wall: float) -> dict[str, A
         client = MlflowClient(tracking_uri=resolve_tracking_uri(cfg.tracking.tracking_uri))
         for p in pngs:
             client.log_artifact(result.parent_run_id, str(p), "plots")
-    t = Table(title=f"search {cfg.name}: {cfg.search.strategy.name}, {cfg.search.space.kind} space "
-                    f"({wall:.0f} s)")
-    for c in ("generation", "best", "mean", "std", "failed", "best so far"):
+    ec = cfg.search.evaluator
+    what = (f"fitness = val metric minus {ec.baseline.name}@{ec.baseline.coef:g} on the same seeds"
+            if ec.baseline is not None else "fitness = val metric")
+    t = Table(title=f"search {cfg.name}: {cfg.search.strategy.name}, {cfg.search.space.kind} space, "
+                    f"{ec.seeds} seed(s) per candidate ({wall:.0f} s, "
+                    f"{result.inner_steps_spent} inner steps)\n"
+                    f"{what}")
+    for c in ("generation", "best", "mean", "std", "failed", "incumbent", "incumbent fitness"):
         t.add_column(c, justify="right")
-    for s in stats:
+    for s, g in zip(stats, result.history, strict=True):
         t.add_row(str(s["generation"]), _fmt(s["best"]), _fmt(s["mean"]), _fmt(s["std"]), str(s["failures"]),
-                  _fmt(s["best_so_far"]))
+                  g.incumbent_id or "-", _fmt(g.incumbent_fitness))
+    tables = [t]
+    if result.confirmation is not None:
+        c = Table(title=f"confirmation: top {len(result.confirmation['rows'])} re-scored on "
+                        f"{len(result.confirmation['seeds'])} fresh seeds")
+        for col in ("candidate", "search fitness", "confirmed fitness", "stderr", "chosen"):
+            c.add_column(col, justify="right")
+        for r in result.confirmation["rows"]:
+            c.add_row(r["id"], _fmt(r["search_fitness"]), _fmt(r["fitness"]), _fmt(r["stderr"]),
+                      "*" if r["id"] == result.best_id else "")
+        tables.append(c)
     best_ref = result.registered_uri or str(best_dir)
-    return {"table": t, "best_map": str(best_dir), "best_ref": best_ref, "dir": d, "wall_s": wall,
-            "result": result}
+    return {"table": Group(*tables), "best_map": str(best_dir), "best_ref": best_ref, "dir": d,
+            "wall_s": wall, "result": result}
 
 
 # --------------------------------------------------------------------------- compare

@@ -199,16 +199,20 @@ def test_search_and_resume(tmp_path: Path) -> None:
 def test_quickstart_shortened(tmp_path: Path) -> None:
     sets = [*SHORT, "search.strategy.population=2", "search.strategy.generations=1",
             "search.evaluator.inner_steps=1", "search.evaluator.val_size=8", "compare.seeds=[0,1]",
-            "compare.eval_size=8"]
+            "compare.eval_size=8", "search.evaluator.confirm.val_size=8", "search.executor.workers=1"]
     r = run_cli(tmp_path, "run", str(QUICKSTART), sets=sets)
     assert r.returncode == 0, r.stderr
     flat = " ".join(r.stdout.split())
-    for label in ("KL (k3)", "no regulariser (lambda 0)", "ProbL2", "neural (random init)",
-                  "neural (searched)"):
+    for label in ("untrained start", "KL (k3)", "no regulariser (lambda 0)", "ProbL2", "neural (random init)",
+                  "neural (searched)", "confirmation"):
         assert label in flat
     d = tmp_path / "runs" / "quickstart"
     res = json.loads((d / "compare" / "results.json").read_text())
-    assert len(res["runs"]) == 10 and len(res["comparisons"]) == 4
+    assert len(res["runs"]) == 12 and len(res["comparisons"]) == 5
+    search = json.loads((d / "search" / "search.json").read_text())
+    assert search["confirmed"] and len(search["confirmation"]["rows"]) == 2  # top 2 re-scored
+    assert search["best_fitness"] == next(r["fitness"] for r in search["confirmation"]["rows"]
+                                          if r["id"] == search["best_id"])
     searched = next(m for m in res["methods"] if m["label"] == "neural (searched)")
     assert searched["divergence"]["map"].endswith("best_map")
     assert (d / "search" / "fitness.png").is_file() and (d / "compare" / "metric_vs_length.png").is_file()
