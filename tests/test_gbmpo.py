@@ -99,15 +99,28 @@ def test_lambda_zero_gives_identical_gradients(estimator):
 
 
 # ----------------------------------------------------------------- trainer
+class _AlwaysEvaluates(GBMPOTrainer):
+    """A trainer that runs the reference pass and evaluates D even at coef 0 (the real trainer
+    skips both then), so lambda = 0 is tested through the divergence, not around it."""
+
+    def _needs_ref(self) -> bool:
+        return self.divergence is not None
+
+
 def test_lambda_zero_trainer_updates_identical(tiny, task):
     model, tok = tiny
-    finals = []
-    for make in DIVS.values():
-        tr = GBMPOTrainer(copy.deepcopy(model), tok, task, make(), _cfg(), coef=0.0)
+    plain = GBMPOTrainer(copy.deepcopy(model), tok, task, None, _cfg(), coef=0.0)
+    plain.train(2)
+    want = [p.detach().clone() for p in plain.model.parameters()]
+    for name, make in DIVS.items():
+        div, calls = make(), []
+        inner = div.sampled
+        div.sampled = lambda lp, rp, mask=None, _f=inner: calls.append(1) or _f(lp, rp, mask)
+        tr = _AlwaysEvaluates(copy.deepcopy(model), tok, task, div, _cfg(), coef=0.0)
         tr.train(2)
-        finals.append([p.detach().clone() for p in tr.model.parameters()])
-    for ws in finals[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(ws, finals[0], strict=True))
+        assert calls, f"{name}: the divergence was never evaluated"
+        got = [p.detach() for p in tr.model.parameters()]
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), name
 
 
 @pytest.mark.parametrize("name", list(DIVS))
