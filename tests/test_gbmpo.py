@@ -115,7 +115,7 @@ def test_lambda_zero_trainer_updates_identical(tiny, task):
     for name, make in DIVS.items():
         div, calls = make(), []
         inner = div.sampled
-        div.sampled = lambda lp, rp, mask=None, _f=inner: calls.append(1) or _f(lp, rp, mask)
+        div.sampled = lambda lp, rp, mask=None, _f=inner, _c=calls: _c.append(1) or _f(lp, rp, mask)
         tr = _AlwaysEvaluates(copy.deepcopy(model), tok, task, div, _cfg(), coef=0.0)
         tr.train(2)
         assert calls, f"{name}: the divergence was never evaluated"
