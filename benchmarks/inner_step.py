@@ -75,7 +75,7 @@ def run_pair(model_dir: Path, n_gen: int, max_new: int, warmup: int, steps: int,
     # ---- mirrorlab
     model, tok = load_model(ModelConfig(name=str(model_dir), device=device))
     cfg = TrainConfig(
-        steps=total, prompts_per_step=1, advantage="grpo", loss_type="dr_grpo", reg_is_weight=True,
+        steps=total, prompts_per_step=1, advantage="grpo", loss_type="dr_grpo", reg_times_ratio=True,
         generation=GenerationConfig(num_generations=n_gen, max_new_tokens=max_new, min_new_tokens=max_new,
                                     backend=backend, cuda_graph=cuda_graph),
         optim=OptimConfig(lr=1e-6), seed=0,

@@ -93,7 +93,7 @@ def main() -> None:
                 cfg = strategy_cfg(base, spec, seed, tmp)
                 t0 = time.perf_counter()
                 res = Search(cfg).run()
-                space = make_space(cfg)
+                space = make_space(cfg.search.space, cfg.divergence.coef)
                 path = space.save(np.asarray(res.best_theta), tmp / "maps" / cfg.name)
                 searches.append({"strategy": spec, "seed": seed, "steps": res.inner_steps_spent,
                                  "fitness": res.best_fitness, "stderr": res.best_stderr,

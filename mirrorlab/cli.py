@@ -13,14 +13,24 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from rich.console import Console, Group
 from rich.table import Table
 
+from mirrorlab import compare, divergences, maps, plots, tasks
 from mirrorlab.config import Config, ConfigError, dump_config, load_config
+from mirrorlab.gbmpo import build_trainer
+from mirrorlab.progress import SearchProgress, TrainProgress
+from mirrorlab.search import Search
+from mirrorlab.spaces import NeuralSpace
+from mirrorlab.tracking import MLflowTracker
+from mirrorlab.values import fmt, jsonable
 
 EXIT_CONFIG = 2
 BEST_MAP_REF = "search:best"
@@ -31,14 +41,6 @@ err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() el
 
 
 # --------------------------------------------------------------------------- helpers
-def _fmt(x: Any, d: int = 3) -> str:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return "-"
-    return f"{v:.{d}f}" if math.isfinite(v) else "-"
-
-
 def run_dir(cfg: Config, command: str) -> Path:
     """Where a command writes its results: `<output_dir>/<name>/<command>/`."""
     d = Path(cfg.output_dir) / cfg.name / command
@@ -52,9 +54,6 @@ def preflight(cfg: Config, command: str, allow_refs: tuple[str, ...] = ()) -> No
     Builds the task (which refuses overlapping splits) and every divergence the command will use
     (unknown parameters, unreadable map files), and checks split names.
     """
-    from mirrorlab import compare as cmp
-    from mirrorlab import tasks
-
     try:
         task = tasks.get(cfg.task.name, **cfg.task.params)
     except Exception as e:  # noqa: BLE001 - any construction failure is a config problem here
@@ -68,7 +67,7 @@ def preflight(cfg: Config, command: str, allow_refs: tuple[str, ...] = ()) -> No
     if command in ("train", "eval"):
         divs.append(("divergence", cfg.divergence))
     if command in ("compare", "run"):
-        for i, m in enumerate(cmp.compare_methods(cfg)):
+        for i, m in enumerate(compare.compare_methods(cfg)):
             divs.append((f"compare.methods.{i} ({m.label}).divergence", m.divergence))
         if cfg.compare.methods and not task.split(cfg.compare.split):
             raise ConfigError(
@@ -77,7 +76,7 @@ def preflight(cfg: Config, command: str, allow_refs: tuple[str, ...] = ()) -> No
         if d.map is not None and d.map in allow_refs:
             continue
         try:
-            cmp.resolve_divergence(d)
+            maps.build_divergence(d, tracking_uri=cfg.tracking.tracking_uri)
         except Exception as e:  # noqa: BLE001
             extra = f" ({where}.params = {d.params})" if d.params and d.map is None else ""
             raise ConfigError(f"{where}: {e}{extra}") from None
@@ -88,10 +87,8 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _save_json(path: Path, data: Any) -> Path:
-    from mirrorlab.compare import _jsonable
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(data), indent=2, default=str))
+    path.write_text(json.dumps(jsonable(data, strict=True), indent=2, default=str))
     return path
 
 
@@ -99,33 +96,27 @@ def _eval_table(title: str, metric_name: str, ev: Any, split: str) -> Table:
     t = Table(title=title)
     for c in ("split", "n", metric_name, "stderr", "mean length"):
         t.add_column(c, justify="right")
-    t.add_row(split, str(ev.n), _fmt(ev.metric), _fmt(ev.stderr), _fmt(ev.mean_length, 1))
+    t.add_row(split, str(ev.n), fmt(ev.metric), fmt(ev.stderr), fmt(ev.mean_length, 1))
     return t
 
 
 # --------------------------------------------------------------------------- train
 def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
     """One GBMPO run: train, evaluate, save the checkpoint, log to MLflow, plot the curves."""
-    from mirrorlab import compare as cmp
-    from mirrorlab import plots
-    from mirrorlab.progress import TrainProgress
-
     if args.steps is not None:
         cfg.train.steps = args.steps
     preflight(cfg, "train")
     d = run_dir(cfg, "train")
     (d / "config.yaml").write_text(dump_config(cfg))
-    from mirrorlab.gbmpo import build_trainer
-
     split = args.split or cfg.train.eval_split
     t0 = time.perf_counter()
-    trainer = build_trainer(cfg)
-    rec = cmp._CurveRecorder()
+    reg = maps.build_divergence(cfg.divergence, tracking_uri=cfg.tracking.tracking_uri)
+    trainer = build_trainer(cfg, reg)
     with TrainProgress(cfg.train.steps, "train", console=err) as prog:
-        curve = cmp._plain_curve(trainer.train(callbacks=[rec, prog]), rec.rows)
+        curve = compare.plain_curve(trainer.train(callbacks=[prog]))
     ev = trainer.evaluate(split, n=args.n or cfg.train.eval_size)
     wall = time.perf_counter() - t0
-    metric_name = getattr(trainer.task, "metric_name", "metric")
+    metric_name = trainer.task.metric_name
     ckpt = d / "checkpoint"
     if not args.no_save:
         trainer.save_checkpoint(ckpt)
@@ -135,9 +126,11 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
             for k in _curve_keys(curve)]
     result = {"split": split, "metric_name": metric_name, "metric": ev.metric, "stderr": ev.stderr,
               "mean_length": ev.mean_length, "n": ev.n, "wall_s": wall, "curve": curve,
+              "regulariser": {"divergence": type(reg.divergence).__name__, "coef": reg.coef,
+                              "estimator": reg.estimator, "compiled": bool(cfg.divergence.compile)},
               "checkpoint": None if args.no_save else str(ckpt)}
     _save_json(d / "results.json", result)
-    rid = cmp.log_single_run(
+    rid = compare.log_single_run(
         cfg, "train", f"train-{cfg.divergence.name}-s{cfg.train.seed}",
         {"divergence": cfg.divergence.model_dump(mode="json"), "steps": cfg.train.steps,
          "lr": cfg.train.optim.lr, "seed": cfg.train.seed, "model": cfg.model.name, "split": split},
@@ -161,27 +154,24 @@ def _curve_keys(curve: list[dict[str, Any]]) -> list[str]:
 # --------------------------------------------------------------------------- eval
 def cmd_eval(cfg: Config, args: argparse.Namespace) -> int:
     """Evaluate a model (preset, path) or a saved checkpoint on a task split."""
-    from mirrorlab import compare as cmp
-
     preflight(cfg, "eval")
     if args.checkpoint and not Path(args.checkpoint).exists():
         raise ConfigError(f"--checkpoint: {args.checkpoint} does not exist")
     d = run_dir(cfg, "eval")
-    from mirrorlab.gbmpo import build_trainer
-
     t0 = time.perf_counter()
-    trainer = build_trainer(cfg)
+    reg = maps.build_divergence(cfg.divergence, tracking_uri=cfg.tracking.tracking_uri)
+    trainer = build_trainer(cfg, reg)
     if args.checkpoint:
         trainer.load_checkpoint(args.checkpoint)
     ev = trainer.evaluate(args.split, n=args.n)
     wall = time.perf_counter() - t0
-    metric_name = getattr(trainer.task, "metric_name", "metric")
+    metric_name = trainer.task.metric_name
     src = args.checkpoint or cfg.model.name
     _save_json(d / "results.json", {"split": args.split, "metric_name": metric_name, "metric": ev.metric,
                                     "stderr": ev.stderr, "mean_length": ev.mean_length, "n": ev.n,
                                     "checkpoint": args.checkpoint, "model": cfg.model.name,
                                     "scores": list(ev.scores), "wall_s": wall})
-    rid = cmp.log_single_run(
+    rid = compare.log_single_run(
         cfg, "eval", f"eval-{args.split}", {"source": src, "split": args.split, "n": ev.n},
         {f"{args.split}_{metric_name}": ev.metric, f"{args.split}_stderr": ev.stderr,
          f"{args.split}_mean_length": ev.mean_length, "wall_s": wall}, None, [d / "results.json"],
@@ -203,15 +193,12 @@ def cmd_search(cfg: Config, args: argparse.Namespace) -> int:
 
 def _search(cfg: Config, resume: bool) -> dict[str, Any]:
     """Run the search with a live summary, then write plots, the best map and a summary JSON."""
-    from mirrorlab.progress import SearchProgress
-    from mirrorlab.search import Search
-
     d = run_dir(cfg, "search")
     if cfg.search.checkpoint_dir is None:
         cfg.search.checkpoint_dir = str(d / "checkpoint")
     (d / "config.yaml").write_text(dump_config(cfg))
     t0 = time.perf_counter()
-    search = Search(cfg)
+    search = Search(cfg, report_dir=d)
     with SearchProgress(console=err) as prog:
         search.progress = prog  # the search calls every hook itself
         result = search.run(resume=resume)
@@ -219,54 +206,20 @@ def _search(cfg: Config, resume: bool) -> dict[str, Any]:
     return search_report(cfg, result, d, wall)
 
 
-def lineage_records(history: list[Any]) -> list[dict[str, Any]]:
-    """Candidates of a search history as plain dicts for `plots.plot_lineage` (the first of each
-    candidate's structured `parent_ids`: another candidate, or a strategy point like `mean@g3`)."""
-    return [{"id": cid, "generation": g.generation, "fitness": fit, "parent": pids[0] if pids else None,
-             "status": st}
-            for g in history
-            for cid, pids, st, fit in zip(g.ids, g.parent_ids, g.status, g.fitness, strict=True)]
-
-
 def search_report(cfg: Config, result: Any, d: Path, wall: float) -> dict[str, Any]:
-    """Plots (fitness, lineage, maps), the best map as a file, `search.json`; a summary table."""
-    import numpy as np
-
-    from mirrorlab import plots
-    from mirrorlab.spaces import make_space
-
-    space = make_space(cfg)
-    best_dir = space.save(np.asarray(result.best_theta, dtype=np.float64), d / "best_map")
-    pngs = [plots.plot_fitness(result.fitness_history(), d / "fitness.png",
-                               title=f"{cfg.name}: fitness per generation ({cfg.search.strategy.name})"),
-            plots.plot_lineage(lineage_records(result.history), d / "lineage.png",
-                               title=f"{cfg.name}: lineage of candidates")]
-    try:
-        best_div = space.divergence(np.asarray(result.best_theta, dtype=np.float64))
-        maps = {"best found": best_div}
-        if cfg.search.space.kind == "neural":
-            maps["initial (x0)"] = space.divergence(space.initial(cfg.seed))
-        pngs.append(plots.plot_maps(maps, d / "maps.png"))
-    except Exception as e:  # noqa: BLE001 - a plot must never lose a finished search
-        err.print(f"maps plot skipped: {e}")
+    """`search.json` and the summary tables of a finished search (its best map and plots were
+    written into `d` and logged on the parent run by the search itself)."""
+    best_dir = result.best_map
     stats = plots.fitness_stats(result.fitness_history())
     summary = {"best_fitness": result.best_fitness, "best_stderr": result.best_stderr,
                "best_id": result.best_id, "confirmed": result.confirmation is not None,
                "confirmation": result.confirmation, "inner_steps_spent": result.inner_steps_spent,
                "paired_against": (cfg.search.evaluator.baseline.model_dump(mode="json")
                                   if cfg.search.evaluator.baseline is not None else None),
-               "best_map": str(best_dir), "registered_uri": result.registered_uri,
+               "best_map": best_dir, "registered_uri": result.registered_uri,
                "mlflow_parent_run": result.parent_run_id, "wall_s": wall, "generations": stats,
                "timings": result.timings}
     _save_json(d / "search.json", summary)
-    if result.parent_run_id and cfg.tracking.enabled:
-        from mlflow import MlflowClient
-
-        from mirrorlab.tracking import resolve_tracking_uri
-
-        client = MlflowClient(tracking_uri=resolve_tracking_uri(cfg.tracking.tracking_uri))
-        for p in pngs:
-            client.log_artifact(result.parent_run_id, str(p), "plots")
     ec = cfg.search.evaluator
     what = (f"fitness = val metric minus {ec.baseline.name}@{ec.baseline.coef:g} on the same seeds"
             if ec.baseline is not None else "fitness = val metric")
@@ -277,8 +230,8 @@ def search_report(cfg: Config, result: Any, d: Path, wall: float) -> dict[str, A
     for c in ("generation", "best", "mean", "std", "failed", "incumbent", "incumbent fitness"):
         t.add_column(c, justify="right")
     for s, g in zip(stats, result.history, strict=True):
-        t.add_row(str(s["generation"]), _fmt(s["best"]), _fmt(s["mean"]), _fmt(s["std"]), str(s["failures"]),
-                  g.incumbent_id or "-", _fmt(g.incumbent_fitness))
+        t.add_row(str(s["generation"]), fmt(s["best"]), fmt(s["mean"]), fmt(s["std"]), str(s["failures"]),
+                  g.incumbent_id or "-", fmt(g.incumbent_fitness))
     tables = [t]
     if result.confirmation is not None:
         c = Table(title=f"confirmation: top {len(result.confirmation['rows'])} re-scored on "
@@ -286,23 +239,21 @@ def search_report(cfg: Config, result: Any, d: Path, wall: float) -> dict[str, A
         for col in ("candidate", "search fitness", "confirmed fitness", "stderr", "chosen"):
             c.add_column(col, justify="right")
         for r in result.confirmation["rows"]:
-            c.add_row(r["id"], _fmt(r["search_fitness"]), _fmt(r["fitness"]), _fmt(r["stderr"]),
+            c.add_row(r["id"], fmt(r["search_fitness"]), fmt(r["fitness"]), fmt(r["stderr"]),
                       "*" if r["id"] == result.best_id else "")
         tables.append(c)
-    best_ref = result.registered_uri or str(best_dir)
-    return {"table": Group(*tables), "best_map": str(best_dir), "best_ref": best_ref, "dir": d,
+    best_ref = result.registered_uri or best_dir
+    return {"table": Group(*tables), "best_map": best_dir, "best_ref": best_ref, "dir": d,
             "wall_s": wall, "result": result}
 
 
 # --------------------------------------------------------------------------- compare
 def cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
     """Methods x seeds: train each, evaluate on the split, print the table and paired tests."""
-    from mirrorlab import compare as cmp
-
     preflight(cfg, "compare")
     d = run_dir(cfg, "compare")
-    result = cmp.run_compare(cfg, out_dir=d, console=err)
-    out.print(cmp.results_table(result))
+    result = compare.run_compare(cfg, out_dir=d, console=err)
+    out.print(compare.results_table(result))
     out.print(f"wall time {result.wall_s:.0f} s; results: {d}")
     return 0
 
@@ -310,17 +261,15 @@ def cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- run (search -> compare)
 def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     """The main job: a search, then a comparison where `map: search:best` is the map it found."""
-    from mirrorlab import compare as cmp
-
     preflight(cfg, "search")
     preflight(cfg, "run", allow_refs=(BEST_MAP_REF,))
     t0 = time.perf_counter()
     res = _search(cfg, resume=args.resume)
     out.print(res["table"])
     d = run_dir(cfg, "compare")
-    result = cmp.run_compare(cfg, out_dir=d, console=err, map_refs={BEST_MAP_REF: res["best_map"]})
+    result = compare.run_compare(cfg, out_dir=d, console=err, map_refs={BEST_MAP_REF: res["best_map"]})
     wall = time.perf_counter() - t0
-    out.print(cmp.results_table(result))
+    out.print(compare.results_table(result))
     out.print(f"total wall time {wall:.0f} s (search {res['wall_s']:.0f} s, compare {result.wall_s:.0f} s)")
     out.print(f"results: {Path(cfg.output_dir) / cfg.name}")
     _save_json(Path(cfg.output_dir) / cfg.name / "run.json",
@@ -331,9 +280,7 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
 
 def quickstart_config() -> Path:
     """The quickstart config of a source checkout (`experiments/quickstart.yaml`)."""
-    import mirrorlab
-
-    p = Path(mirrorlab.__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
+    p = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
     if not p.is_file():
         raise ConfigError(f"quickstart config not found at {p} (run from a source checkout, "
                           "or `mirrorlab run path/to/quickstart.yaml`)")
@@ -341,35 +288,7 @@ def quickstart_config() -> Path:
 
 
 # --------------------------------------------------------------------------- maps
-def resolve_map_ref(ref: str, tracking_uri: str | None = None) -> Any:
-    """A map reference as a divergence: a file or map directory, `models:/NAME@ALIAS`, `runs:/...`,
-    a built-in divergence name (`kl_k3`, `prob_l2`, ...), or `random:SEED[:SCALE]` (paper init)."""
-    from mirrorlab import divergences
-
-    if ref.startswith("random:"):
-        parts = ref.split(":")
-        try:
-            seed = int(parts[1])
-            scale = float(parts[2]) if len(parts) > 2 else 0.01
-        except (IndexError, ValueError):
-            raise ConfigError(f"map {ref!r}: expected random:SEED or random:SEED:SCALE") from None
-        return divergences.NeuralMirrorMap.random_init(seed, scale=scale)
-    if ref in divergences.registry and not Path(ref).exists():
-        return divergences.get(ref)
-    if not ref.startswith(("models:/", "runs:/")) and not Path(ref).exists():
-        raise ConfigError(f"map {ref!r}: no such file, and not a models:/ or runs:/ URI, a built-in "
-                          f"divergence ({', '.join(divergences.names())}) or random:SEED")
-    from mirrorlab.tracking import load_map
-
-    try:
-        return load_map(ref, tracking_uri=tracking_uri)
-    except Exception as e:  # noqa: BLE001 - report any loading failure as a bad reference
-        raise ConfigError(f"map {ref!r}: {e}") from None
-
-
 def _map_rows(div: Any) -> list[tuple[str, str]]:
-    import torch
-
     rows = [("class", type(div).__name__), ("name", str(getattr(div, "name", "?")))]
     sha = getattr(div, "sha", None)
     if isinstance(sha, str):
@@ -402,8 +321,6 @@ def _map_rows(div: Any) -> list[tuple[str, str]]:
 
 
 def _read_vector(path: Path) -> Any:
-    import numpy as np
-
     if not path.is_file():
         raise ConfigError(f"maps import: no such file {path}")
     if path.suffix == ".npy":
@@ -424,14 +341,10 @@ def _read_vector(path: Path) -> Any:
 
 def cmd_maps(cfg: Config, args: argparse.Namespace) -> int:
     """Show, plot, export, import or register a mirror map."""
-    import numpy as np
-
-    from mirrorlab import divergences, plots
-
     uri = cfg.tracking.tracking_uri
     act = args.maps_command
     if act == "show":
-        div = resolve_map_ref(args.ref, uri)
+        div = maps.resolve_map_ref(args.ref, uri)
         t = Table(title=f"mirror map {args.ref}", show_header=False)
         t.add_column("field", style="bold")
         t.add_column("value")
@@ -439,11 +352,11 @@ def cmd_maps(cfg: Config, args: argparse.Namespace) -> int:
             t.add_row(k, v)
         out.print(t)
     elif act == "plot":
-        maps = {r: resolve_map_ref(r, uri) for r in args.refs}
-        p = plots.plot_maps(maps, args.out, baselines=not args.no_baselines)
+        found = {r: maps.resolve_map_ref(r, uri) for r in args.refs}
+        p = divergences.plot_maps(found, args.out, baselines=not args.no_baselines)
         out.print(f"wrote {p}")
     elif act == "export":
-        div = resolve_map_ref(args.ref, uri)
+        div = maps.resolve_map_ref(args.ref, uri)
         o = Path(args.out)
         if not hasattr(div, "raw"):
             raise ConfigError(f"maps export: {args.ref} is not a neural mirror map (nothing to export)")
@@ -472,33 +385,24 @@ def cmd_maps(cfg: Config, args: argparse.Namespace) -> int:
         div.save(o)
         out.print(f"wrote {o} (sha {div.sha})")
     elif act == "register":
-        uri_out = register_map(cfg, resolve_map_ref(args.ref, uri), args.name,
+        uri_out = register_map(cfg, maps.resolve_map_ref(args.ref, uri), args.name,
                                args.alias or cfg.tracking.alias, source=args.ref)
         out.print(f"registered {uri_out}")
     return 0
 
 
 def register_map(cfg: Config, div: Any, name: str, alias: str, source: str = "") -> str:
-    """Log a neural map as a run artifact and register it in the MLflow model registry with `alias`."""
-    import tempfile
-
-    from mirrorlab.spaces import NeuralSpace
-    from mirrorlab.tracking import MLflowTracker
-
-    if not hasattr(div, "theta"):
+    """Log a neural map as a run artifact (written by `NeuralSpace.save`, the format every command
+    loads) and register it in the MLflow model registry with `alias`."""
+    if not isinstance(div, divergences.NeuralMirrorMap):
         raise ConfigError("maps register: only neural mirror maps can be registered")
     space = NeuralSpace()
     tracker = MLflowTracker(cfg, "manual", space)
-    run = tracker.client.create_run(tracker.experiment_id, run_name=f"register-{name}",
-                                    tags={"mirrorlab.kind": "map", "mirrorlab.source": source,
-                                          "mirrorlab.theta_sha": str(div.sha)})
-    rid = run.info.run_id
+    rid = tracker.session.create_run(f"register-{name}", {"mirrorlab.kind": "map", "mirrorlab.source": source,
+                                                          "mirrorlab.theta_sha": str(div.sha)})
     with tempfile.TemporaryDirectory() as d:
-        div.save(Path(d) / "map" / "map.safetensors")
-        (Path(d) / "map" / "map.json").write_text(json.dumps(
-            {"kind": "neural", "file": "map.safetensors", "map_sha": str(div.sha)}))
-        tracker.client.log_artifacts(rid, str(Path(d) / "map"), "map")
-    tracker.client.set_terminated(rid, status="FINISHED")
+        tracker.client.log_artifacts(rid, str(space.save(np.asarray(div.theta), Path(d) / "map")), "map")
+    tracker.session.end_run(rid)
     return str(tracker.register_best(rid, name=name, alias=alias))
 
 

@@ -18,40 +18,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mirrorlab.config import START_LABEL
+import scipy.stats
+
+from mirrorlab import divergences, plots
+from mirrorlab.config import START_LABEL, MethodConfig
+from mirrorlab.divergences import PotentialMixin
+from mirrorlab.gbmpo import build_trainer
+from mirrorlab.maps import build_divergence
+from mirrorlab.progress import TrainProgress, progress_bars
+from mirrorlab.tracking import MlflowSession
+from mirrorlab.values import fmt, jsonable
 
 # --------------------------------------------------------------------------- statistics
 
 
 def t_two_sided_pvalue(t: float, df: int) -> float:
-    """P(|T| >= |t|) for Student's t with integer `df` >= 1 (closed form, no scipy needed).
-
-    Uses the finite series for A(t|df) = P(|T| < t) (Abramowitz & Stegun 26.7.3-4).
-    """
+    """P(|T| >= |t|) for Student's t with `df` >= 1 degrees of freedom (scipy.stats)."""
     if df < 1:
         raise ValueError(f"df must be >= 1, got {df}")
     if math.isnan(t):
         return float("nan")
-    if math.isinf(t):
-        return 0.0
-    theta = math.atan(abs(t) / math.sqrt(df))
-    s, c = math.sin(theta), math.cos(theta)
-    c2 = c * c
-    if df % 2 == 1:
-        acc, term = 0.0, c
-        if df > 1:
-            acc = term
-            for k in range(1, (df - 3) // 2 + 1):
-                term *= c2 * (2 * k) / (2 * k + 1)
-                acc += term
-        a = (2 / math.pi) * (theta + s * acc) if df > 1 else 2 * theta / math.pi
-    else:
-        acc, term = 1.0, 1.0
-        for k in range(1, (df - 2) // 2 + 1):
-            term *= c2 * (2 * k - 1) / (2 * k)
-            acc += term
-        a = s * acc
-    return min(1.0, max(0.0, 1.0 - a))
+    return float(min(1.0, 2.0 * scipy.stats.t.sf(abs(t), df)))
 
 
 def sign_flip_pvalue(diffs: list[float], max_exact: int = 16, samples: int = 20000, seed: int = 0) -> float:
@@ -194,7 +181,7 @@ class CompareResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (what `results.json` holds)."""
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self), strict=True)
 
     def save(self, path: str | Path) -> Path:
         """Write the results as JSON."""
@@ -202,17 +189,6 @@ class CompareResult:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps(self.to_dict(), indent=2))
         return p
-
-
-def _jsonable(x: Any) -> Any:
-    """Replace NaN/inf by None so the JSON is strict."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    return x
 
 
 def summarise(
@@ -251,10 +227,6 @@ def summarise(
     return CompareResult(metric_name, split, baseline, runs, methods, comps)
 
 
-def _fmt(x: float, digits: int = 3) -> str:
-    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
-
-
 def results_table(result: CompareResult) -> Any:
     """A rich Table: per method mean +- std of metric and length, and the paired test vs baseline."""
     from rich.table import Table
@@ -271,13 +243,13 @@ def results_table(result: CompareResult) -> Any:
         row = [
             m.label,
             str(len(m.seeds)),
-            f"{_fmt(m.metric_mean)} +- {_fmt(m.metric_std)}",
-            f"{_fmt(m.length_mean, 1)} +- {_fmt(m.length_std, 1)}",
+            f"{fmt(m.metric_mean)} +- {fmt(m.metric_std)}",
+            f"{fmt(m.length_mean, 1)} +- {fmt(m.length_std, 1)}",
         ]
         if c is None:
             row += ["(baseline)", "", "", ""]
         else:
-            row += [f"{c.mean_diff:+.3f} +- {_fmt(c.stderr)}", _fmt(c.t_pvalue), _fmt(c.perm_pvalue),
+            row += [f"{c.mean_diff:+.3f} +- {fmt(c.stderr)}", fmt(c.t_pvalue), fmt(c.perm_pvalue),
                     c.verdict]
         t.add_row(*row)
     return t
@@ -299,158 +271,69 @@ def results_text(result: CompareResult, width: int = 140) -> str:
 
 def compare_methods(cfg: Any) -> list[Any]:
     """The methods of `cfg.compare`, or the single `cfg.divergence` (labelled by name) when empty."""
-    from mirrorlab.config import MethodConfig
-
     if cfg.compare.methods:
         return list(cfg.compare.methods)
     return [MethodConfig(label=cfg.divergence.name, divergence=cfg.divergence)]
-
-
-def resolve_divergence(
-    dcfg: Any, map_refs: dict[str, str] | None = None, tracking_uri: str | None = None
-) -> Any:
-    """Build the divergence a `DivergenceConfig` describes.
-
-    `map` (a file, a map directory or `models:/NAME@ALIAS`, after substitution through
-    `map_refs`) wins over `name` + `params`; otherwise `divergences.get(name, **params)`.
-    """
-    from mirrorlab import divergences
-
-    if dcfg.map is not None:
-        ref = (map_refs or {}).get(dcfg.map, dcfg.map)
-        from mirrorlab.tracking import load_map
-
-        return load_map(ref, tracking_uri=tracking_uri)
-    return divergences.get(dcfg.name, **dcfg.params)
 
 
 # --------------------------------------------------------------------------- MLflow
 
 
 class CompareTracker:
-    """MLflow logging of a comparison: a parent run, a child run per (method, seed).
-
-    Uses an explicit `MlflowClient` (no global MLflow state), the same store as searches.
-    """
+    """MLflow logging of a comparison: a parent run, a child run per (method, seed), through the
+    shared `MlflowSession` (the same store and experiment as searches)."""
 
     def __init__(self, cfg: Any, enabled: bool = True) -> None:
         self.enabled = enabled and bool(cfg.tracking.enabled)
         self.parent_run_id: str | None = None
-        if not self.enabled:
-            return
-        from mlflow import MlflowClient
-
-        from mirrorlab.tracking import resolve_tracking_uri
-
-        self.uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
-        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-        name = cfg.tracking.experiment or cfg.name
-        exp = self.client.get_experiment_by_name(name)
-        if exp is None:
-            self.experiment_id = self.client.create_experiment(name)
-        else:
-            if exp.lifecycle_stage == "deleted":
-                self.client.restore_experiment(exp.experiment_id)
-            self.experiment_id = exp.experiment_id
+        if self.enabled:
+            self.session = MlflowSession(cfg.tracking, cfg.name)
 
     def start(self, cfg: Any, kind: str = "compare", run_name: str | None = None) -> str | None:
         """Create the parent run with the config and run record."""
         if not self.enabled:
             return None
-        import tempfile
-
-        from mirrorlab.config import dump_config
-        from mirrorlab.repro import run_record
-
-        run = self.client.create_run(
-            self.experiment_id, run_name=run_name or f"{cfg.name}-{kind}",
-            tags={"mirrorlab.kind": kind, "mirrorlab.task": cfg.task.name,
-                  "mirrorlab.split": cfg.compare.split},
-        )
-        self.parent_run_id = run.info.run_id
-        with tempfile.TemporaryDirectory() as d:
-            (Path(d) / "config.yaml").write_text(dump_config(cfg))
-            (Path(d) / "run_record.json").write_text(json.dumps(run_record(cfg.seed), indent=2, default=str))
-            self.client.log_artifacts(self.parent_run_id, d)
+        self.parent_run_id = self.session.create_run(
+            run_name or f"{cfg.name}-{kind}",
+            {"mirrorlab.kind": kind, "mirrorlab.task": cfg.task.name, "mirrorlab.split": cfg.compare.split})
+        self.session.log_config(self.parent_run_id, cfg)
         return self.parent_run_id
 
     def log_run(self, r: RunResult, divergence: dict[str, Any], split: str, metric_name: str) -> str | None:
-        """One child run: params, the evaluation, the training curve (batched)."""
+        """One child run: params, the evaluation, the training curve."""
         if not self.enabled:
             return None
-        from mlflow.entities import Param
-
-        from mirrorlab.tracking import mlflow_metric
-
-        run = self.client.create_run(
-            self.experiment_id, run_name=f"{r.method}-s{r.seed}",
-            tags={"mlflow.parentRunId": self.parent_run_id or "", "mirrorlab.kind": "compare-run",
-                  "mirrorlab.method": r.method, "mirrorlab.seed": str(r.seed)},
-        )
-        rid = run.info.run_id
-        ts = int(1000 * time.time())
-        params = [Param("method", r.method), Param("seed", str(r.seed)), Param("split", split)]
-        params += [Param(f"divergence.{k}", json.dumps(v, default=str)[:6000]) for k, v in divergence.items()]
-        ms = [mlflow_metric(f"{split}_{metric_name}", r.metric, ts, 0),
-              mlflow_metric(f"{split}_stderr", r.stderr, ts, 0),
-              mlflow_metric(f"{split}_mean_length", r.mean_length, ts, 0),
-              mlflow_metric("wall_s", r.wall_s, ts, 0)]
-        for i, row in enumerate(r.curve):
-            step = int(row.get("step", i + 1))
-            for k, v in row.items():
-                if k != "step" and isinstance(v, int | float) and math.isfinite(v):
-                    ms.append(mlflow_metric(f"train/{k}", float(v), ts, step))
-        ms = [m for m in ms if math.isfinite(m.value)]
-        self.client.log_batch(rid, params=params)
-        for i in range(0, len(ms), 900):
-            self.client.log_batch(rid, metrics=ms[i: i + 900])
-        self.client.set_terminated(rid, status="FINISHED")
+        s = self.session
+        tags = {"mirrorlab.kind": "compare-run", "mirrorlab.method": r.method, "mirrorlab.seed": str(r.seed)}
+        rid = s.create_run(f"{r.method}-s{r.seed}", tags, self.parent_run_id)
+        s.log_params(rid, {"method": r.method, "seed": str(r.seed), "split": split,
+                           **{f"divergence.{k}": v for k, v in divergence.items()}})
+        s.log_metrics(rid, {f"{split}_{metric_name}": r.metric, f"{split}_stderr": r.stderr,
+                            f"{split}_mean_length": r.mean_length, "wall_s": r.wall_s}, curve=r.curve)
+        s.end_run(rid)
         return rid
 
     def finish(self, result: CompareResult | None, files: list[Path], status: str = "FINISHED") -> None:
         """Summary metrics per method, the results JSON/table/plots as artifacts; close the run."""
         if not self.enabled or self.parent_run_id is None:
             return
-        from mirrorlab.tracking import mlflow_metric
-
         if result is not None:
-            ts = int(1000 * time.time())
-            ms = []
-            for m in result.methods:
-                k = m.label  # mlflow_metric makes the key valid
-                ms += [mlflow_metric(f"{k}/{result.metric_name}_mean", m.metric_mean, ts, 0),
-                       mlflow_metric(f"{k}/{result.metric_name}_std", m.metric_std, ts, 0),
-                       mlflow_metric(f"{k}/length_mean", m.length_mean, ts, 0)]
+            ms: dict[str, float | None] = {}
+            for m in result.methods:  # metric keys are made valid by the session
+                ms.update({f"{m.label}/{result.metric_name}_mean": m.metric_mean,
+                           f"{m.label}/{result.metric_name}_std": m.metric_std,
+                           f"{m.label}/length_mean": m.length_mean})
             for c in result.comparisons:
-                k = c.method
-                ms += [mlflow_metric(f"{k}/diff_vs_baseline", c.mean_diff, ts, 0),
-                       mlflow_metric(f"{k}/p_t", c.t_pvalue, ts, 0)]
-            ms = [m for m in ms if math.isfinite(m.value)]
-            if ms:
-                self.client.log_batch(self.parent_run_id, metrics=ms)
-        for f in files:
-            if Path(f).is_file():
-                sub = "plots" if str(f).endswith(".png") else None
-                self.client.log_artifact(self.parent_run_id, str(f), sub)
-        self.client.set_terminated(self.parent_run_id, status=status)
+                ms.update({f"{c.method}/diff_vs_baseline": c.mean_diff, f"{c.method}/p_t": c.t_pvalue})
+            self.session.log_metrics(self.parent_run_id, ms)
+        self.session.log_files(self.parent_run_id, files)
+        self.session.end_run(self.parent_run_id, status)
 
 
-class _CurveRecorder:
-    """Trainer callback keeping the per-step metrics (in case `train()` returns nothing)."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict[str, float]] = []
-
-    def on_step(self, step: int, metrics: dict[str, Any]) -> None:
-        row = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-        row["step"] = float(step)
-        self.rows.append(row)
-
-
-def _plain_curve(curve: Any, fallback: list[dict[str, float]]) -> list[dict[str, float]]:
-    rows = curve if isinstance(curve, list) and curve else fallback
+def plain_curve(curve: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """A trainer's history as numeric rows (booleans and non-numbers dropped), each with a step."""
     out = []
-    for i, row in enumerate(rows):
+    for i, row in enumerate(curve):
         r = {k: float(v) for k, v in dict(row).items()
              if isinstance(v, int | float) and not isinstance(v, bool)}
         r.setdefault("step", float(i + 1))
@@ -470,8 +353,6 @@ def _curve_key(curves: list[list[dict[str, float]]], names: tuple[str, ...]) -> 
 
 def write_plots(result: CompareResult, out_dir: str | Path) -> list[Path]:
     """Training curves (reward, completion length) and metric vs length per method, as PNGs."""
-    from mirrorlab import plots
-
     d = Path(out_dir)
     labels = [m.label for m in result.methods]
     by = {lab: sorted([r for r in result.runs if r.method == lab], key=lambda r: r.seed) for lab in labels}
@@ -509,16 +390,14 @@ def run_compare(
     fresh optimiser, `set_divergence` swaps the regulariser. Writes `results.json`,
     `table.txt` and the PNGs into `out_dir` and logs everything to MLflow.
     """
-    from mirrorlab.gbmpo import build_trainer
-    from mirrorlab.progress import TrainProgress, _progress
-
     t_start = time.perf_counter()
     methods = compare_methods(cfg)
     labels = ([START_LABEL] if cfg.compare.include_start else []) + [m.label for m in methods]
     baseline = cfg.compare.baseline or labels[0]
     split = cfg.compare.split
     uri = cfg.tracking.tracking_uri
-    divs = {m.label: resolve_divergence(m.divergence, map_refs, tracking_uri=uri) for m in methods}
+    regs = {m.label: build_divergence(m.divergence, map_refs=map_refs, tracking_uri=uri) for m in methods}
+    divs = {label: r.divergence for label, r in regs.items()}
     div_info = {}
     for m in methods:
         info = m.divergence.model_dump(mode="json")
@@ -527,6 +406,7 @@ def run_compare(
         sha = getattr(divs[m.label], "sha", None)
         if isinstance(sha, str):
             info["sha"] = sha
+        info["effective_coef"] = regs[m.label].coef  # a saved mixture map carries its searched lambda
         div_info[m.label] = info
     if cfg.compare.include_start:
         div_info[START_LABEL] = {"name": "untrained", "coef": None, "steps": 0}
@@ -537,7 +417,7 @@ def run_compare(
     metric_name = "metric"
     total = len(methods) * len(cfg.compare.seeds)
     status = "FAILED"
-    prog = _progress(console) if progress else None
+    prog = progress_bars(console) if progress else None
     try:
         if prog is not None:
             prog.start()
@@ -549,8 +429,8 @@ def run_compare(
                 run_cfg.train.seed = seed
                 run_cfg.divergence = m.divergence
                 if trainer is None:
-                    trainer = build_trainer(run_cfg, divergence=divs[m.label])
-                    metric_name = getattr(trainer.task, "metric_name", "metric")
+                    trainer = build_trainer(run_cfg, regs[m.label])
+                    metric_name = trainer.task.metric_name
                 else:
                     trainer.reset(seed=seed)
                 if cfg.compare.include_start and m is methods[0]:  # the start, on this seed's eval
@@ -560,9 +440,8 @@ def run_compare(
                     r.run_id = tracker.log_run(r, div_info[START_LABEL], split, metric_name)
                     runs.append(r)
                     t0 = time.perf_counter()
-                _set_divergence(trainer, divs[m.label], m.divergence)
-                rec = _CurveRecorder()
-                cbs: list[Any] = [rec]
+                trainer.set_regulariser(regs[m.label])
+                cbs: list[Any] = []
                 bar = None
                 if prog is not None:
                     bar = TrainProgress(cfg.train.steps, f"{m.label} seed {seed}", progress=prog)
@@ -572,7 +451,7 @@ def run_compare(
                     bar.close()
                 ev = trainer.evaluate(split, n=cfg.compare.eval_size)
                 r = RunResult(m.label, seed, float(ev.metric), float(ev.stderr), float(ev.mean_length),
-                              int(ev.n), time.perf_counter() - t0, _plain_curve(curve, rec.rows))
+                              int(ev.n), time.perf_counter() - t0, plain_curve(curve))
                 r.run_id = tracker.log_run(r, div_info[m.label], split, metric_name)
                 runs.append(r)
                 if prog is not None:
@@ -597,27 +476,13 @@ def run_compare(
         files.append(d / "table.txt")
         files += write_plots(result, d)
         try:  # the regularisers compared, as mirror maps (those with a potential)
-            from mirrorlab import plots
-
-            pot = {lab: dv for lab, dv in divs.items() if hasattr(dv, "phi_inv") and hasattr(dv, "h")}
+            pot = {lab: dv for lab, dv in divs.items() if isinstance(dv, PotentialMixin)}
             if pot:
-                files.append(plots.plot_maps(pot, d / "maps.png", baselines=False))
+                files.append(divergences.plot_maps(pot, d / "maps.png"))
         except Exception as e:  # noqa: BLE001 - a plot must never lose a finished comparison
             result.meta["maps_plot_error"] = str(e)
     tracker.finish(result, files)
     return result
-
-
-def _set_divergence(trainer: Any, div: Any, dcfg: Any) -> None:
-    """Swap the trainer's regulariser (and estimator). A loaded map that carries its own searched
-    coefficient (a `mixture` map) uses it; otherwise the method's `coef`."""
-    coef = dcfg.coef
-    if dcfg.map is not None and isinstance(getattr(div, "coef", None), float):
-        coef = div.coef
-    trainer.set_divergence(div, coef=coef)
-    for attr, val in (("estimator", dcfg.estimator), ("chunk_size", dcfg.chunk_size)):
-        if hasattr(trainer, attr):
-            setattr(trainer, attr, val)
 
 
 def log_single_run(
@@ -625,36 +490,13 @@ def log_single_run(
     curve: list[dict[str, float]] | None = None, files: list[Path] | None = None,
 ) -> str | None:
     """Log one finished run (train or eval) to MLflow: params, metrics, curve, files, config."""
-    t = CompareTracker(cfg)
-    if not t.enabled:
+    if not cfg.tracking.enabled:
         return None
-    import tempfile
-
-    from mlflow.entities import Param
-
-    from mirrorlab.config import dump_config
-    from mirrorlab.repro import run_record
-    from mirrorlab.tracking import mlflow_metric
-
-    run = t.client.create_run(t.experiment_id, run_name=run_name,
-                              tags={"mirrorlab.kind": kind, "mirrorlab.task": cfg.task.name})
-    rid = run.info.run_id
-    ts = int(1000 * time.time())
-    t.client.log_batch(rid, params=[Param(k, json.dumps(v, default=str)[:6000]) for k, v in params.items()])
-    ms = [mlflow_metric(k, float(v), ts, 0) for k, v in metrics.items()
-          if v is not None and math.isfinite(float(v))]
-    for i, row in enumerate(curve or []):
-        step = int(row.get("step", i + 1))
-        ms += [mlflow_metric(f"train/{k}", float(v), ts, step) for k, v in row.items()
-               if k != "step" and isinstance(v, int | float) and math.isfinite(v)]
-    for i in range(0, len(ms), 900):
-        t.client.log_batch(rid, metrics=ms[i: i + 900])
-    with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "config.yaml").write_text(dump_config(cfg))
-        (Path(d) / "run_record.json").write_text(json.dumps(run_record(cfg.seed), indent=2, default=str))
-        t.client.log_artifacts(rid, d)
-    for f in files or []:
-        if Path(f).is_file():
-            t.client.log_artifact(rid, str(f), "plots" if str(f).endswith(".png") else None)
-    t.client.set_terminated(rid, status="FINISHED")
+    s = MlflowSession(cfg.tracking, cfg.name)
+    rid = s.create_run(run_name, {"mirrorlab.kind": kind, "mirrorlab.task": cfg.task.name})
+    s.log_params(rid, params)
+    s.log_metrics(rid, metrics, curve=curve)
+    s.log_config(rid, cfg)
+    s.log_files(rid, files or [])
+    s.end_run(rid)
     return rid

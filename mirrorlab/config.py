@@ -9,13 +9,18 @@ field path and the allowed keys. YAML files are merged with `--set a.b=c` overri
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from mirrorlab import divergences, strategies, tasks
 from mirrorlab.evaluators import evaluators
+from mirrorlab.executors import executors
+from mirrorlab.registry import Registry
+from mirrorlab.spaces import spaces
 
 
 class ConfigError(ValueError):
@@ -23,25 +28,49 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    """Base for all config sections: unknown keys are errors, assignments are validated."""
+    """Base for all config sections: unknown keys are errors, assignments are validated.
+
+    `renamed` maps old field names to new ones: an old name is still accepted, with a
+    DeprecationWarning naming the new one (both at once is an error)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    renamed: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_fields(cls, data: Any) -> Any:
+        if not cls.renamed or not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for old, new in cls.renamed.items():
+            if old in data:
+                if new in data:
+                    raise ValueError(f"{old} is the deprecated name of {new}; set only {new}")
+                warnings.warn(f"config field {old!r} is deprecated; use {new!r}", DeprecationWarning,
+                              stacklevel=2)
+                data[new] = data.pop(old)
+        return data
 
 
-def _check_registered(kind: str, name: str) -> str:
-    """Validate `name` against the registry of `kind` ("divergence", "task", "strategy")."""
-    if kind == "divergence":
-        import mirrorlab.spaces  # noqa: F401  (registers the searchable `mixture` divergence)
-        from mirrorlab.divergences import registry as reg
-    elif kind == "task":
-        from mirrorlab.tasks import registry as reg
-    elif kind == "strategy":
-        from mirrorlab.strategies import registry as reg
-    else:  # pragma: no cover - programming error
-        raise AssertionError(kind)
-    if name not in reg:
-        raise ValueError(f"unknown {kind} {name!r}; allowed: {', '.join(reg.names())}")
-    return name
+def registered(registry: Registry[Any], paths: bool = False) -> AfterValidator:
+    """A field validator: the value must be a name in `registry` (the error lists the allowed
+    names), or, with `paths`, a `package.module:factory` import path."""
+
+    def check(name: str) -> str:
+        if name in registry or (paths and ":" in name):
+            return name
+        extra = " or package.module:factory" if paths else ""
+        raise ValueError(f"unknown {registry.kind} {name!r}; allowed: {', '.join(registry.names())}{extra}")
+
+    return AfterValidator(check)
+
+
+DivergenceName = Annotated[str, registered(divergences.registry)]
+TaskName = Annotated[str, registered(tasks.registry)]
+StrategyName = Annotated[str, registered(strategies.registry)]
+SpaceKind = Annotated[str, registered(spaces)]
+ExecutorKind = Annotated[str, registered(executors)]
+EvaluatorKind = Annotated[str, registered(evaluators, paths=True)]
 
 
 # --------------------------------------------------------------------------- model
@@ -70,13 +99,8 @@ class ModelConfig(Section):
 class TaskConfig(Section):
     """A registered task by name, with the keyword parameters its constructor takes."""
 
-    name: str = "arithmetic"
+    name: TaskName = "arithmetic"
     params: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        return _check_registered("task", v)
 
 
 # --------------------------------------------------------------------------- divergence
@@ -87,7 +111,7 @@ class DivergenceConfig(Section):
     otherwise `params` are passed to the divergence factory (e.g. `seed`, `scale`).
     """
 
-    name: str = "kl_k3"
+    name: DivergenceName = "kl_k3"
     coef: float = Field(0.04, ge=0)
     estimator: Literal["sampled", "full"] = "sampled"
     chunk_size: int = Field(8192, ge=1)
@@ -95,11 +119,6 @@ class DivergenceConfig(Section):
     map: str | None = None
     # torch.compile the sampled estimator (fuses ~100 small kernels; worth it on GPUs)
     compile: bool = False
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        return _check_registered("divergence", v)
 
 
 # --------------------------------------------------------------------------- inner loop
@@ -133,6 +152,8 @@ class OptimConfig(Section):
 class TrainConfig(Section):
     """One GBMPO run (DESIGN section 3)."""
 
+    renamed: ClassVar[dict[str, str]] = {"reg_is_weight": "reg_times_ratio"}
+
     steps: int = Field(100, ge=0)
     prompts_per_step: int = Field(4, ge=1)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
@@ -143,8 +164,9 @@ class TrainConfig(Section):
     mu: int = Field(1, ge=1)
     micro_batch_size: int | None = Field(None, ge=1)
     mask_truncated: bool = False
-    # multiply D by the differentiable ratio rho (TRL 1.16's use_bias_correction_kl default)
-    reg_is_weight: bool = False
+    reg_times_ratio: bool = Field(
+        False, description="multiply D by the differentiable ratio rho (TRL 1.16's use_bias_correction_kl, "
+        "its default); False is the classic GRPO / GBMPO form. Was `reg_is_weight` (accepted, deprecated)")
     eval_every: int = Field(0, ge=0)
     eval_split: Literal["train", "val", "test"] = "val"
     eval_size: int | None = Field(None, ge=1)
@@ -161,7 +183,7 @@ class SpaceConfig(Section):
     """What the search optimises: `neural` (380-dim softplus theta of NeuralMirrorMap),
     `neural_raw` (the paper's raw parametrisation, map = |theta|) or `mixture`."""
 
-    kind: Literal["neural", "neural_raw", "mixture"] = "neural"
+    kind: SpaceKind = "neural"
     init: Literal["random", "zeros"] = "random"
     init_scale: float = Field(0.01, gt=0)
 
@@ -169,22 +191,15 @@ class SpaceConfig(Section):
 class StrategyConfig(Section):
     """A registered search strategy; `params` go to its constructor (e.g. sigma, lr, optimizer)."""
 
-    name: str = "openai_es"
+    name: StrategyName = "openai_es"
     population: int = Field(8, ge=1)
     generations: int = Field(2, ge=1)
     params: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        return _check_registered("strategy", v)
-
     @model_validator(mode="after")
     def _params_known(self) -> StrategyConfig:
         """Typos in `params` (and unknown nevergrad optimisers) fail at config time."""
-        from mirrorlab.strategies import check_params
-
-        check_params(self.name, self.params)
+        strategies.check_params(self.name, self.params)
         return self
 
 
@@ -218,7 +233,7 @@ class EvaluatorConfig(Section):
     the same seeds (cached per seed), racing, an incumbent rule and a confirmation stage.
     """
 
-    kind: str = Field("gbmpo", description="registered evaluator name or package.module:factory")
+    kind: EvaluatorKind = Field("gbmpo", description="registered evaluator name or package.module:factory")
     params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the evaluator")
     seeds: int = Field(1, ge=1, description="inner seeds per candidate; fitness = mean over them")
     resample_each_generation: bool = Field(
@@ -240,16 +255,6 @@ class EvaluatorConfig(Section):
     racing: RacingConfig = Field(default_factory=RacingConfig, description="successive halving over seeds")
     confirm: ConfirmConfig = Field(default_factory=ConfirmConfig, description="re-scoring on fresh seeds")
 
-    @field_validator("kind")
-    @classmethod
-    def _known_evaluator(cls, v: str) -> str:
-        if ":" in v:  # package.module:factory, imported where the evaluator is built
-            return v
-        if v not in evaluators:
-            raise ValueError(f"unknown evaluator {v!r}; allowed: {', '.join(evaluators.names())} "
-                             "or package.module:factory")
-        return v
-
     @model_validator(mode="after")
     def _racing_fits(self) -> EvaluatorConfig:
         r = self.racing
@@ -267,7 +272,7 @@ class EvaluatorConfig(Section):
 class ExecutorConfig(Section):
     """Where candidates run: in process, one worker process per device, or Ray tasks."""
 
-    kind: Literal["local", "process", "ray"] = "local"
+    kind: ExecutorKind = "local"
     workers: int = Field(1, ge=1)
     ray_address: str | None = None
     cpus_per_worker: float = Field(1.0, gt=0)

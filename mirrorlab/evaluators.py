@@ -10,13 +10,13 @@ the same k seeds (common random numbers), and each seed fixes the inner run's pr
 sampling and its validation subset. Confirmation seeds come from a separate stream the search
 never draws from, so a confirmed fitness is measured on seeds the search never saw.
 
-This module sits below the search (config validates `search.evaluator.kind` against this
-registry without importing the search loop).
+This module sits below the config, which validates `search.evaluator.kind` against this
+registry; the real evaluator, `gbmpo`, lives in `mirrorlab.inner` (it builds trainers, so a layer
+above the config) and is registered here by its import path.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import time
 from typing import Any
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from mirrorlab.records import Job, check_deadline
-from mirrorlab.registry import Registry
+from mirrorlab.registry import Registry, import_path
 
 _GEN_SALT = 0x5EA6C
 _CONFIRM_SALT = 0xC0F1A
@@ -69,16 +69,11 @@ def build_evaluator(cfg: Any) -> Any:
     """The evaluator named by `cfg.search.evaluator.kind` (registered name or `module:factory`)."""
     kind = cfg.search.evaluator.kind
     params = dict(cfg.search.evaluator.params)
-    if kind in evaluators:
-        return evaluators.get(kind, cfg=cfg, **params)
-    if ":" in kind:
-        mod, _, attr = kind.partition(":")
-        return getattr(importlib.import_module(mod), attr)(cfg=cfg, **params)
-    allowed = ", ".join(evaluators.names())
-    raise ValueError(f"unknown evaluator {kind!r}; allowed: {allowed} or package.module:factory")
+    factory = import_path(kind) if kind not in evaluators and ":" in kind else evaluators.factory(kind)
+    return factory(cfg=cfg, **params)
 
 
-class _DeadlineCallback:
+class DeadlineCallback:
     """Trainer callback that stops an inner run at the next step once the job's deadline passed."""
 
     def __init__(self, job: Job) -> None:
@@ -88,81 +83,12 @@ class _DeadlineCallback:
         check_deadline(self.job)
 
 
-def _nonfinite_loss(curves: list[dict[str, Any]]) -> str | None:
+def nonfinite_loss(curves: list[dict[str, Any]]) -> str | None:
     for i, row in enumerate(curves):
         for k, v in row.items():
             if "loss" in k and isinstance(v, int | float) and not math.isfinite(v):
                 return f"non-finite {k}={v} at inner step {row.get('step', i)}"
     return None
-
-
-class GBMPOEvaluator:
-    """Scores a job by T inner GBMPO steps on task.train from the base weights, then task.val.
-
-    `setup()` builds the model, task and trainer once per worker; each evaluation resets the
-    trainer to the base weights with the job's seed, sets the divergence (the candidate's map and
-    coefficient, or the paired baseline's for `role == "baseline"`), trains, and evaluates on the
-    seed's val subset of `job.eval_size` problems. fitness = metric - length_penalty * mean
-    completion length; stderr = the metric's sampling standard error; `scores` = per-problem
-    scores (for paired standard errors).
-    """
-
-    def __init__(self, cfg: Any) -> None:
-        self.cfg = cfg
-        self.trainer: Any = None
-        self.space: Any = None
-        self._baseline: tuple[Any, float] | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"cfg": self.cfg, "trainer": None, "space": None, "_baseline": None}
-
-    def setup(self) -> None:
-        """Load the base model and build the trainer (heavy; once per worker)."""
-        from mirrorlab.gbmpo import build_trainer
-        from mirrorlab.spaces import make_space
-
-        self.space = make_space(self.cfg)
-        self.trainer = build_trainer(self.cfg, divergence=self.space.divergence(self.space.initial(0)))
-        self.n_val = len(self.trainer.task.val)
-
-    def _divergence(self, job: Job) -> tuple[Any, float]:
-        if job.role != "baseline":
-            return self.space.divergence(job.theta), self.space.coef(job.theta)
-        if self._baseline is None:
-            from mirrorlab.divergences import from_config
-
-            bcfg = self.cfg.search.evaluator.baseline
-            if bcfg is None:
-                raise ValueError("a baseline job needs search.evaluator.baseline (a divergence config)")
-            self._baseline = (from_config(bcfg), float(bcfg.coef))
-        return self._baseline
-
-    def evaluate(self, job: Job) -> dict[str, Any]:
-        """One job: reset, set the divergence, train T steps, evaluate on the seed's val subset."""
-        if self.trainer is None:
-            self.setup()
-        ec = self.cfg.search.evaluator
-        t0 = time.monotonic()
-        div, coef = self._divergence(job)
-        self.trainer.reset(seed=job.seed)
-        self.trainer.set_divergence(div, coef)
-        t1 = time.monotonic()
-        curves = self.trainer.train(steps=ec.inner_steps, callbacks=[_DeadlineCallback(job)])
-        t2 = time.monotonic()
-        bad = _nonfinite_loss(curves)
-        if bad:
-            raise FloatingPointError(bad)
-        check_deadline(job)
-        res = self.trainer.evaluate("val", indices=val_subset(job.seed, self.n_val, job.eval_size))
-        t3 = time.monotonic()
-        fitness = float(res.metric) - ec.length_penalty * float(res.mean_length)
-        return {
-            "fitness": fitness, "stderr": float(res.stderr), "metric": float(res.metric),
-            "mean_length": float(res.mean_length), "n_eval": int(res.n),
-            "scores": [float(s) for s in res.scores],
-            "curves": [{k: float(v) for k, v in row.items() if isinstance(v, int | float)} for row in curves],
-            "timings": {"reset_s": t1 - t0, "train_s": t2 - t1, "eval_s": t3 - t2},
-        }
 
 
 class AnalyticEvaluator:
@@ -248,6 +174,6 @@ class FaultInjectionEvaluator:
         return res
 
 
-evaluators.register("gbmpo", GBMPOEvaluator)
+evaluators.register("gbmpo", "mirrorlab.inner:GBMPOEvaluator")  # a layer up: it builds trainers
 evaluators.register("analytic", AnalyticEvaluator)
 evaluators.register("fault_injection", FaultInjectionEvaluator)

@@ -27,6 +27,8 @@ from multiprocessing.connection import Connection, wait
 from typing import Any, Protocol
 
 from mirrorlab.records import FAILED, FINISHED, CandidateTimeout, Job, Outcome
+from mirrorlab.registry import Registry
+from mirrorlab.values import is_finite
 
 
 class Evaluator(Protocol):
@@ -35,10 +37,6 @@ class Evaluator(Protocol):
     def setup(self) -> None: ...
 
     def evaluate(self, job: Job) -> dict[str, Any]: ...
-
-
-def _finite(x: Any) -> bool:
-    return x is not None and isinstance(x, int | float) and math.isfinite(float(x))
 
 
 def run_job(evaluator: Evaluator, job: Job, worker: str = "local") -> Outcome:
@@ -61,7 +59,7 @@ def run_job(evaluator: Evaluator, job: Job, worker: str = "local") -> Outcome:
         out.scores = [float(x) for x in res.get("scores", [])]
         out.timings = {k: float(v) for k, v in res.get("timings", {}).items()}
         elapsed = time.monotonic() - start
-        if not _finite(out.fitness):
+        if not is_finite(out.fitness):
             out.error = f"non-finite fitness: {out.fitness}"
         elif job.timeout_s is not None and elapsed > job.timeout_s:
             out.error = f"timeout: finished after {elapsed:.1f} s, limit {job.timeout_s} s"
@@ -570,16 +568,32 @@ class RayExecutor(Executor):
             self._ray_connected = False
 
 
-def make_executor(kind: str, evaluator: Evaluator, workers: int = 1, **kw: Any) -> Executor:
-    """Build an executor by kind (`local`, `process`, `ray`) with the config's settings."""
-    if kind == "local":
-        return LocalExecutor(evaluator)
-    if kind == "process":
-        return ProcessExecutor(evaluator, workers, threads_per_worker=int(kw.get("cpus_per_worker", 1)))
-    if kind == "ray":
-        return RayExecutor(
-            evaluator, workers, address=kw.get("ray_address"),
-            cpus_per_worker=kw.get("cpus_per_worker", 1.0), gpus_per_worker=kw.get("gpus_per_worker", 0.0),
-            num_cpus=kw.get("num_cpus"),
-        )
-    raise ValueError(f"unknown executor {kind!r}; allowed: local, process, ray")
+executors: Registry[Executor] = Registry("executor")
+
+
+@executors.register("local")
+def _local(evaluator: Evaluator, workers: int = 1, **settings: Any) -> Executor:
+    """In the search process, one job at a time (`workers` is ignored)."""
+    return LocalExecutor(evaluator)
+
+
+@executors.register("process")
+def _process(evaluator: Evaluator, workers: int = 1, cpus_per_worker: float = 1.0,
+             **settings: Any) -> Executor:
+    """`workers` spawned worker processes with `cpus_per_worker` threads each."""
+    return ProcessExecutor(evaluator, workers, threads_per_worker=int(cpus_per_worker))
+
+
+@executors.register("ray")
+def _ray(evaluator: Evaluator, workers: int = 1, ray_address: str | None = None, cpus_per_worker: float = 1.0,
+         gpus_per_worker: float = 0.0, num_cpus: int | None = None, **settings: Any) -> Executor:
+    """`workers` Ray actors (a local instance, or the cluster at `ray_address`)."""
+    return RayExecutor(evaluator, workers, address=ray_address, cpus_per_worker=cpus_per_worker,
+                       gpus_per_worker=gpus_per_worker, num_cpus=num_cpus)
+
+
+def make_executor(kind: str, evaluator: Evaluator, workers: int = 1, **settings: Any) -> Executor:
+    """Build the executor registered as `kind`. A factory takes `(evaluator, workers=, **settings)`
+    with the `search.executor` fields as settings (`ray_address`, `cpus_per_worker`, ...); it
+    ignores the ones it does not use."""
+    return executors.factory(kind)(evaluator, workers=workers, **settings)

@@ -16,11 +16,9 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from mirrorlab.values import is_finite
+
 _FAILED = "FAILED"
-
-
-def _finite(x: Any) -> bool:
-    return x is not None and isinstance(x, int | float) and math.isfinite(x)
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
@@ -44,7 +42,7 @@ def fitness_stats(
     out = []
     best_so_far = -math.inf
     for g, vals in _generations(history):
-        ok = [float(v) for v in vals if _finite(v)]
+        ok = [float(v) for v in vals if is_finite(v)]
         n = len(ok)
         mean = sum(ok) / n if n else math.nan
         std = math.sqrt(sum((v - mean) ** 2 for v in ok) / (n - 1)) if n > 1 else 0.0
@@ -73,7 +71,7 @@ def plot_fitness(
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot(1, 1, 1)
     for g, vals in _generations(history):
-        ok = [v for v in vals if _finite(v)]
+        ok = [v for v in vals if is_finite(v)]
         ax.scatter([g] * len(ok), ok, s=12, color="0.6", alpha=0.7, zorder=1,
                    label="candidates" if g == stats[0]["generation"] else None)
     gens = [s["generation"] for s in stats]
@@ -110,7 +108,7 @@ def plot_lineage(candidates: Sequence[Mapping[str, Any]], path: str | Path, titl
     """
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot(1, 1, 1)
-    ok = [c for c in candidates if _finite(c.get("fitness")) and c.get("status", "") != _FAILED]
+    ok = [c for c in candidates if is_finite(c.get("fitness")) and c.get("status", "") != _FAILED]
     pos = {str(c["id"]): (float(c["generation"]), float(c["fitness"])) for c in ok}
     lo = min((p[1] for p in pos.values()), default=0.0)
     virtual: dict[str, list[tuple[float, float]]] = {}
@@ -151,33 +149,12 @@ def plot_lineage(candidates: Sequence[Mapping[str, Any]], path: str | Path, titl
     return _save(fig, path)
 
 
-def plot_maps(maps: Mapping[str, Any], path: str | Path, baselines: bool = True) -> Path:
-    """phi_inv and h of mirror maps on (0, 1], beside KL (negative entropy) and ProbL2.
-
-    `maps` maps labels to divergences (anything with `h` and `phi_inv`) or to 380-vectors theta
-    of neural maps. Delegates the drawing to `mirrorlab.divergences.plot_maps`.
-    """
-    from mirrorlab import divergences
-
-    resolved: dict[str, Any] = {}
-    if baselines:
-        for label, name in (("KL (neg. entropy)", "neg_entropy"), ("ProbL2", "prob_l2")):
-            if name in divergences.registry:
-                resolved[label] = divergences.get(name)
-    for label, m in maps.items():
-        if hasattr(m, "phi_inv"):
-            resolved[label] = m
-        else:
-            resolved[label] = divergences.get("neural", theta=m)
-    return Path(divergences.plot_maps(resolved, path) or path)
-
-
 def _mean_band(series: Sequence[Sequence[float]]) -> tuple[list[float], list[float], list[float]]:
     """Pointwise mean, min and max over runs of possibly unequal length (finite values only)."""
     n = max((len(s) for s in series), default=0)
     mean, lo, hi = [], [], []
     for i in range(n):
-        vals = [float(s[i]) for s in series if i < len(s) and _finite(s[i])]
+        vals = [float(s[i]) for s in series if i < len(s) and is_finite(s[i])]
         mean.append(sum(vals) / len(vals) if vals else math.nan)
         lo.append(min(vals) if vals else math.nan)
         hi.append(max(vals) if vals else math.nan)
@@ -209,7 +186,7 @@ def plot_training_curves(
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot(1, 1, 1)
     for i, (label, series) in enumerate(curves.items()):
-        sm = [_smooth([float(v) if _finite(v) else math.nan for v in s], smooth) for s in series]
+        sm = [_smooth([float(v) if is_finite(v) else math.nan for v in s], smooth) for s in series]
         mean, lo, hi = _mean_band(sm)
         steps = list(range(1, len(mean) + 1))
         col = f"C{i % 10}"
@@ -238,7 +215,7 @@ def plot_metric_vs_length(
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot(1, 1, 1)
     for i, (label, pts) in enumerate(points.items()):
-        pts = [(float(x), float(y)) for x, y in pts if _finite(x) and _finite(y)]
+        pts = [(float(x), float(y)) for x, y in pts if is_finite(x) and is_finite(y)]
         if not pts:
             continue
         col = f"C{i % 10}"
@@ -257,17 +234,3 @@ def plot_metric_vs_length(
     if points:
         ax.legend(fontsize=7, loc="best")
     return _save(fig, path)
-
-
-def log_to_mlflow(paths: Sequence[str | Path], artifact_path: str = "plots") -> int:
-    """Log PNGs as artifacts of the active MLflow run (if any); returns how many were logged."""
-    import mlflow
-
-    if mlflow.active_run() is None:
-        return 0
-    n = 0
-    for p in paths:
-        if Path(p).is_file():
-            mlflow.log_artifact(str(p), artifact_path=artifact_path)
-            n += 1
-    return n

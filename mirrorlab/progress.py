@@ -14,8 +14,11 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from mirrorlab.values import fmt
 
-def _progress(console: Console | None) -> Progress:
+
+def progress_bars(console: Console | None) -> Progress:
+    """The rich progress display every command shares (description, bar, n/N, time, info)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -25,14 +28,6 @@ def _progress(console: Console | None) -> Progress:
         console=console or Console(stderr=True),
         transient=False,
     )
-
-
-def _f(x: Any, d: int = 3) -> str:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return str(x)
-    return f"{v:.{d}f}" if math.isfinite(v) else "nan"
 
 
 class TrainProgress:
@@ -46,7 +41,7 @@ class TrainProgress:
         progress: Progress | None = None, keys: tuple[str, ...] = ("reward_mean", "div_mean", "loss"),
     ) -> None:
         self._own = progress is None
-        self.progress = progress or _progress(console)
+        self.progress = progress or progress_bars(console)
         self.keys = keys
         self.task = self.progress.add_task(description, total=total, info="")
         self.last: dict[str, Any] = {}
@@ -62,13 +57,13 @@ class TrainProgress:
     def on_step(self, step: int, metrics: dict[str, Any]) -> None:
         """Advance one step and show the chosen metrics."""
         self.last = dict(metrics)
-        info = " ".join(f"{k}={_f(metrics[k])}" for k in self.keys if k in metrics)
+        info = " ".join(f"{k}={fmt(metrics[k])}" for k in self.keys if k in metrics)
         self.progress.update(self.task, advance=1, info=info)
 
     def on_eval(self, step: int, metrics: dict[str, Any]) -> None:
         """Show the latest evaluation beside the bar."""
         shown = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-        info = " ".join(f"{k}={_f(v)}" for k, v in list(shown.items())[:3])
+        info = " ".join(f"{k}={fmt(v)}" for k, v in list(shown.items())[:3])
         self.progress.update(self.task, info=f"eval {info}")
 
     def close(self) -> None:
@@ -94,7 +89,7 @@ class SearchProgress:
     def __init__(self, console: Console | None = None, enabled: bool = True) -> None:
         self.console = console or Console(stderr=True)
         self.enabled = enabled
-        self.progress = _progress(self.console)
+        self.progress = progress_bars(self.console)
         self._gen_task: Any = None
         self._cand_task: Any = None
         self._started = False
@@ -130,7 +125,7 @@ class SearchProgress:
         failed = status.upper() == "FAILED" or fitness is None
         self.failures += int(failed)
         if self._cand_task is not None:
-            info = f"{candidate_id}: {'FAILED' if failed else _f(fitness)}"
+            info = f"{candidate_id}: {'FAILED' if failed else fmt(fitness)}"
             self.progress.update(self._cand_task, advance=1, info=info)
 
     def on_generation_end(self, generation: int, best: float, mean: float, failures: int = 0) -> None:
@@ -141,11 +136,11 @@ class SearchProgress:
                "best_so_far": self.best_so_far}
         self.history.append(row)
         if self._gen_task is not None:
-            self.progress.update(self._gen_task, advance=1, info=f"best so far {_f(self.best_so_far)}")
+            self.progress.update(self._gen_task, advance=1, info=f"best so far {fmt(self.best_so_far)}")
         if self.enabled:
             self.progress.console.print(
-                f"gen {generation}: best {_f(best)}  mean {_f(mean)}  failures {failures}  "
-                f"best so far {_f(self.best_so_far)}"
+                f"gen {generation}: best {fmt(best)}  mean {fmt(mean)}  failures {failures}  "
+                f"best so far {fmt(self.best_so_far)}"
             )
 
     def on_search_end(self, result: Any = None) -> None:

@@ -47,22 +47,12 @@ from typing import Any
 
 import numpy as np
 
-from mirrorlab import strategies
+from mirrorlab import divergences, plots, strategies
 from mirrorlab.config import Config, dump_config
-from mirrorlab.evaluators import (  # noqa: F401  (re-exported: the search's public names)
-    AnalyticEvaluator,
-    FaultInjectionEvaluator,
-    GBMPOEvaluator,
-    build_evaluator,
-    confirmation_seeds,
-    evaluators,
-    generation_seed,
-    generation_seeds,
-    val_subset,
-)
+from mirrorlab.evaluators import build_evaluator, confirmation_seeds, generation_seeds
 from mirrorlab.executors import Executor, make_executor
 from mirrorlab.records import FAILED, FINISHED, Job, Outcome
-from mirrorlab.spaces import SearchSpace, make_space
+from mirrorlab.spaces import NeuralSpace, SearchSpace, make_space
 from mirrorlab.strategies import Candidate
 from mirrorlab.tracking import make_tracker
 
@@ -211,6 +201,8 @@ class SearchResult:
     timings: dict[str, float] = field(default_factory=dict)
     confirmation: dict[str, Any] | None = None  # the confirm stage's table, when it ran
     inner_steps_spent: int = 0  # all inner GBMPO steps the search trained (baselines included)
+    best_map: str | None = None  # the answer saved as a map directory (when the search has a report_dir)
+    report_files: list[str] = field(default_factory=list)  # plots written and logged on the parent run
 
     def fitness_history(self) -> list[list[float | None]]:
         """Per generation, the candidates' fitness (None for FAILED)."""
@@ -221,6 +213,15 @@ class SearchResult:
         d = asdict(self)
         d["best_theta"] = np.asarray(self.best_theta).tolist()
         return d
+
+
+def lineage_records(history: list[GenerationRecord]) -> list[dict[str, Any]]:
+    """Candidates of a search history as plain dicts for `plots.plot_lineage` (the first of each
+    candidate's structured `parent_ids`: another candidate, or a strategy point like `mean@g3`)."""
+    return [{"id": cid, "generation": g.generation, "fitness": fit, "parent": pids[0] if pids else None,
+             "status": st}
+            for g in history
+            for cid, pids, st, fit in zip(g.ids, g.parent_ids, g.status, g.fitness, strict=True)]
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -359,14 +360,18 @@ class SearchRecorder:
 class Search:
     """The outer loop, built from a validated `Config` (space, strategy, evaluator, executor, tracker)."""
 
-    def __init__(self, cfg: Config, evaluator: Any = None) -> None:
+    def __init__(self, cfg: Config, evaluator: Any = None, report_dir: str | Path | None = None) -> None:
         self.cfg = cfg
+        self.report_dir = Path(report_dir) if report_dir is not None else None
         sc = cfg.search
-        self.space: SearchSpace = make_space(cfg)
+        self.space: SearchSpace = make_space(sc.space, cfg.divergence.coef)
         self.evaluator = evaluator if evaluator is not None else build_evaluator(cfg)
+        params = dict(sc.strategy.params)
+        if "sampler" in (strategies.param_names(sc.strategy.name) or ()) and "sampler" not in params:
+            params["sampler"] = self.space.initial  # `random`: draw from the space's own init
         self.strategy = strategies.get(
             sc.strategy.name, dim=self.space.dim, population=sc.strategy.population, seed=cfg.seed,
-            x0=self.space.initial(cfg.seed), generations=sc.strategy.generations, **sc.strategy.params,
+            x0=self.space.initial(cfg.seed), generations=sc.strategy.generations, **params,
         )
         self.checkpoint_dir = Path(sc.checkpoint_dir or Path(cfg.output_dir) / cfg.name / "search")
         self.executor: Executor | None = None
@@ -440,10 +445,7 @@ class Search:
     # ------------------------------------------------------------------ main loop
     def _make_executor(self) -> Executor:
         ex = self.cfg.search.executor
-        return make_executor(
-            ex.kind, self.evaluator, workers=ex.workers, ray_address=ex.ray_address,
-            cpus_per_worker=ex.cpus_per_worker, gpus_per_worker=ex.gpus_per_worker,
-        )
+        return make_executor(ex.kind, self.evaluator, **ex.model_dump(exclude={"kind"}))
 
     def run(self, resume: bool = False) -> SearchResult:
         """Run (or, with `resume`, continue from the last checkpoint) all generations, then the
@@ -498,6 +500,8 @@ class Search:
                     result.best_run_id, name=self.cfg.tracking.register_as, alias=self.cfg.tracking.alias,
                     fitness=result.best_fitness, stderr=result.best_stderr, info=info,
                 )
+            if self.report_dir is not None:
+                self._report(result)
             self.timings["tracking_s"] += time.monotonic() - t
             self.timings["setup_s"] += self.executor.setup_s  # start-up waits, restarts included
             result.timings = dict(self.timings)
@@ -740,6 +744,26 @@ class Search:
         f = getattr(self.progress, name, None)
         if f is not None:
             f(*args, **kw)
+
+    def _report(self, result: SearchResult) -> None:
+        """The answer as a map directory, and the fitness, lineage and map plots, written into
+        `report_dir` and logged on the parent run before it closes."""
+        d, cfg, space = self.report_dir, self.cfg, self.space
+        theta = np.asarray(result.best_theta, dtype=np.float64)
+        result.best_map = str(space.save(theta, d / "best_map"))
+        files = [plots.plot_fitness(result.fitness_history(), d / "fitness.png",
+                                    title=f"{cfg.name}: fitness per generation ({cfg.search.strategy.name})"),
+                 plots.plot_lineage(lineage_records(result.history), d / "lineage.png",
+                                    title=f"{cfg.name}: lineage of candidates")]
+        try:
+            maps = {"best found": space.divergence(theta)}
+            if isinstance(space, NeuralSpace):
+                maps["initial (x0)"] = space.divergence(space.initial(cfg.seed))
+            files.append(divergences.plot_maps(maps, d / "maps.png", baselines=True))
+        except Exception as e:  # noqa: BLE001 - a plot must never lose a finished search
+            log.warning("maps plot skipped: %s", e)
+        result.report_files = [str(f) for f in files]
+        self.tracker.log_files(files)
 
     def _result(self, wall: float) -> SearchResult:
         run_ids = self.recorder.run_ids

@@ -6,11 +6,14 @@
 - `mixture`: a 2-dim space showing that any parametrised potential can be searched:
   theta = [logit w, log lambda], the Bregman divergence of h = w h_probl2 + (1-w) h_negent
   (Bregman divergences are linear in h, so D = w D_probl2 + (1-w) D_negent) with coefficient
-  lambda = exp(theta[1]). It is registered as the divergence `mixture` (weight=..., so a found
-  mixture also trains from a config).
+  lambda = exp(theta[1]) (`divergences.MixtureDivergence`, so a found mixture also trains from
+  a config).
 
 A space builds the divergence (and optionally the coefficient) for a theta, hashes theta, saves
-it as a map artifact (safetensors + JSON) and plots it; `load_space_map` reads a saved one back.
+it as a map artifact (safetensors + `map.json` naming the space's kind) and plots it; its
+`load` reads a saved one back as a `SavedMap`, and `load_space_map` dispatches on the kind
+through the `spaces` registry, so a registered space's maps load in every command.
+This module sits below the config (`make_space` takes the `search.space` section, duck-typed).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import hashlib
 import json
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +30,15 @@ import numpy as np
 import torch
 
 from mirrorlab import divergences
-from mirrorlab.config import Config
+from mirrorlab.divergences import MixtureDivergence
 from mirrorlab.registry import Registry
 
 MAP_JSON = "map.json"
 
 
-def theta_sha(theta: np.ndarray) -> str:
-    """Stable content hash of a theta (float64 little-endian bytes), 16 hex digits."""
+def vector_sha(theta: np.ndarray) -> str:
+    """Stable content hash of any theta vector (float64 little-endian bytes), 16 hex digits; a
+    neural map's own hash is `divergences.theta_sha` (64 hex digits of the 380 parameters)."""
     a = np.ascontiguousarray(np.asarray(theta, dtype="<f8"))
     return hashlib.sha256(a.tobytes()).hexdigest()[:16]
 
@@ -42,42 +47,14 @@ def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
-class MixtureDivergence(divergences.Divergence, divergences.PotentialMixin):
-    """Bregman divergence of h = w * h_prob_l2 + (1 - w) * h_neg_entropy (convex for w in [0, 1]).
+@dataclass(frozen=True)
+class SavedMap:
+    """A map read back from disk: its divergence and, for spaces that search lambda too, the
+    searched coefficient (None: the config's `divergence.coef` applies)."""
 
-    Both parts are separable Bregman divergences, so `full` (the base class's vocabulary sum of
-    `terms`) is exact too.
-    """
-
-    name = "mixture"
-
-    def __init__(self, weight: float = 0.5) -> None:
-        if not 0.0 <= float(weight) <= 1.0:
-            raise ValueError(f"mixture weight must be in [0, 1], got {weight}")
-        self.weight = float(weight)
-        self._a = divergences.get("prob_l2")
-        self._b = divergences.get("neg_entropy")
-
-    def params(self) -> dict[str, Any]:
-        """JSON-able parameters recorded per run."""
-        return {"weight": self.weight}
-
-    def terms(self, logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-        """Per-token D: w * D_prob_l2 + (1 - w) * D_neg_entropy."""
-        w = self.weight
-        return w * self._a.terms(logp, ref_logp) + (1.0 - w) * self._b.terms(logp, ref_logp)
-
-    def h(self, y: torch.Tensor) -> torch.Tensor:
-        """The potential."""
-        return self.weight * self._a.h(y) + (1.0 - self.weight) * self._b.h(y)
-
-    def phi_inv(self, y: torch.Tensor) -> torch.Tensor:
-        """The mirror map h'."""
-        return self.weight * self._a.phi_inv(y) + (1.0 - self.weight) * self._b.phi_inv(y)
-
-
-if "mixture" not in divergences.registry:
-    divergences.register("mixture", MixtureDivergence)
+    divergence: divergences.Divergence
+    coef: float | None
+    kind: str
 
 
 class SearchSpace(ABC):
@@ -85,6 +62,16 @@ class SearchSpace(ABC):
 
     kind: str = "base"
     dim: int = 0
+
+    @classmethod
+    def from_config(cls, space: Any, base_coef: float) -> SearchSpace:
+        """Build from a `search.space` section (`init`, `init_scale`) and `divergence.coef`."""
+        return cls(init=space.init, init_scale=space.init_scale)
+
+    @classmethod
+    @abstractmethod
+    def load(cls, directory: Path, meta: dict[str, Any]) -> SavedMap:
+        """Read back a map this space saved into `directory` (`meta` = its map.json)."""
 
     @abstractmethod
     def initial(self, seed: int) -> np.ndarray:
@@ -100,7 +87,7 @@ class SearchSpace(ABC):
 
     def sha(self, theta: np.ndarray) -> str:
         """Content hash of theta (the `mirrorlab.theta_sha` tag)."""
-        return theta_sha(theta)
+        return vector_sha(theta)
 
     def describe(self, theta: np.ndarray) -> dict[str, Any]:
         """Small JSON-able summary of theta (logged as a tag)."""
@@ -111,16 +98,11 @@ class SearchSpace(ABC):
     def save(self, theta: np.ndarray, directory: str | Path) -> Path:
         """Write the map artifact (safetensors + JSON) into `directory`; returns it."""
 
-    def plot(self, theta: np.ndarray, path: str | Path) -> Path | None:
+    def plot(self, theta: np.ndarray, path: str | Path) -> Path:
         """PNG of phi_inv and h of this map beside KL's and ProbL2's."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        divergences.plot_maps(
-            {"candidate": self.divergence(theta), "neg_entropy (KL)": divergences.get("neg_entropy"),
-             "prob_l2": divergences.get("prob_l2")},
-            path,
-        )
-        return path
+        return divergences.plot_maps({"candidate": self.divergence(theta)}, path, baselines=True)
 
 
 def _write_json(directory: Path, data: dict[str, Any]) -> None:
@@ -158,6 +140,16 @@ class NeuralSpace(SearchSpace):
                         "map_sha": str(m.sha)})
         return d
 
+    @classmethod
+    def load(cls, directory: Path, meta: dict[str, Any]) -> SavedMap:
+        f = directory / meta.get("file", "map.safetensors")
+        if not f.is_file():
+            found = sorted(directory.glob("*.safetensors"))
+            if not found:
+                raise FileNotFoundError(f"no .safetensors map in {directory}")
+            f = found[0]
+        return SavedMap(divergences.NeuralMirrorMap.load(f), None, meta.get("kind", "neural"))
+
 
 class NeuralRawSpace(NeuralSpace):
     """The paper's parametrisation: theta is the raw non-negative 380-vector, map = |theta|.
@@ -193,6 +185,18 @@ class MixtureSpace(SearchSpace):
         self.init = init
         self.init_scale = init_scale
         self.base_coef = base_coef if base_coef > 0 else 1e-3
+
+    @classmethod
+    def from_config(cls, space: Any, base_coef: float) -> MixtureSpace:
+        """The configured init around log(divergence.coef); init_scale at least 0.1 (the neural
+        default 0.01 would barely move a 2-dim theta)."""
+        return cls(init=space.init, init_scale=max(space.init_scale, 0.1), base_coef=base_coef)
+
+    @classmethod
+    def load(cls, directory: Path, meta: dict[str, Any]) -> SavedMap:
+        theta = np.asarray(meta["theta"], dtype=np.float64)
+        space = cls()
+        return SavedMap(space.divergence(theta), space.coef(theta), cls.kind)
 
     def initial(self, seed: int) -> np.ndarray:
         x = np.array([0.0, math.log(self.base_coef)])
@@ -231,12 +235,10 @@ spaces.register("neural_raw", NeuralRawSpace)
 spaces.register("mixture", MixtureSpace)
 
 
-def make_space(cfg: Config) -> SearchSpace:
-    """The search space configured in `cfg.search.space`."""
-    sc = cfg.search.space
-    if sc.kind == "mixture":
-        return MixtureSpace(init=sc.init, init_scale=max(sc.init_scale, 0.1), base_coef=cfg.divergence.coef)
-    return spaces.get(sc.kind, init=sc.init, init_scale=sc.init_scale)
+def make_space(space: Any, base_coef: float) -> SearchSpace:
+    """The search space of a `search.space` section (`kind`, `init`, `init_scale`); `base_coef`
+    is `divergence.coef` (where a space that searches lambda starts)."""
+    return spaces.factory(space.kind).from_config(space, base_coef)
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -245,28 +247,18 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float64).copy()
 
 
-def load_space_map(path: str | Path) -> Any:
-    """Read a map saved by `SearchSpace.save` (a directory or its files) as a divergence.
-
-    A mixture comes back as a `MixtureDivergence` with attribute `coef` (the searched lambda);
-    a neural map via `NeuralMirrorMap.load`.
-    """
+def load_space_map(path: str | Path) -> SavedMap:
+    """Read a map saved by `SearchSpace.save` (its directory, or a file in it), dispatching on the
+    kind in `map.json` through the `spaces` registry; a bare `.safetensors` neural map (no
+    map.json beside it) loads as `neural`."""
     p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no map at {p}")
     d = p if p.is_dir() else p.parent
     meta_file = d / MAP_JSON
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    if p.suffix == ".json" and p.name != MAP_JSON:  # a neural map's own JSON sidecar
-        p = p.with_suffix(".safetensors")
-    if meta.get("kind") == "mixture":
-        theta = np.asarray(meta["theta"], dtype=np.float64)
-        space = MixtureSpace()
-        div = space.divergence(theta)
-        div.coef = space.coef(theta)
-        return div
-    f = p if p.is_file() else d / meta.get("file", "map.safetensors")
-    if not f.is_file():
-        cands = sorted(d.glob("*.safetensors"))
-        if not cands:
-            raise FileNotFoundError(f"no .safetensors map in {d}")
-        f = cands[0]
-    return divergences.NeuralMirrorMap.load(f)
+    if p.is_file() and p.suffix in (".safetensors", ".json") and p.name != MAP_JSON:
+        meta = {**meta, "file": p.with_suffix(".safetensors").name}  # that file, not the default
+        meta.setdefault("kind", "neural")
+    kind = meta.get("kind", "neural")
+    return spaces.factory(kind).load(d, meta)

@@ -1,10 +1,10 @@
-"""MLflow lineage for searches (DESIGN section 6) and loading of registered mirror maps.
+"""MLflow lineage for searches (DESIGN section 6) and downloading of registered mirror maps.
 
 One experiment per search name; a parent run per search (config YAML, strategy, seeds, run
 record) and a child run per candidate (tags `mirrorlab.*`, fitness with its standard error, inner
 training curves, completion length, the map as safetensors + JSON and a plot). The best map is
 registered in the model registry as a plain model version whose source is the child run's `map`
-artifact directory, with an alias, so `load_map("models:/NAME@ALIAS")` (or a file path) gives the
+artifact directory, with an alias, so `maps.load_map("models:/NAME@ALIAS")` (or a file path) gives the
 divergence back anywhere. Everything is logged from the search process; workers only return data.
 """
 
@@ -15,6 +15,7 @@ import math
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ import numpy as np
 
 from mirrorlab.config import Config, dump_config
 from mirrorlab.records import FINISHED, Job, Outcome
+from mirrorlab.repro import run_record
+from mirrorlab.values import is_finite
 
 TAG = "mirrorlab."
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -54,10 +57,6 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _finite(x: float | None) -> bool:
-    return x is not None and math.isfinite(x)
-
-
 _METRIC_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. :/]")
 
 
@@ -72,6 +71,74 @@ def mlflow_metric(key: str, value: float, timestamp: int, step: int) -> Any:
     from mlflow.entities import Metric
 
     return Metric(metric_key(key), float(value), timestamp, step)
+
+
+class MlflowSession:
+    """One MLflow store and experiment, through an explicit client (no global MLflow state), with
+    the logging every run kind shares: searches, their candidates, comparisons, train and eval.
+
+    The experiment is `tracking.experiment` (else `default_experiment`), created on first use with
+    its artifacts beside a sqlite store (restored if it was deleted)."""
+
+    def __init__(self, tracking: Any, default_experiment: str) -> None:
+        from mlflow import MlflowClient
+
+        self.uri = resolve_tracking_uri(tracking.tracking_uri)
+        self.experiment_name = tracking.experiment or default_experiment
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        exp = self.client.get_experiment_by_name(self.experiment_name)
+        if exp is None:
+            self.experiment_id = self.client.create_experiment(
+                self.experiment_name, artifact_location=default_artifact_location(self.uri))
+        else:
+            if exp.lifecycle_stage == "deleted":
+                self.client.restore_experiment(exp.experiment_id)
+            self.experiment_id = exp.experiment_id
+
+    def create_run(self, run_name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
+        """A new RUNNING run (a child of `parent_run_id` when given); returns its id."""
+        if parent_run_id:
+            tags = {"mlflow.parentRunId": parent_run_id, **tags}
+        return self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
+
+    def log_config(self, run_id: str, cfg: Config) -> None:
+        """`config.yaml` and `run_record.json` (seed, versions, threads, commit) as artifacts."""
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "config.yaml").write_text(dump_config(cfg))
+            (Path(d) / "run_record.json").write_text(json.dumps(run_record(cfg.seed), indent=2, default=str))
+            self.client.log_artifacts(run_id, d)
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        """Params (non-strings as JSON), in batches of 100 (MLflow's limit)."""
+        from mlflow.entities import Param
+
+        items = [Param(k[:250], (v if isinstance(v, str) else json.dumps(v, default=str))[:6000])
+                 for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float | None], step: int = 0,
+                    curve: list[dict[str, float]] | None = None) -> None:
+        """Finite `metrics` at `step`, plus each row of a training `curve` as `train/<key>` at its
+        step, in batches of 900 (keys made valid by `metric_key`)."""
+        ts = int(1000 * time.time())
+        ms = [mlflow_metric(k, float(v), ts, step) for k, v in metrics.items() if is_finite(v)]
+        for i, row in enumerate(curve or []):
+            st = int(row.get("step", i + 1))
+            ms += [mlflow_metric(f"train/{k}", float(v), ts, st) for k, v in row.items()
+                   if k != "step" and isinstance(v, int | float) and math.isfinite(v)]
+        for i in range(0, len(ms), 900):
+            self.client.log_batch(run_id, metrics=ms[i : i + 900])
+
+    def log_files(self, run_id: str, files: Iterable[str | os.PathLike[str]]) -> None:
+        """Existing files as artifacts; PNGs under `plots/`."""
+        for f in files:
+            if Path(f).is_file():
+                self.client.log_artifact(run_id, str(f), "plots" if str(f).endswith(".png") else None)
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        """Close a run with `status`."""
+        self.client.set_terminated(run_id, status=status)
 
 
 class NullTracker:
@@ -95,6 +162,9 @@ class NullTracker:
     def log_generation(self, generation: int, summary: dict[str, float]) -> None:
         pass
 
+    def log_files(self, files: Iterable[Any]) -> None:
+        pass
+
     def register_best(self, run_id: str | None, **kw: Any) -> str | None:
         return None
 
@@ -106,59 +176,32 @@ class MLflowTracker:
     """Parent run per search, child run per candidate, best map in the model registry."""
 
     def __init__(self, cfg: Config, strategy: str, space: Any) -> None:
-        import mlflow
-        from mlflow import MlflowClient
-
         self.cfg = cfg
-        self.uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
-        self.experiment_name = cfg.tracking.experiment or cfg.name
+        self.session = MlflowSession(cfg.tracking, cfg.name)
+        self.uri, self.client = self.session.uri, self.session.client
+        self.experiment_name, self.experiment_id = self.session.experiment_name, self.session.experiment_id
         self.strategy = strategy
         self.space = space
-        self._mlflow = mlflow
-        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-        exp = self.client.get_experiment_by_name(self.experiment_name)
-        if exp is None:
-            self.experiment_id = self.client.create_experiment(
-                self.experiment_name, artifact_location=default_artifact_location(self.uri)
-            )
-        else:
-            if exp.lifecycle_stage == "deleted":
-                self.client.restore_experiment(exp.experiment_id)
-            self.experiment_id = exp.experiment_id
         self.parent_run_id: str | None = None
 
     # ------------------------------------------------------------------ parent run
     def start(self, resume_run_id: str | None = None) -> str:
         """Create the parent run (or reopen `resume_run_id`) and log config, seeds, run record."""
-        from mirrorlab.repro import run_record
-
         if resume_run_id is not None:
             self.parent_run_id = resume_run_id
             self.client.update_run(resume_run_id, status="RUNNING")
             self.client.set_tag(resume_run_id, TAG + "resumed", "true")
             return resume_run_id
         cfg = self.cfg
-        run = self.client.create_run(
-            self.experiment_id, run_name=f"{cfg.name}-search",
-            tags={
-                TAG + "kind": "search", TAG + "strategy": self.strategy,
-                TAG + "space": cfg.search.space.kind, TAG + "task": cfg.task.name,
-                TAG + "seed": str(cfg.seed), TAG + "executor": cfg.search.executor.kind,
-                TAG + "evaluator": cfg.search.evaluator.kind,
-            },
-        )
-        rid = run.info.run_id
+        rid = self.session.create_run(f"{cfg.name}-search", {
+            TAG + "kind": "search", TAG + "strategy": self.strategy,
+            TAG + "space": cfg.search.space.kind, TAG + "task": cfg.task.name,
+            TAG + "seed": str(cfg.seed), TAG + "executor": cfg.search.executor.kind,
+            TAG + "evaluator": cfg.search.evaluator.kind,
+        })
         self.parent_run_id = rid
-        params = _flatten(cfg.model_dump(mode="json", exclude={"compare"}))
-        from mlflow.entities import Param
-
-        items = [Param(k[:250], v[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(rid, params=items[i : i + 100])
-        with tempfile.TemporaryDirectory() as d:
-            (Path(d) / "config.yaml").write_text(dump_config(cfg))
-            (Path(d) / "run_record.json").write_text(json.dumps(run_record(cfg.seed), indent=2))
-            self.client.log_artifacts(rid, d)
+        self.session.log_params(rid, _flatten(cfg.model_dump(mode="json", exclude={"compare"})))
+        self.session.log_config(rid, cfg)
         return rid
 
     def interrupted_children(self, generation: int, keep: Iterable[str]) -> int:
@@ -212,28 +255,13 @@ class MLflowTracker:
         if outcome.error:
             tags[TAG + "error"] = outcome.error[:4900]
         name = candidate_id if job.role == "candidate" else f"{job.role}-{candidate_id}"
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
-        rid = run.info.run_id
-        ts = int(1000 * __import__("time").time())
-        metrics = []
-        for name in ("fitness", "stderr", "metric", "mean_length"):
-            v = getattr(outcome, name)
-            if _finite(v):
-                metrics.append(mlflow_metric("fitness_stderr" if name == "stderr" else name, float(v), ts, 0))
-        if outcome.n_eval is not None:
-            metrics.append(mlflow_metric("n_eval", float(outcome.n_eval), ts, 0))
-        for k, v in (extra or {}).items():
-            if _finite(v):
-                metrics.append(mlflow_metric(k, float(v), ts, 0))
-        for k, v in outcome.timings.items():
-            metrics.append(mlflow_metric(f"time_{k}", float(v), ts, 0))
-        for i, row in enumerate(outcome.curves):
-            step = int(row.get("step", i))
-            for k, v in row.items():
-                if k != "step" and isinstance(v, int | float) and math.isfinite(v):
-                    metrics.append(mlflow_metric(f"train/{k}", float(v), ts, step))
-        for i in range(0, len(metrics), 900):
-            self.client.log_batch(rid, metrics=metrics[i : i + 900])
+        rid = self.session.create_run(name, tags)
+        metrics: dict[str, float | None] = {
+            "fitness": outcome.fitness, "fitness_stderr": outcome.stderr, "metric": outcome.metric,
+            "mean_length": outcome.mean_length,
+            "n_eval": None if outcome.n_eval is None else float(outcome.n_eval),
+            **(extra or {}), **{f"time_{k}": v for k, v in outcome.timings.items()}}
+        self.session.log_metrics(rid, metrics, curve=outcome.curves)
         theta = np.asarray(job.theta, dtype=np.float64)
         self.client.log_batch(rid, tags=[RunTag(TAG + "params", json.dumps(self.space.describe(theta)))])
         with tempfile.TemporaryDirectory() as d:
@@ -261,10 +289,12 @@ class MLflowTracker:
 
     def log_generation(self, generation: int, summary: dict[str, float]) -> None:
         """Per-generation summary metrics on the parent run (step = generation)."""
-        ts = int(1000 * __import__("time").time())
-        ms = [mlflow_metric(k, float(v), ts, generation) for k, v in summary.items() if _finite(v)]
-        if ms:
-            self.client.log_batch(self.parent_run_id, metrics=ms)
+        self.session.log_metrics(self.parent_run_id, summary, step=generation)
+
+    def log_files(self, files: Iterable[str | os.PathLike[str]]) -> None:
+        """Files of the search's report (plots, the best map's summary) on the parent run."""
+        if self.parent_run_id is not None:
+            self.session.log_files(self.parent_run_id, files)
 
     # ------------------------------------------------------------------ registry / end
     def register_best(self, run_id: str | None, *, name: str | None = None, alias: str = "best",
@@ -319,16 +349,6 @@ def make_tracker(cfg: Config, strategy: str, space: Any) -> MLflowTracker | Null
 
 
 # --------------------------------------------------------------------------- loading maps
-def load_map(ref: str | os.PathLike[str], tracking_uri: str | None = None) -> Any:
-    """A saved map as a divergence: `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/...`, or a
-    path (a map directory as logged by a search, or a `.safetensors` / `.json` file)."""
-    ref = str(ref)
-    if ref.startswith(("models:/", "runs:/")):
-        with tempfile.TemporaryDirectory() as d:
-            return _load_local(download_map(ref, d, tracking_uri))
-    return _load_local(Path(ref))
-
-
 def download_map(ref: str, dst: str | os.PathLike[str], tracking_uri: str | None = None) -> Path:
     """Download the map directory behind `models:/NAME@ALIAS`, `models:/NAME/VERSION` or
     `runs:/RUN_ID/PATH` into `dst` (no global MLflow state is changed)."""
@@ -349,11 +369,3 @@ def download_map(ref: str, dst: str | os.PathLike[str], tracking_uri: str | None
         raise ValueError(f"cannot resolve map source {ref!r} (expected runs:/RUN_ID/PATH)")
     run_id, _, artifact_path = ref.removeprefix("runs:/").partition("/")
     return Path(client.download_artifacts(run_id, artifact_path or "map", str(dst)))
-
-
-def _load_local(path: Path) -> Any:
-    from mirrorlab.spaces import load_space_map
-
-    if not path.exists():
-        raise FileNotFoundError(f"no map at {path}")
-    return load_space_map(path)

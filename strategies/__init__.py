@@ -24,13 +24,7 @@ registry.register("gbmpo_es", GBMPOES)
 registry.register("random", RandomInit)
 
 
-def _nevergrad_factory(**kwargs: Any) -> Strategy:
-    from .ng import NevergradStrategy  # nevergrad import is slow: only when asked for
-
-    return NevergradStrategy(**kwargs)
-
-
-registry.register("nevergrad", _nevergrad_factory)
+registry.register("nevergrad", "mirrorlab.strategies.ng:NevergradStrategy")  # nevergrad imports slowly
 
 
 def get(name: str, dim: int, population: int, seed: int, x0: Any = None, **params: Any) -> Strategy:
@@ -52,10 +46,6 @@ def param_names(name: str) -> set[str] | None:
     """Keyword parameters the strategy `name` accepts beyond dim/population/seed/x0/generations
     (those come from the search config itself); None when the factory takes **kwargs."""
     f = registry.factory(name)
-    if f is _nevergrad_factory:
-        from .ng import NevergradStrategy
-
-        f = NevergradStrategy
     try:
         sig = inspect.signature(f)
     except (TypeError, ValueError):
@@ -66,8 +56,8 @@ def param_names(name: str) -> set[str] | None:
 
 
 def check_params(name: str, params: dict[str, Any]) -> None:
-    """Raise ValueError for keys `name` does not accept (config-time typo check) and, for
-    `nevergrad`, for an unknown optimiser name."""
+    """Raise ValueError for keys `name` does not accept (config-time typo check), then run the
+    factory's own `check_params(params)` if it has one (nevergrad: an unknown optimiser name)."""
     allowed = param_names(name)
     if allowed is not None:
         unknown = sorted(set(params) - allowed)
@@ -75,10 +65,9 @@ def check_params(name: str, params: dict[str, Any]) -> None:
             raise ValueError(
                 f"strategy {name!r} has no parameter(s) {unknown}; allowed: {', '.join(sorted(allowed))}"
             )
-    if name == "nevergrad" and "optimizer" in params:
-        from .ng import resolve_optimizer
-
-        resolve_optimizer(params["optimizer"])
+    own_check = getattr(registry.factory(name), "check_params", None)
+    if callable(own_check):
+        own_check(params)
 
 
 __all__ = [

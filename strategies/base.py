@@ -17,6 +17,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from mirrorlab.values import jsonable
+
 STATE_VERSION = 1
 
 
@@ -68,7 +70,7 @@ def centered_ranks(x: np.ndarray) -> np.ndarray:
 
 def rng_state(rng: np.random.Generator) -> dict[str, Any]:
     """JSON-able state of a numpy Generator (its bit generator's state dict)."""
-    return _jsonable(rng.bit_generator.state)
+    return jsonable(rng.bit_generator.state)
 
 
 def rng_from_state(state: dict[str, Any]) -> np.random.Generator:
@@ -76,20 +78,6 @@ def rng_from_state(state: dict[str, Any]) -> np.random.Generator:
     bg = getattr(np.random, state["bit_generator"])()
     bg.state = state
     return np.random.Generator(bg)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
-    return obj
 
 
 def as_vector(x: Any, dim: int, what: str = "x0") -> np.ndarray:

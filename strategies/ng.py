@@ -55,14 +55,20 @@ class NevergradStrategy(Strategy):
     budget), num_workers = population, parametrisation `ng.p.Array(init=x0)` with mutation `sigma`
     (the initial step size; CMA's sigma0). nevergrad minimises, so it is told -fitness.
 
-    Candidate parents read "ng:<optimizer>@g<k>", plus "<<id>" naming the earlier candidate whose
-    nevergrad lineage (heritage) it continues, when there is one. Seeded through the
+    A candidate's `parent_ids` name the earlier candidate whose nevergrad lineage (heritage) it
+    continues, when there is one; its note reads "ng:<optimizer>@g<k>". Seeded through the
     parametrisation's random_state plus private copies of the global numpy/Python RNGs (some
     optimisers draw from those); `state_dict` pickles the optimiser with its pending candidates
     (base64), so a resume asks exactly the same points.
     """
 
     name = "nevergrad"
+
+    @staticmethod
+    def check_params(params: dict[str, Any]) -> None:
+        """Config-time check: the optimiser name must exist in nevergrad's registry."""
+        if "optimizer" in params:
+            resolve_optimizer(params["optimizer"])
 
     def __init__(self, dim: int, population: int, seed: int, x0: Any = None,
                  generations: int | None = None, optimizer: str = "NGOpt", sigma: float = 1.0) -> None:

@@ -9,8 +9,6 @@ import numpy as np
 
 from .base import Candidate, Strategy, as_vector
 
-NEURAL_DIM = 380
-
 Sampler = Callable[[int], Any]
 
 
@@ -18,17 +16,6 @@ def derive_seed(seed: int, index: int) -> int:
     """A well-mixed 63-bit seed for the `index`-th random candidate of a search seeded `seed`."""
     return int(np.random.SeedSequence([int(seed) & (2**63 - 1), int(index)]).generate_state(
         2, dtype=np.uint32).astype(np.uint64).dot([1, 2**32]) % (2**63 - 1))
-
-
-def neural_sampler(scale: float = 0.01) -> Sampler:
-    """seed -> theta of `NeuralMirrorMap.random_init(seed, scale)` (raw ~ U[0, scale), seeded)."""
-
-    def sample(seed: int) -> Any:
-        from mirrorlab.divergences import NeuralMirrorMap
-
-        return NeuralMirrorMap.random_init(seed, scale=scale).theta
-
-    return sample
 
 
 def gaussian_sampler(center: np.ndarray, scale: float) -> Sampler:
@@ -45,10 +32,9 @@ class RandomInit(Strategy):
     """Independent random candidates, `population` per generation, no learning (the baseline).
 
     Candidate k of the search gets seed `derive_seed(seed, k)` (parent "random_init:seed=<s>"),
-    so every candidate can be rebuilt from its seed alone. `sampler`: "neural" (the theta of
-    `NeuralMirrorMap.random_init(s, scale)`, 380 dims), "gaussian" (x0 + scale * N(0, I)), a
-    callable seed -> vector, or None = "neural" when dim == 380 else "gaussian". `scale`
-    defaults to 0.01 (the paper's U[0, 0.01) init). x0 is only used by the gaussian sampler.
+    so every candidate can be rebuilt from its seed alone. `sampler`: a callable seed -> vector
+    (the search passes its space's `initial`, e.g. `NeuralSpace.initial` = the paper's random
+    init of a neural map), or "gaussian" / None (x0 + scale * N(0, I), scale default 0.01).
     """
 
     name = "random"
@@ -60,18 +46,14 @@ class RandomInit(Strategy):
         if not scale > 0:
             raise ValueError(f"scale must be > 0, got {scale}")
         if sampler is None:
-            sampler = "neural" if self.dim == NEURAL_DIM else "gaussian"
-        if sampler == "neural":
-            if self.dim != NEURAL_DIM:
-                raise ValueError(f"random sampler 'neural' needs dim={NEURAL_DIM}, got {self.dim}")
-            self._sample = neural_sampler(scale)
-        elif sampler == "gaussian":
+            sampler = "gaussian"
+        if sampler == "gaussian":
             self._sample = gaussian_sampler(self.x0, scale)
         elif callable(sampler):
             self._sample = sampler
         else:
             raise ValueError(
-                f"random sampler must be 'neural', 'gaussian', None or a callable, got {sampler!r}"
+                f"random sampler must be 'gaussian', None or a callable seed -> vector, got {sampler!r}"
             )
         self.sampler_name = sampler if isinstance(sampler, str) else getattr(sampler, "__name__", "custom")
         self.scale = float(scale)

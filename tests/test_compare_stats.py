@@ -22,10 +22,14 @@ from mirrorlab.compare import (
 )
 
 
-@given(t=st.floats(-50, 50), df=st.integers(1, 40))
-@settings(max_examples=200, deadline=None)
-def test_t_pvalue_matches_scipy(t: float, df: int) -> None:
-    assert t_two_sided_pvalue(t, df) == pytest.approx(2 * sps.t.sf(abs(t), df), abs=1e-9)
+def test_t_pvalue_matches_tables_and_the_paired_test() -> None:
+    # textbook critical values: t_{0.975, 4} = 2.7764, t_{0.995, 9} = 3.2498
+    assert t_two_sided_pvalue(2.7764451, 4) == pytest.approx(0.05, abs=1e-6)
+    assert t_two_sided_pvalue(-3.2498355, 9) == pytest.approx(0.01, abs=1e-6)
+    # the paired comparison's p is scipy's paired t-test on the same pairs
+    base, vals = {0: 0.50, 1: 0.52, 2: 0.47, 3: 0.55}, {0: 0.53, 1: 0.56, 2: 0.49, 3: 0.55}
+    ref = sps.ttest_rel([vals[s] for s in base], [base[s] for s in base]).pvalue
+    assert paired_comparison("m", "b", base, vals).t_pvalue == pytest.approx(ref, rel=1e-9)
 
 
 def test_t_pvalue_edges() -> None:

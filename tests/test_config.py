@@ -89,3 +89,19 @@ def test_missing_file_and_non_mapping(tmp_path: Path) -> None:
     p.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(p)
+
+
+def test_renamed_field_is_accepted_with_a_deprecation_warning():
+    """`train.reg_is_weight` was renamed `reg_times_ratio`: old configs still load, with a warning
+    naming the new field; setting both is an error naming them."""
+    import warnings
+
+    from mirrorlab.config import ConfigError, config_from_dict
+
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        cfg = config_from_dict({"train": {"reg_is_weight": True}})
+    assert cfg.train.reg_times_ratio is True
+    assert any(issubclass(x.category, DeprecationWarning) and "reg_times_ratio" in str(x.message) for x in w)
+    with pytest.raises(ConfigError, match="reg_is_weight is the deprecated name of reg_times_ratio"):
+        config_from_dict({"train": {"reg_is_weight": True, "reg_times_ratio": False}})

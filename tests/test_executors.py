@@ -3,6 +3,7 @@ Ray instance (2 CPUs) runs the tiny real search to completion."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 
@@ -11,8 +12,12 @@ import pytest
 from mlflow import MlflowClient
 from test_search import children, tiny_cfg
 
+from mirrorlab.evaluators import AnalyticEvaluator
 from mirrorlab.executors import FAILED, FINISHED, Job, LocalExecutor, ProcessExecutor, make_executor
-from mirrorlab.search import AnalyticEvaluator, Search
+from mirrorlab.search import Search
+
+RAY_MISSING = "the ray executor needs the ray extra: pip install -e '.[ray]'"
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason=RAY_MISSING)
 
 
 def _jobs(n: int) -> list[Job]:
@@ -43,6 +48,7 @@ def test_make_executor_rejects_unknown_kind():
 
 
 @pytest.mark.slow
+@needs_ray
 def test_ray_executor_runs_the_tiny_search(tmp_path):
     cfg = tiny_cfg(tmp_path, "tiny-ray", executor="ray")
     cfg.search.executor.workers = 2
@@ -72,6 +78,7 @@ ray.shutdown()
 
 
 @pytest.mark.slow
+@needs_ray
 def test_ray_executor_joins_a_running_cluster_and_leaves_it_up(tmp_path):
     """A separate driver owns a real 2-CPU Ray cluster; the search joins it by address."""
     import subprocess
@@ -173,7 +180,7 @@ class BrokenSetupEvaluator(EnvEvaluator):
         raise FileNotFoundError("no model at /nowhere")
 
 
-@pytest.mark.parametrize("kind", ["process", pytest.param("ray", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", ["process", pytest.param("ray", marks=[pytest.mark.slow, needs_ray])])
 def test_a_worker_whose_setup_fails_stops_the_map_with_the_reason(kind):
     """A set-up failure would fail every candidate: it is raised, not recorded per candidate."""
     ex = make_executor(kind, BrokenSetupEvaluator(), workers=1, num_cpus=1)

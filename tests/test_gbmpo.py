@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from mirrorlab import divergences
 from mirrorlab.config import GenerationConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig
-from mirrorlab.gbmpo import GBMPOTrainer, advantages, aggregate, gbmpo_loss, policy_loss
+from mirrorlab.gbmpo import GBMPOTrainer, LossSpec, advantages, aggregate, gbmpo_loss, policy_loss
 from mirrorlab.gbmpo.trainer import completion_mask_from, token_logps
 from mirrorlab.models import load_model
 
@@ -91,7 +91,7 @@ def test_lambda_zero_gives_identical_gradients(estimator):
         logits.grad = None
         lp = token_logps(logits, ids)
         out = gbmpo_loss(lp, None, token_logps(ref_logits, ids), adv, mask, divergence=make(), coef=0.0,
-                         estimator=estimator, logits=logits, ref_logits=ref_logits)
+                         spec=LossSpec(estimator=estimator), logits=logits, ref_logits=ref_logits)
         out.loss.backward()
         grads.append(logits.grad.clone())
     for gr in grads[1:]:
@@ -151,7 +151,7 @@ def test_regulariser_pulls_back_toward_reference(tiny, name, estimator):
     lp = token_logps(logits, target)
     assert (lp.detach() > lp0).all()
     out = gbmpo_loss(lp, None, ref_lp, torch.zeros(1), torch.ones_like(lp), divergence=DIVS[name](), coef=1.0,
-                     estimator=estimator, logits=logits, ref_logits=ref_logits)
+                     spec=LossSpec(estimator=estimator), logits=logits, ref_logits=ref_logits)
     assert out.reg_loss.item() > 0
     out.reg_loss.backward()
     with torch.no_grad():
@@ -242,10 +242,11 @@ def test_metrics_and_callbacks(tiny, task):
 def test_build_trainer_from_config():
     from mirrorlab.config import Config, DivergenceConfig, TaskConfig
     from mirrorlab.gbmpo import build_trainer
+    from mirrorlab.maps import build_divergence
 
     cfg = Config(task=TaskConfig(name="arithmetic", params=dict(n_train=40, n_val=10, n_test=10)),
                  divergence=DivergenceConfig(name="prob_l2", coef=0.5), train=_cfg(steps=1))
-    tr = build_trainer(cfg)
+    tr = build_trainer(cfg, build_divergence(cfg.divergence))
     assert tr.divergence.name == "prob_l2" and tr.coef == 0.5 and len(tr.task.train) == 40
     (m,) = tr.train()
     assert m["step"] == 1 and m["gen_tokens"] > 0

@@ -3,7 +3,7 @@
 TRL's own `_compute_loss` runs on a real GRPOTrainer built around the same model object; both
 sides score the same prompt+completion tensors, so log-probs, loss and parameter gradients must
 agree. TRL 1.16 defaults to `use_bias_correction_kl=True` (D times the differentiable ratio);
-mirrorlab's default is the plain GBMPO form and `reg_is_weight=True` reproduces TRL's: both
+mirrorlab's default is the plain GBMPO form and `LossSpec(reg_times_ratio=True)` reproduces TRL's: both
 are checked. Other intentional convention differences (none affect these inputs): mirrorlab passes explicit
 position ids counted over real tokens (TRL does not, which only matters for left-padded prompts,
 so the prompts here are unpadded), and `bnpo` with several micro-batches averages per-micro-batch
@@ -17,7 +17,7 @@ import torch
 
 from mirrorlab import divergences
 from mirrorlab.config import GenerationConfig, TrainConfig
-from mirrorlab.gbmpo import GBMPOTrainer, advantages, gbmpo_loss
+from mirrorlab.gbmpo import GBMPOTrainer, LossSpec, advantages, gbmpo_loss
 from mirrorlab.gbmpo.trainer import token_logps
 from mirrorlab.models import build_char_tokenizer
 from mirrorlab.tasks import get as get_task
@@ -123,7 +123,7 @@ def test_loss_and_grad_match_trl(env, loss_type, off_policy, is_weight):
     model.zero_grad(set_to_none=True)
     lp = _our_logps(env)
     out = gbmpo_loss(lp, old, ref, adv, env["cmask"], divergence=divergences.get("kl_k3"), coef=0.04,
-                     loss_type=loss_type, max_len=MAX_LEN, reg_is_weight=is_weight)
+                     spec=LossSpec(loss_type=loss_type, max_len=MAX_LEN, reg_times_ratio=is_weight))
     out.loss.backward()
     g_ours = _grads(model)
 

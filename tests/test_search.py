@@ -16,17 +16,14 @@ from hypothesis import strategies as st
 from mlflow import MlflowClient
 
 from mirrorlab import divergences
-from mirrorlab.config import config_from_dict
+from mirrorlab.config import DivergenceConfig, config_from_dict
+from mirrorlab.divergences import MixtureDivergence
+from mirrorlab.evaluators import generation_seed, val_subset
 from mirrorlab.executors import FAILED, FINISHED
-from mirrorlab.search import (
-    Search,
-    atomic_write_json,
-    generation_seed,
-    read_journal,
-    val_subset,
-)
-from mirrorlab.spaces import MixtureDivergence, MixtureSpace, load_space_map
-from mirrorlab.tracking import load_map
+from mirrorlab.maps import build_divergence, load_map
+from mirrorlab.search import Search, atomic_write_json, read_journal
+from mirrorlab.spaces import MixtureSpace, load_space_map, make_space
+from mirrorlab.spaces import spaces as spaces_registry
 
 
 def tiny_cfg(tmp: Path, name: str, strategy: str = "openai_es", params: dict | None = None,
@@ -98,7 +95,10 @@ def test_mixture_space_is_a_convex_combination_and_round_trips(tmp_path):
     assert space.coef(theta) == pytest.approx(0.2)
     assert isinstance(divergences.get("mixture", weight=0.3), MixtureDivergence)
     back = load_space_map(space.save(theta, tmp_path / "map"))
-    assert back.weight == pytest.approx(w) and back.coef == pytest.approx(0.2)
+    assert back.divergence.weight == pytest.approx(w) and back.coef == pytest.approx(0.2)
+    # the searched lambda reaches the trainer through the one builder, whatever divergence.coef says
+    reg = build_divergence(DivergenceConfig(name="mixture", coef=0.04, map=str(tmp_path / "map")))
+    assert reg.coef == pytest.approx(0.2) and reg.divergence.weight == pytest.approx(w)
     np.testing.assert_allclose(space.initial(0), [0.0, math.log(0.04)])
 
 
@@ -218,7 +218,7 @@ def test_tiny_search_is_fully_recorded_in_mlflow(tiny_searches, strategy):
     assert res.best_fitness == max(f for g in res.history for f in g.fitness)
     # the registered best map resolves and is the incumbent's theta
     assert res.registered_uri == f"models:/{cfg.name}-map@best"
-    m = load_map(res.registered_uri, tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+    m = load_map(res.registered_uri, tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}").divergence
     np.testing.assert_array_equal(m.theta, res.best_theta)
 
 
@@ -229,13 +229,14 @@ def test_registered_map_trains_on_another_task(tiny_searches):
 
     tmp, out = tiny_searches
     cfg, res = out["openai_es"]
-    div = load_map(res.registered_uri, tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    div = load_map(res.registered_uri, tracking_uri=uri).divergence
     other = config_from_dict({
         "task": {"name": "arithmetic", "params": {"seed": 123}},
         "train": {"prompts_per_step": 2, "generation": {"num_generations": 2, "max_new_tokens": 4}},
-        "divergence": {"name": "neural", "coef": 1.0},
+        "divergence": {"name": "neural", "coef": 1.0, "map": res.registered_uri},
     })
-    trainer = build_trainer(other, divergence=div)
+    trainer = build_trainer(other, build_divergence(other.divergence, tracking_uri=uri))
     rows = trainer.train(steps=2)
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
     assert trainer.divergence.sha == div.sha
@@ -243,7 +244,7 @@ def test_registered_map_trains_on_another_task(tiny_searches):
     # a file path works as well as the registry URI
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
     local = Path(client.download_artifacts(res.best_run_id, "map", str(tmp / "dl")))
-    assert load_map(local / "map.safetensors").sha == div.sha
+    assert load_map(local / "map.safetensors").divergence.sha == div.sha
 
 
 @pytest.mark.slow
@@ -348,6 +349,32 @@ def test_neural_raw_space_is_the_papers_parametrisation(tmp_path):
     y, y0 = torch.rand(64, dtype=torch.float64) * 0.9 + 0.05, torch.rand(64, dtype=torch.float64) * 0.9 + 0.05
     assert bool((m.sampled(torch.log(y), torch.log(y0)) >= 0).all())
     loaded = load_space_map(space.save(x0 + step, tmp_path / "m"))
-    np.testing.assert_array_equal(loaded.raw, m.raw)
+    np.testing.assert_array_equal(loaded.divergence.raw, m.raw)
     cfg = config_from_dict({"search": {"space": {"kind": "neural_raw"}}})
     assert cfg.search.space.kind == "neural_raw"
+
+
+@pytest.mark.parametrize("kind", spaces_registry.names())
+def test_space_contract(kind, tmp_path):
+    """Every registered search space (a new one automatically): seeded initial points of its dim,
+    a valid divergence (D(y, y) = 0, D >= 0), a hash, save -> load with the same values and
+    coefficient, and pickling (executors ship spaces to workers)."""
+    import pickle
+
+    from mirrorlab.config import SpaceConfig
+
+    space = make_space(SpaceConfig(kind=kind), 0.04)
+    x, other = space.initial(3), space.initial(4)
+    assert x.shape == (space.dim,) and np.array_equal(x, space.initial(3)) and not np.array_equal(x, other)
+    assert space.sha(x) == space.sha(x.copy()) != space.sha(other)
+    g = torch.Generator().manual_seed(0)
+    lp = torch.log(torch.rand(64, generator=g, dtype=torch.float64).clamp_min(1e-4))
+    rp = torch.log(torch.rand(64, generator=g, dtype=torch.float64).clamp_min(1e-4))
+    d = space.divergence(x)
+    assert bool((d.sampled(lp, rp) >= -1e-12).all())
+    torch.testing.assert_close(d.sampled(lp, lp), torch.zeros_like(lp), rtol=0, atol=1e-12)
+    saved = load_space_map(space.save(x, tmp_path / kind))
+    torch.testing.assert_close(saved.divergence.sampled(lp, rp), d.sampled(lp, rp), rtol=0, atol=0)
+    assert saved.coef == space.coef(x) and saved.kind == kind
+    back = pickle.loads(pickle.dumps(space))
+    torch.testing.assert_close(back.divergence(x).sampled(lp, rp), d.sampled(lp, rp), rtol=0, atol=0)

@@ -64,7 +64,8 @@ def test_improves_on_start_in_380_dims(name, params, margin):
 
 
 # ------------------------------------------------------------------ resume
-RESUME_CASES = [
+# every registered strategy with its defaults (so a new one is tested automatically), plus variants
+RESUME_CASES = [(name, {}) for name in S.names()] + [
     ("openai_es", dict(sigma=0.05, eval_mean=True)),
     ("openai_es", dict(optimizer="sgd", lr=0.01)),
     ("gbmpo_es", dict()),
@@ -88,7 +89,7 @@ def _same(a: list[Candidate], b: list[Candidate]) -> bool:
                          ids=[f"{n}-{p.get('optimizer', '')}" for n, p in RESUME_CASES])
 @pytest.mark.parametrize("mid_generation", [False, True], ids=["after_tell", "after_ask"])
 def test_state_dict_round_trip_gives_identical_asks(name, params, mid_generation):
-    dim, pop = (DIM, 6) if name != "nevergrad" or params["optimizer"] == "CMA" else (40, 6)
+    dim, pop = (DIM, 6) if name != "nevergrad" or params.get("optimizer") == "CMA" else (40, 6)
     mk = lambda: S.get(name, dim=dim, population=pop, seed=7, generations=6, **params)  # noqa: E731
     f = lambda x: -float(np.sum((x - 0.3) ** 2))  # noqa: E731
     live = run(mk(), 2, f)
@@ -117,10 +118,9 @@ def test_state_dict_round_trip_gives_identical_asks(name, params, mid_generation
     assert _same(again.ask(), resumed.ask())
 
 
-@pytest.mark.parametrize("name", ["openai_es", "gbmpo_es", "random"])
+@pytest.mark.parametrize("name", S.names())
 def test_same_seed_same_asks_other_seed_differs(name):
-    p = {"sampler": "gaussian"} if name == "random" else {}
-    a, b, c = (S.get(name, dim=DIM, population=4, seed=s, **p) for s in (3, 3, 4))
+    a, b, c = (S.get(name, dim=DIM, population=4, seed=s, generations=3) for s in (3, 3, 4))
     ca, cb, cc = a.ask(), b.ask(), c.ask()
     assert _same(ca, cb)
     assert not np.array_equal(ca[0].theta, cc[0].theta)
@@ -135,7 +135,7 @@ def test_load_state_dict_refuses_other_strategy():
 
 
 # ------------------------------------------------------------------ tell validation
-@pytest.mark.parametrize("name", ["openai_es", "gbmpo_es", "random", "nevergrad"])
+@pytest.mark.parametrize("name", S.names())
 def test_tell_rejects_bad_input(name):
     p = {"optimizer": "OnePlusOne", "generations": 3} if name == "nevergrad" else {}
     s = S.get(name, dim=DIM, population=4, seed=0, **p)
@@ -334,21 +334,23 @@ def test_random_candidates_are_rebuildable_from_their_seed():
     assert c.generation == 2
 
 
-def test_random_default_neural_sampler_uses_neural_mirror_map():
-    div = pytest.importorskip("mirrorlab.divergences")
-    if not hasattr(div, "NeuralMirrorMap"):
-        pytest.skip("NeuralMirrorMap not available yet")
-    s = S.get("random", dim=DIM, population=3, seed=0)
-    for c in s.ask():
+def test_random_in_a_search_draws_the_paper_init_of_neural_maps(tmp_path):
+    """The search hands its space's own initialiser to `random`: each candidate is the theta of
+    `NeuralMirrorMap.random_init(seed, scale=init_scale)` for the seed in its note."""
+    from mirrorlab.config import config_from_dict
+    from mirrorlab.divergences import NeuralMirrorMap
+    from mirrorlab.search import Search
+
+    cfg = config_from_dict({"search": {"strategy": {"name": "random", "population": 3},
+                                       "evaluator": {"kind": "analytic"},
+                                       "checkpoint_dir": str(tmp_path / "ck")},
+                            "tracking": {"enabled": False}})
+    for c in Search(cfg).strategy.ask():
         seed = int(c.note.removeprefix("random_init:seed="))
-        ref = div.NeuralMirrorMap.random_init(seed, scale=0.01).theta
-        ref = np.asarray(ref.detach().cpu().double().numpy() if hasattr(ref, "detach") else ref)
-        assert np.array_equal(c.theta, ref.reshape(-1))
-        raw = div.NeuralMirrorMap.from_theta(c.theta).raw
-        raw = np.asarray(raw.detach().cpu().double().numpy() if hasattr(raw, "detach") else raw)
+        ref = NeuralMirrorMap.random_init(seed, scale=0.01)
+        np.testing.assert_array_equal(c.theta, np.asarray(ref.theta, dtype=np.float64).reshape(-1))
+        raw = np.asarray(NeuralMirrorMap.from_theta(c.theta).raw)
         assert np.all(raw >= 0) and np.all(raw < 0.01 + 1e-6)  # the paper's U[0, 0.01) init
-
-
 def test_nevergrad_honours_x0_and_sigma_and_lineage():
     x0 = np.linspace(-1, 1, 30)
     s = S.get("nevergrad", dim=30, population=8, seed=0, x0=x0, optimizer="CMA", sigma=1e-3, generations=3)

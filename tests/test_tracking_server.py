@@ -16,8 +16,8 @@ import pytest
 from mlflow import MlflowClient
 from test_search import children, tiny_cfg
 
+from mirrorlab.maps import load_map
 from mirrorlab.search import Search
-from mirrorlab.tracking import load_map
 
 
 def _free_port() -> int:
@@ -82,5 +82,5 @@ def test_tiny_search_against_a_real_mlflow_server(tmp_path, mlflow_server):
         assert "map/map.safetensors" in {a.path for a in client.list_artifacts(r.info.run_id, "map")}
     # artifacts went through the server into its artifact store, and the alias resolves remotely
     assert any((tmp_path / "server-artifacts").rglob("map.safetensors"))
-    m = load_map(res.registered_uri, tracking_uri=mlflow_server)
+    m = load_map(res.registered_uri, tracking_uri=mlflow_server).divergence
     np.testing.assert_array_equal(m.theta, res.best_theta)

@@ -5,6 +5,9 @@ hand-designed, neural (learned) and user potentials, each with a `sampled` and a
     d = get("kl_k3"); d.sampled(logp, ref_logp); d.full(logits, ref_logits)
     m = get("neural", seed=0, scale=0.01)      # or theta=..., raw=..., path=...
     register_potential("quartic", lambda y: y**4)  # usable as divergence.name: quartic
+
+Turning a `DivergenceConfig` (names, saved maps, `models:/` URIs) into a divergence is
+`mirrorlab.maps.build_divergence`, one layer up: this package imports no MLflow or config code.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from mirrorlab.registry import Registry
 
 from .base import Divergence, PotentialMixin, compute_dtype
 from .builtin import KLK1, KLK2, KLK3, NegEntropy, ProbL2
+from .mixture import MixtureDivergence
 from .neural import DIM, N_UNITS, NeuralMirrorMap, make_neural, theta_sha
 from .plot import plot_maps
 from .potential import PotentialDivergence, PotentialFn
@@ -27,6 +31,7 @@ registry.register("prob_l2", ProbL2)
 registry.register("neg_entropy", NegEntropy)
 registry.register("neural", make_neural)
 registry.register("custom", PotentialDivergence)
+registry.register("mixture", MixtureDivergence)
 
 
 def get(name: str, **params: Any) -> Divergence:
@@ -53,24 +58,6 @@ def register_potential(name: str, h: PotentialFn | str, *, overwrite: bool = Fal
     registry.register(name, factory, overwrite=overwrite)
 
 
-def from_config(cfg: Any) -> Divergence:
-    """Build the divergence of a `DivergenceConfig`: `map` (a saved .safetensors file) wins for
-    `neural`; otherwise `get(cfg.name, **cfg.params)`; `compile` applies `Divergence.compile()`.
-    `models:/NAME@ALIAS` and `runs:/` URIs go through `mirrorlab.tracking.load_map`."""
-    if cfg.map is not None:
-        if cfg.map.startswith(("models:/", "runs:/")):
-            from mirrorlab.tracking import load_map
-
-            d = load_map(cfg.map)
-        else:
-            d = get(cfg.name, **{**cfg.params, "path": cfg.map})
-    else:
-        d = get(cfg.name, **cfg.params)
-    if getattr(cfg, "compile", False):
-        d.compile()
-    return d
-
-
 __all__ = [
     "DIM",
     "KLK1",
@@ -83,8 +70,8 @@ __all__ = [
     "PotentialDivergence",
     "PotentialMixin",
     "ProbL2",
+    "MixtureDivergence",
     "compute_dtype",
-    "from_config",
     "get",
     "names",
     "plot_maps",

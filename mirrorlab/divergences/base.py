@@ -156,11 +156,17 @@ class Divergence:
     def _sampled_fn(self) -> Callable[[Tensor, Tensor], Tensor]:
         return getattr(self, "_compiled_terms", None) or self.terms
 
+    @property
+    def compiled(self) -> bool:
+        """Whether `compile()` was applied (configs: `divergence.compile`)."""
+        return getattr(self, "_compiled_terms", None) is not None
+
     def compile(self, **kwargs: Any) -> Divergence:
         """Opt-in: run `sampled` through `torch.compile(self.terms, dynamic=True, **kwargs)`.
 
-        Fuses the ~150 small element-wise kernels of `neural` into a few, which matters on GPUs
-        where per-kernel launch cost dominates small batches. Returns self.
+        Fuses the many small element-wise kernels of `neural` (about a hundred per call; see
+        benchmarks/divergence_overhead.py) into a few, which matters on GPUs where per-kernel
+        launch cost dominates small batches. Returns self.
         """
         self._compiled_terms = torch.compile(self.terms, dynamic=True, **kwargs)
         return self

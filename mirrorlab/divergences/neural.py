@@ -192,7 +192,7 @@ class NeuralMirrorMap(Divergence, PotentialMixin):
 
     def compile(self, **kwargs: Any) -> NeuralMirrorMap:
         """Opt-in: evaluate `sampled` with one shared `torch.compile`d kernel graph (fuses the
-        ~110 element-wise ops; worth it on GPUs). Parameters are inputs, so new maps of the
+        element-wise ops, about a hundred; worth it on GPUs). Parameters are inputs, so new maps of the
         same dtype reuse the compiled code."""
         fn = _compiled_neural_terms(**kwargs)
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from .builtin import NegEntropy, ProbL2
+
 
 def plot_maps(
     maps: Mapping[str, Any],
@@ -18,8 +20,12 @@ def plot_maps(
     log_x: bool = False,
     normalize: bool = False,
     title: str | None = None,
+    baselines: bool = False,
 ) -> Path:
     """Draw phi_inv (left) and h (right) on [y_min, 1] for each {label: divergence or map}.
+
+    With `baselines`, KL's potential (negative entropy) and ProbL2's are drawn first, so a map
+    is always seen beside the two hand-designed ones.
 
     Every value must expose `phi_inv(y)` and `h(y)` (all potential-based divergences do;
     `kl_k1`/`kl_k3` are drawn with the neg-entropy potential; `kl_k2` has none). With
@@ -31,6 +37,8 @@ def plot_maps(
 
     if not maps:
         raise ValueError("plot_maps needs at least one map")
+    if baselines:
+        maps = {"KL (neg. entropy)": NegEntropy(), "ProbL2": ProbL2(), **maps}
     for label, m in maps.items():
         if not (hasattr(m, "phi_inv") and hasattr(m, "h")):
             raise TypeError(f"{label!r} ({type(m).__name__}) has no potential (phi_inv and h) to plot")

@@ -4,10 +4,19 @@ Pure loss functions (`advantages`, `policy_loss`, `aggregate`, `gbmpo_loss`) and
 (`GBMPOTrainer`, `build_trainer`) that runs them on a model and a task.
 """
 
-from mirrorlab.gbmpo.losses import LossOutput, advantages, aggregate, gbmpo_loss, policy_loss
-from mirrorlab.gbmpo.trainer import EvalResult, GBMPOTrainer, Rollout, build_divergence, build_trainer
+from mirrorlab.gbmpo.losses import (
+    BatchTotals,
+    LossOutput,
+    LossSpec,
+    advantages,
+    aggregate,
+    gbmpo_loss,
+    policy_loss,
+)
+from mirrorlab.gbmpo.trainer import EvalResult, GBMPOTrainer, Regulariser, Rollout, build_trainer
 
 __all__ = [
-    "EvalResult", "GBMPOTrainer", "LossOutput", "Rollout", "advantages", "aggregate", "build_divergence",
+    "BatchTotals", "EvalResult", "GBMPOTrainer", "LossOutput", "LossSpec", "Regulariser", "Rollout",
+    "advantages", "aggregate",
     "build_trainer", "gbmpo_loss", "policy_loss",
 ]

@@ -10,8 +10,11 @@ share a loss type (see `tests/test_gbmpo_parity.py`):
   over the whole generated batch (they coincide without micro-batching);
 - the regulariser is lambda * D as in DESIGN section 3. TRL 1.16 defaults to
   `use_bias_correction_kl=True` (D multiplied by the differentiable ratio rho, which changes the
-  gradient even on-policy); `reg_is_weight=True` reproduces that, the default False is the
-  classic GRPO / GBMPO form (TRL with `use_bias_correction_kl=False`).
+  gradient even on-policy); `LossSpec(reg_times_ratio=True)` reproduces that, the default False
+  is the classic GRPO / GBMPO form (TRL with `use_bias_correction_kl=False`).
+
+The settings that stay fixed for a run travel as one frozen `LossSpec`; the totals of the
+generated batch that a micro-batch's share is measured against as a `BatchTotals`.
 """
 
 from __future__ import annotations
@@ -100,6 +103,32 @@ class LossOutput:
     metrics: dict[str, Tensor]
 
 
+@dataclass(frozen=True)
+class LossSpec:
+    """The loss settings of a run: aggregation (`loss_type`), PPO clip range, how D is estimated
+    (`sampled` at the sampled tokens, `full` over the vocabulary in chunks of `chunk_size`), the
+    dr_grpo length budget `max_len` (None: the batch's T), and whether D is multiplied by the
+    ratio rho (`reg_times_ratio`, TRL's `use_bias_correction_kl`)."""
+
+    loss_type: LossType = "dr_grpo"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    estimator: Estimator = "sampled"
+    chunk_size: int = 8192
+    max_len: int | None = None
+    reg_times_ratio: bool = False
+
+
+@dataclass(frozen=True)
+class BatchTotals:
+    """Totals of the whole generated batch, so micro-batch losses sum to the full-batch loss:
+    sequences, unmasked tokens and micro-batches (defaults: a single micro-batch)."""
+
+    num_seqs: int | None = None
+    num_tokens: Tensor | float | None = None
+    num_micro: int = 1
+
+
 def gbmpo_loss(
     logp: Tensor,
     old_logp: Tensor | None,
@@ -108,30 +137,22 @@ def gbmpo_loss(
     mask: Tensor,
     divergence=None,
     coef: float = 0.0,
-    loss_type: LossType = "dr_grpo",
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    estimator: Estimator = "sampled",
+    spec: LossSpec = LossSpec(),
+    totals: BatchTotals = BatchTotals(),
     logits: Tensor | None = None,
     ref_logits: Tensor | None = None,
-    chunk_size: int = 8192,
-    max_len: int | None = None,
-    num_seqs: int | None = None,
-    num_tokens: Tensor | float | None = None,
-    num_micro: int = 1,
-    reg_is_weight: bool = False,
 ) -> LossOutput:
     """Per-token GBMPO loss l = PG + lambda * D, aggregated; returns parts and diagnostics.
 
     `old_logp=None` means on-policy (mu = 1): old = detached current, so rho = 1. The
-    divergence is evaluated in float32 on log-probs (`sampled`) or logits (`full`);
-    `reg_is_weight` multiplies it by the ratio rho (TRL's `use_bias_correction_kl`).
+    divergence is evaluated in float32 on log-probs (`sampled`) or on `logits` and `ref_logits`
+    (`full`).
     """
     logp32 = logp.float()
     old = logp32.detach() if old_logp is None else old_logp.float()
-    pg_tok, clipped = policy_loss(logp32, old, adv.float(), eps_low, eps_high)
-    agg = dict(kind=loss_type, max_len=max_len, num_seqs=num_seqs, num_tokens=num_tokens,
-               num_micro=num_micro)
+    pg_tok, clipped = policy_loss(logp32, old, adv.float(), spec.eps_low, spec.eps_high)
+    agg = dict(kind=spec.loss_type, max_len=spec.max_len, num_seqs=totals.num_seqs,
+               num_tokens=totals.num_tokens, num_micro=totals.num_micro)
     pg = aggregate(pg_tok, mask, **agg)
     maskf = mask.to(logp32.dtype)
     ntok = maskf.sum().clamp(min=1.0)
@@ -139,18 +160,18 @@ def gbmpo_loss(
         "clip_frac": (clipped * maskf).sum() / ntok,
     }
     if divergence is not None and (coef != 0.0 or ref_logp is not None or ref_logits is not None):
-        if estimator == "sampled":
+        if spec.estimator == "sampled":
             if ref_logp is None:
                 raise ValueError("sampled estimator needs ref_logp")
             d_tok = divergence.sampled(logp32, ref_logp.float())
-        elif estimator == "full":
+        elif spec.estimator == "full":
             if logits is None or ref_logits is None:
                 raise ValueError("full estimator needs logits and ref_logits")
-            d_tok = divergence.full(logits.float(), ref_logits.float(), chunk_size=chunk_size)
+            d_tok = divergence.full(logits.float(), ref_logits.float(), chunk_size=spec.chunk_size)
         else:
-            raise ValueError(f"unknown estimator {estimator!r}; allowed: sampled, full")
+            raise ValueError(f"unknown estimator {spec.estimator!r}; allowed: sampled, full")
         d_tok = d_tok.float()
-        if reg_is_weight:  # TRL's use_bias_correction_kl: D * rho (rho differentiable)
+        if spec.reg_times_ratio:  # TRL's use_bias_correction_kl: D * rho (rho differentiable)
             d_tok = d_tok * torch.exp(logp32 - old)
         reg = coef * aggregate(d_tok, mask, **agg)
         metrics["div_mean"] = (d_tok.detach().float() * maskf).sum() / ntok

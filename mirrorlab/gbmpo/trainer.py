@@ -32,10 +32,24 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mirrorlab import tasks
 from mirrorlab.config import Config, TrainConfig
+from mirrorlab.gbmpo.losses import BatchTotals, LossSpec, gbmpo_loss
 from mirrorlab.gbmpo.losses import advantages as compute_advantages
-from mirrorlab.gbmpo.losses import gbmpo_loss
+from mirrorlab.models import load_model
 from mirrorlab.repro import seed_everything
+
+
+@dataclass(frozen=True)
+class Regulariser:
+    """What the loss regularises with: a divergence (None: no regulariser), its coefficient lambda,
+    and how D is estimated (`sampled` at the sampled tokens, or `full` over the vocabulary in
+    chunks of `chunk_size`). Built from a config by `mirrorlab.maps.build_divergence`."""
+
+    divergence: Any
+    coef: float
+    estimator: str = "sampled"
+    chunk_size: int = 8192
 
 
 @dataclass
@@ -94,6 +108,16 @@ def token_logps(logits: Tensor, ids: Tensor) -> Tensor:
 def _entropy(logits: Tensor) -> Tensor:
     logp = torch.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+def _grad_ratio(params: list[torch.nn.Parameter], reg_grads: list[Tensor]) -> Tensor:
+    """||grad of lambda D|| / ||grad of the PG part||, where the PG gradient is the accumulated
+    total minus the regulariser's own (measured on grad-ratio steps only)."""
+    with torch.no_grad():
+        g_reg = torch.sqrt(sum((x.float() ** 2).sum() for x in reg_grads))
+        g_pg = torch.sqrt(sum(((p.grad.float() if p.grad is not None else 0.0) - x.float()).pow(2).sum()
+                              for p, x in zip(params, reg_grads, strict=True)))
+    return g_reg / g_pg.clamp(min=1e-30)
 
 
 class GBMPOTrainer:
@@ -157,15 +181,16 @@ class GBMPOTrainer:
         return sorted(set(ids))
 
     def set_divergence(self, divergence: Any, coef: float | None = None) -> None:
-        """Use another regulariser (and optionally another lambda) from the next step on."""
-        if divergence is not None and hasattr(divergence, "to"):
-            try:
-                divergence = divergence.to(self.device)
-            except TypeError:
-                pass
+        """Use another divergence (and optionally another lambda) from the next step on."""
         self.divergence = divergence
         if coef is not None:
             self.coef = float(coef)
+
+    def set_regulariser(self, reg: Regulariser) -> None:
+        """Use another regulariser (divergence, lambda, estimator, chunk size) from the next step on."""
+        self.set_divergence(reg.divergence, reg.coef)
+        self.estimator = reg.estimator
+        self.chunk_size = reg.chunk_size
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -376,57 +401,69 @@ class GBMPOTrainer:
         m = self.cfg.micro_batch_size or B
         return [slice(i, min(i + m, B)) for i in range(0, B, m)]
 
+    def loss_spec(self) -> LossSpec:
+        """The loss settings of this trainer's config and regulariser (estimator, chunk size)."""
+        cfg = self.cfg
+        return LossSpec(loss_type=cfg.loss_type, eps_low=cfg.epsilon_low, eps_high=cfg.epsilon_high,
+                        estimator=self.estimator, chunk_size=self.chunk_size,
+                        max_len=cfg.generation.max_new_tokens, reg_times_ratio=cfg.reg_times_ratio)
+
     def train_step(self) -> dict[str, float]:
         """One generated batch and mu optimisation passes over it; returns the step metrics."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        examples = self._next_prompts(cfg.prompts_per_step)
-        ro = self.rollout(examples)
+        # --- rollout: G completions per prompt, rewards, group advantages
+        ro = self.rollout(self._next_prompts(cfg.prompts_per_step))
         t_gen = time.perf_counter() - t0
-        G = cfg.generation.num_generations
-        adv = compute_advantages(ro.rewards, G, cfg.advantage)
+        adv = compute_advantages(ro.rewards, cfg.generation.num_generations, cfg.advantage)
         mask = ro.completion_mask.float()
         if cfg.mask_truncated:
             mask = mask * (~ro.truncated).float().unsqueeze(1)
-        B, T = ro.completion_ids.shape
+        B = ro.completion_ids.shape[0]
         slices = self._micro_slices(B)
-        n_micro = len(slices)
-        num_tokens = mask.sum()
+        totals = BatchTotals(num_seqs=B, num_tokens=mask.sum(), num_micro=len(slices))
+        # --- reference pass (no grad) and the old policy (mu > 1: the sampling log-probs)
         need_ref = self._needs_ref()
         refs = [self._reference(ro, s) if need_ref else (None, None) for s in slices]
-        olds: list[Tensor | None] = [None] * n_micro
+        olds = [ro.old_logps[s] for s in slices] if cfg.mu > 1 else [None] * len(slices)
+        want_ratio = need_ref and cfg.grad_ratio_every > 0 and self.step % cfg.grad_ratio_every == 0
+        # --- mu clipped passes over the batch, one optimiser step each
         self.model.train()
-        if cfg.mu > 1:
-            assert ro.old_logps is not None
-            olds = [ro.old_logps[s] for s in slices]
-        want_ratio = (need_ref and cfg.grad_ratio_every > 0
-                      and self.step % cfg.grad_ratio_every == 0)
+        acc, grad_norm, ratio = self._optimise(ro, adv, mask, slices, totals, refs, olds, need_ref,
+                                               want_ratio)
+        self.step += 1
+        return self._step_metrics(ro, adv, mask, totals, acc, grad_norm, ratio, want_ratio,
+                                  time.perf_counter() - t0, t_gen)
+
+    def _optimise(self, ro: Rollout, adv: Tensor, mask: Tensor, slices: list[slice], totals: BatchTotals,
+                  refs: list[tuple[Tensor | None, Tensor | None]], olds: list[Tensor | None], need_ref: bool,
+                  want_ratio: bool) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """The mu passes: per micro-batch forward, loss, backward (plus, on grad-ratio steps, the
+        regulariser's own gradient); clip and step after each pass. Returns the first pass's
+        token-weighted loss parts, the last gradient norm and the regulariser-to-PG ratio."""
+        cfg, spec = self.cfg, self.loss_spec()
+        T = ro.completion_ids.shape[1]
         params = self._trainable()
+        div = self.divergence if need_ref else None
+        ntok = totals.num_tokens.clamp(min=1.0)
         acc: dict[str, Tensor] = {}
-        grad_norm = torch.zeros((), device=self.device)
-        ratio = torch.zeros((), device=self.device)
+        grad_norm = ratio = torch.zeros((), device=self.device)
         for it in range(cfg.mu):
             reg_grads: list[Tensor] | None = None
             for k, s in enumerate(slices):
-                logits = self._logits(self.model, ro.input_ids[s], ro.attention_mask[s],
-                                      ro.position_ids[s], T)
+                logits = self._logits(self.model, ro.input_ids[s], ro.attention_mask[s], ro.position_ids[s],
+                                      T)
                 lp = token_logps(logits, ro.completion_ids[s])
                 ref_lp, ref_logits = refs[k]
-                out = gbmpo_loss(
-                    lp, olds[k], ref_lp, adv[s], mask[s], divergence=self.divergence if need_ref else None,
-                    coef=self.coef, loss_type=cfg.loss_type, eps_low=cfg.epsilon_low,
-                    eps_high=cfg.epsilon_high, estimator=self.estimator, logits=logits,
-                    ref_logits=ref_logits, chunk_size=self.chunk_size,
-                    max_len=cfg.generation.max_new_tokens, num_seqs=B, num_tokens=num_tokens,
-                    num_micro=n_micro, reg_is_weight=cfg.reg_is_weight,
-                )
+                out = gbmpo_loss(lp, olds[k], ref_lp, adv[s], mask[s], divergence=div, coef=self.coef,
+                                 spec=spec, totals=totals, logits=logits, ref_logits=ref_logits)
                 if want_ratio and it == 0:
                     g = torch.autograd.grad(out.reg_loss, params, retain_graph=True, allow_unused=True)
                     g = [torch.zeros_like(p) if x is None else x for p, x in zip(params, g, strict=True)]
                     reg_grads = g if reg_grads is None else [a + b for a, b in zip(reg_grads, g, strict=True)]
                 out.loss.backward()
+                w = mask[s].sum() / ntok  # this micro-batch's share of the batch's tokens
                 if it == 0:
-                    w = (mask[s].sum() / num_tokens.clamp(min=1.0))
                     with torch.no_grad():
                         ent = (_entropy(logits.detach()) * mask[s]).sum() / mask[s].sum().clamp(min=1.0)
                     parts = {"loss": out.loss.detach(), "pg_loss": out.pg_loss.detach(),
@@ -435,15 +472,9 @@ class GBMPOTrainer:
                     for key, v in parts.items():
                         acc[key] = acc.get(key, 0.0) + v
                 if it == cfg.mu - 1 and cfg.mu > 1:
-                    acc["clip_frac_last"] = acc.get("clip_frac_last", 0.0) + out.metrics["clip_frac"] * (
-                        mask[s].sum() / num_tokens.clamp(min=1.0))
+                    acc["clip_frac_last"] = acc.get("clip_frac_last", 0.0) + out.metrics["clip_frac"] * w
             if reg_grads is not None:
-                with torch.no_grad():
-                    g_reg = torch.sqrt(sum((x.float() ** 2).sum() for x in reg_grads))
-                    g_pg = torch.sqrt(sum(
-                        ((p.grad.float() if p.grad is not None else 0.0) - x.float()).pow(2).sum()
-                        for p, x in zip(params, reg_grads, strict=True)))
-                    ratio = g_reg / g_pg.clamp(min=1e-30)
+                ratio = _grad_ratio(params, reg_grads)
             if cfg.optim.max_grad_norm is not None:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
             else:
@@ -451,17 +482,23 @@ class GBMPOTrainer:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        dt = time.perf_counter() - t0
-        n_gen = ro.completion_mask.sum()
-        abs_adv = (adv.abs().unsqueeze(1) * mask).sum() / num_tokens.clamp(min=1.0)
+        return acc, grad_norm, ratio
+
+    def _step_metrics(self, ro: Rollout, adv: Tensor, mask: Tensor, totals: BatchTotals,
+                      acc: dict[str, Tensor], grad_norm: Tensor, ratio: Tensor, want_ratio: bool,
+                      dt: float, t_gen: float) -> dict[str, float]:
+        """All step metrics from one device-to-host transfer."""
+        cfg = self.cfg
+        B = totals.num_seqs
+        zero = torch.zeros((), device=self.device)
+        abs_adv = (adv.abs().unsqueeze(1) * mask).sum() / totals.num_tokens.clamp(min=1.0)
         keys = ["loss", "pg_loss", "reg_loss", "div_mean", "clip_frac", "entropy"]
         vec = torch.stack([
             torch.as_tensor(acc[k], device=self.device, dtype=torch.float32) for k in keys
         ] + [
-            ro.rewards.mean(), ro.rewards.std() if B > 1 else torch.zeros((), device=self.device),
+            ro.rewards.mean(), ro.rewards.std() if B > 1 else zero,
             ro.scores.mean(), ro.completion_mask.float().sum(1).mean(), ro.truncated.float().mean(),
-            n_gen.float(), abs_adv, grad_norm.float(), ratio.float(),
+            ro.completion_mask.sum().float(), abs_adv, grad_norm.float(), ratio.float(),
             torch.as_tensor(acc.get("clip_frac_last", acc["clip_frac"]), device=self.device,
                             dtype=torch.float32),
         ]).tolist()
@@ -583,21 +620,12 @@ class GBMPOTrainer:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
 
 
-def build_divergence(cfg: Config) -> Any:
-    """The divergence of `cfg.divergence` (saved maps, `models:/` URIs and `compile` included)."""
-    from mirrorlab import divergences
-
-    return divergences.from_config(cfg.divergence)
-
-
-def build_trainer(cfg: Config, divergence: Any = None) -> GBMPOTrainer:
-    """Model + task + divergence from a root `Config`, wired into a GBMPOTrainer."""
-    from mirrorlab import tasks
-    from mirrorlab.models import load_model
-
+def build_trainer(cfg: Config, regulariser: Regulariser) -> GBMPOTrainer:
+    """Model + task from a root `Config`, wired with `regulariser` into a GBMPOTrainer (build the
+    regulariser from the config with `mirrorlab.maps.build_divergence(cfg.divergence)`)."""
     seed_everything(cfg.train.seed)
     model, tokenizer = load_model(cfg.model)
     task = tasks.get(cfg.task.name, **cfg.task.params)
-    div = divergence if divergence is not None else build_divergence(cfg)
-    return GBMPOTrainer(model, tokenizer, task, div, cfg.train, coef=cfg.divergence.coef,
-                        estimator=cfg.divergence.estimator, chunk_size=cfg.divergence.chunk_size)
+    r = regulariser
+    return GBMPOTrainer(model, tokenizer, task, r.divergence, cfg.train, coef=r.coef,
+                        estimator=r.estimator, chunk_size=r.chunk_size)

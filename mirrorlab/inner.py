@@ -1,0 +1,88 @@
+"""The inner run that scores a search candidate: T GBMPO steps from the base weights, then val.
+
+`GBMPOEvaluator` is the evaluator registered as `gbmpo` (in `mirrorlab.evaluators`, by import
+path): it builds the trainer once per worker and, per job, the regulariser through
+`mirrorlab.maps` (so `divergence.compile`, the estimator and a space's searched coefficient
+apply to candidates exactly as to `train` and `compare`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from mirrorlab.evaluators import DeadlineCallback, nonfinite_loss, val_subset
+from mirrorlab.gbmpo import Regulariser, build_trainer
+from mirrorlab.maps import build_divergence, regulariser
+from mirrorlab.records import Job, check_deadline
+from mirrorlab.spaces import make_space
+
+
+class GBMPOEvaluator:
+    """Scores a job by T inner GBMPO steps on task.train from the base weights, then task.val.
+
+    `setup()` builds the model, task and trainer once per worker; each evaluation resets the
+    trainer to the base weights with the job's seed, sets the divergence (the candidate's map and
+    coefficient, or the paired baseline's for `role == "baseline"`), trains, and evaluates on the
+    seed's val subset of `job.eval_size` problems. fitness = metric - length_penalty * mean
+    completion length; stderr = the metric's sampling standard error; `scores` = per-problem
+    scores (for paired standard errors).
+    """
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.trainer: Any = None
+        self.space: Any = None
+        self._baseline: Regulariser | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"cfg": self.cfg, "trainer": None, "space": None, "_baseline": None}
+
+    def setup(self) -> None:
+        """Load the base model and build the trainer (heavy; once per worker)."""
+        cfg = self.cfg
+        self.space = make_space(cfg.search.space, cfg.divergence.coef)
+        self.trainer = build_trainer(cfg, self._regulariser(self.space.initial(0)))
+        self.n_val = len(self.trainer.task.val)
+
+    def _regulariser(self, theta: Any) -> Regulariser:
+        """A candidate's map with its coefficient (the space's, else `divergence.coef`) and the
+        configured estimator, chunk size and `compile`."""
+        return regulariser(self.space.divergence(theta), self.cfg.divergence, self.space.coef(theta))
+
+    def _regulariser_for(self, job: Job) -> Regulariser:
+        if job.role != "baseline":
+            return self._regulariser(job.theta)
+        if self._baseline is None:
+            bcfg = self.cfg.search.evaluator.baseline
+            if bcfg is None:
+                raise ValueError("a baseline job needs search.evaluator.baseline (a divergence config)")
+            self._baseline = build_divergence(bcfg, tracking_uri=self.cfg.tracking.tracking_uri)
+        return self._baseline
+
+    def evaluate(self, job: Job) -> dict[str, Any]:
+        """One job: reset, set the divergence, train T steps, evaluate on the seed's val subset."""
+        if self.trainer is None:
+            self.setup()
+        ec = self.cfg.search.evaluator
+        t0 = time.monotonic()
+        reg = self._regulariser_for(job)
+        self.trainer.reset(seed=job.seed)
+        self.trainer.set_regulariser(reg)
+        t1 = time.monotonic()
+        curves = self.trainer.train(steps=ec.inner_steps, callbacks=[DeadlineCallback(job)])
+        t2 = time.monotonic()
+        bad = nonfinite_loss(curves)
+        if bad:
+            raise FloatingPointError(bad)
+        check_deadline(job)
+        res = self.trainer.evaluate("val", indices=val_subset(job.seed, self.n_val, job.eval_size))
+        t3 = time.monotonic()
+        fitness = float(res.metric) - ec.length_penalty * float(res.mean_length)
+        return {
+            "fitness": fitness, "stderr": float(res.stderr), "metric": float(res.metric),
+            "mean_length": float(res.mean_length), "n_eval": int(res.n),
+            "scores": [float(s) for s in res.scores],
+            "curves": [{k: float(v) for k, v in row.items() if isinstance(v, int | float)} for row in curves],
+            "timings": {"reset_s": t1 - t0, "train_s": t2 - t1, "eval_s": t3 - t2},
+        }
