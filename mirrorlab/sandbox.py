@@ -19,8 +19,10 @@ Without root (or without namespaces) only the rlimits, session, timeout, directo
 environment scrubbing apply; `isolation()` reports what is active. Limits of the design: it
 is not a seccomp/VM boundary (kernel exploits, CPU-time side channels and reading
 world-readable files remain possible), and a program shares its interpreter with whatever
-harness code it is run with, so in-process result reporting can be forged by a determined
-adversary that inspects the harness's memory (see `mirrorlab.tasks.mbpp`).
+harness code it is run with: anything that code writes (fd 4 included) the program can write
+too, so results reported from inside the sandbox are claims, never verdicts. A harness must
+compute verdicts outside, from data (`mirrorlab.tasks.mbpp` does: the program only reports the
+values of the expressions it evaluates, and the parent compares them).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class SandboxLimits:
     open_files: int = 64
     nproc: int = 16
     output_bytes: int = 64 * 1024
+    report_bytes: int = 2 * 2**20  # what comes back from fd 4 (kept apart from the stdout cap)
 
     def rlimits(self) -> dict[str, int]:
         """The rlimit values, in the units setrlimit takes."""
@@ -378,10 +381,10 @@ def run_program(
 ) -> SandboxResult:
     """Run Python source `code` in the sandbox and return its result.
 
-    `secret`, when given, is readable once by the program from file descriptor 3 (a pipe,
-    used by trusted harness code before untrusted code runs); whatever the program writes to
-    file descriptor 4 comes back as `report` (capped like stdout). `files` are (name, text)
-    pairs written into the run directory first.
+    `secret`, when given, is readable once by the program from file descriptor 3 (a pipe);
+    whatever the program writes to file descriptor 4 comes back as `report` (up to
+    `limits.report_bytes`). Both are reachable by any code the program runs, so neither can
+    authenticate a result. `files` are (name, text) pairs written into the run directory first.
     """
     limits = limits or SandboxLimits()
     python = python or sys.executable
@@ -445,7 +448,7 @@ def run_program(
     duration = time.monotonic() - start
     stdout, trunc = _read_capped(out, limits.output_bytes)
     stderr, _ = _read_capped(err, limits.output_bytes)
-    report, _ = _read_capped(rep, limits.output_bytes)
+    report, _ = _read_capped(rep, limits.report_bytes)
     for f in (out, err, rep):
         f.close()
     rc = proc.returncode if proc is not None else None

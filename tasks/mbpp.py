@@ -5,29 +5,63 @@ The reward is the fraction of asserts that pass, each checked separately, with t
 executed in `mirrorlab.sandbox`; evaluation is pass@1 (all asserts pass), and `pass_at_k`
 gives the unbiased pass@k estimator.
 
-How an assert counts as passed: the parent parses each test into a plan (an `assert`
-becomes a tree of comparisons whose operands are separate expressions). A trusted harness,
-run in the sandbox before the untrusted code, reads a per-run random nonce from a pipe,
-compiles every plan and keeps its own references to `exec`, `eval`, `os.write`, ... in local
-variables; then it loads the solution, runs each test and writes `<nonce> <index>` to a
-separate report descriptor when the test finishes without any exception (SystemExit
-included) and every operand and result is a plain value (no Python-level `__eq__`,
-`__bool__`, ... outside the standard library, checked recursively through containers). The
-parent counts only well-formed nonce lines with increasing indices. So exiting early
-(sys.exit / os._exit with status 0), redefining AssertionError or builtins, patching print,
-sys.stdout, operator or ast, or returning always-equal / always-true objects earns nothing.
-Not covered: a program that deliberately walks interpreter frames to read the nonce from the
-harness's locals (the harness shares its process with the solution).
+How an assert is checked. The parent (this process, trusted) parses each test into a plan: an
+`assert` becomes a tree of comparisons (`and`/`or`/`not` over chained `==`, `<`, `in`, ...) whose
+operands are separate expressions. Literal operands (in MBPP the expected value of every assert)
+are evaluated here, with `ast.literal_eval`. The other operands are evaluated in the sandbox and
+only their values come back, as data; the parent computes every comparison and truth value
+itself, on plain builtin values. Nothing the program writes is a verdict, so there is no nonce or
+"pass" line to steal or forge.
+
+In the sandbox a small harness (`HARNESS`) runs first, as PID 1 of the sandbox's PID namespace,
+non-dumpable (PR_SET_DUMPABLE 0: processes of the same uid cannot ptrace it, touch its memory or
+open its descriptors through /proc), ignoring SIGINT (init ignores signals it has no handler
+for). It never runs program code. For each test it forks a child, which closes the report
+descriptor (fd 4), loads the program into fresh globals, evaluates that test's operands in order
+and writes their values, in a tagged encoding, to a memfd that only this child holds. When the
+child exits the harness kills whatever is left in the namespace, then writes the memfd's content,
+framed, as that test's record on fd 4 (`v <test> <length>`). Operands without any name in them
+(`[1] * 3`) are evaluated by the harness itself before any child exists (`p` records). The parent
+takes exactly one record of each kind per test and decodes it strictly (`ast.literal_eval`, then
+every node checked); only None, bool, int, float, complex, str, bytes, list, tuple, set,
+frozenset, dict, Counter, OrderedDict and deque come out. A test fails on anything else: a
+missing, repeated, truncated or malformed record, a wrong number of values, a value of another
+type, or of a subclass that defines its own comparison or truth method (always-equal and
+always-true objects; other subclasses, namedtuples say, are reported as their base value, and
+no `__eq__` or `__bool__` of the program ever runs in the parent), a child that raised
+(SystemExit included), exited early or timed out.
+
+Threat model. The program may do anything in its own processes: walk frames (sys._getframe,
+tracebacks, generators), scan gc.get_objects(), use inspect or ctypes, patch builtins, operator,
+os or the harness's objects after they load, write anything to any descriptor, register atexit
+handlers, start threads or children that act later. All of it stays in the child of one test: it
+cannot write fd 4 (closed), reach the harness (non-dumpable init), outlive its test (killed) or
+see another test's channel. What it can write is its own test's value record, so what remains,
+by design, is that a program can claim values for the operands it evaluates. That is no more than
+returning those values (a lookup table of the asserted inputs, which the prompt shows, and which
+no harness can tell from solving): a claim cannot cover a literal operand, and cannot make a
+comparison pass that fails on the claimed values. Limits: keeping each claim to its own test,
+and the `p` records, rest on the harness being unreachable, which needs the uid drop and the PID
+namespace (root, see `mirrorlab.sandbox.isolation()`); that a claim is only ever a value rests on
+nothing but the parent's decoder and comparisons. Without a uid drop the program runs as the
+caller's user and is not contained at all. The tests are trusted (the harness evaluates their
+name-free operands). Each assert runs in a fresh copy of the program (its module code runs once
+per assert; files it writes persist), so asserts cannot affect one another in memory; that is
+more lenient than one shared namespace for programs whose state breaks after the first call. A
+test statement other than an assert only has to run without raising (which the program can
+claim), and a test without an assert never passes.
 """
 
 from __future__ import annotations
 
 import ast
+import collections
 import functools
 import math
+import operator
 import re
-import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,121 +70,212 @@ from mirrorlab.sandbox import Program, SandboxLimits, SandboxPool
 from .base import Example, Task, _normalise, data_dir, load_rows
 
 SPLIT_IDS = {"prompt": (1, 10), "test": (11, 510), "val": (511, 600), "train": (601, 974)}
+VALUE_CAP = 256 * 1024  # bytes of encoded values one test may report
+# Standard-library modules the harness imports before forking when the program names them
+# (saves every test's child the import; only stdlib is importable under `python -I -S`).
+PRELOAD = frozenset({
+    "array", "bisect", "calendar", "cmath", "collections", "copy", "datetime", "decimal",
+    "fractions", "functools", "heapq", "itertools", "json", "math", "operator", "os", "random",
+    "re", "statistics", "string", "sys", "time", "typing",
+})
 
-# The trusted harness. It must not rely on anything the solution can replace after it loads.
+# The in-sandbox harness. Code that runs in a child after the program has loaded uses only
+# references bound here beforehand, so patching builtins or modules does not change what an
+# honest encoding reports (a program that reaches these objects anyway only claims values).
 HARNESS = r'''
 def _mirrorlab_harness():
-    import os
-    nonce = os.read(3, 256).decode()
-    os.close(3)
-    write, rep, _exec, _eval, _compile, _type, _len = os.write, 4, exec, eval, compile, type, len
-    _isinstance, _str, _enumerate, _all, _bool = isinstance, str, enumerate, all, bool
-    BaseExc, _FunctionType = BaseException, _type(lambda: 0)
-    containers, _dict, _items = (list, tuple, set, frozenset), dict, dict.items
-    _mro, _tdict = type.__dict__["__mro__"].__get__, type.__dict__["__dict__"].__get__
-    stdlib = os.path.dirname(os.__file__) + "/"
-    slot_types = (_type(object.__eq__), _type(list.append), _type(len), _type(None),
-                  _type(object.__init__.__call__), _type(int.__dict__["real"]),
-                  _type(type.__dict__["__mro__"]), _type(dict.__dict__["fromkeys"]))
-    special = ("__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__bool__", "__len__",
-               "__contains__", "__iter__", "__hash__", "__getattribute__", "__mro__", "__dict__",
-               "__instancecheck__", "__subclasscheck__")
-    cmp_ops = {"Eq": lambda a, b: a == b, "NotEq": lambda a, b: a != b, "Lt": lambda a, b: a < b,
-               "LtE": lambda a, b: a <= b, "Gt": lambda a, b: a > b, "GtE": lambda a, b: a >= b,
-               "Is": lambda a, b: a is b, "IsNot": lambda a, b: a is not b,
-               "In": lambda a, b: a in b, "NotIn": lambda a, b: a not in b}
+    import posix, sys, _signal
+    _fork, _exit, _write, _read, _close = posix.fork, posix._exit, posix.write, posix.read, posix.close
+    _wait, _kill, _lseek = posix.waitpid, posix.kill, posix.lseek
+    _eval, _exec, _compile, _ascii, _isinstance, _hex = eval, exec, compile, ascii, isinstance, hex
+    _index, _frepr, _sstr, _bhex = int.__index__, float.__repr__, str.__str__, bytes.hex
+    _real, _imag = complex.__dict__["real"].__get__, complex.__dict__["imag"].__get__
+    _liter, _titer, _siter, _fiter = list.__iter__, tuple.__iter__, set.__iter__, frozenset.__iter__
+    _items, _get, _modules, _tuple, BaseExc = dict.items, dict.get, sys.modules, tuple, BaseException
+    _type, _mro, _tdict = type, type.__dict__["__mro__"].__get__, type.__dict__["__dict__"].__get__
+    BIG = 2**63
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
+    try:
+        _close(3)  # the secret pipe: unused
+    except OSError:
+        pass
+    try:  # PR_SET_DUMPABLE 0 through _ctypes (importing ctypes costs ten times more)
+        import _ctypes
+
+        class _Int(_ctypes._SimpleCData):
+            _type_ = "i"
+
+        class _Fn(_ctypes.CFuncPtr):
+            _flags_ = _ctypes.FUNCFLAG_CDECL
+            _restype_ = _Int
+
+        _Fn(_ctypes.dlsym(_ctypes.dlopen(None), "prctl"))(4, 0, 0, 0, 0)
+    except BaseExc:
+        pass
     with open("tests.py") as f:  # a Python literal written by the trusted parent
         spec = _eval(f.read(), {"__builtins__": {}})
     with open("solution.py") as f:
         src = f.read()
-
-    def prepare(p):
-        # Compile every test before the untrusted code runs.
-        kind = p[0]
-        if kind == "cmp":
-            return ("cmp", [_compile(e, "test", "eval") for e in p[1]], [cmp_ops[o] for o in p[2]])
-        if kind == "not":
-            return ("not", prepare(p[1]))
-        if kind in ("and", "or"):
-            return (kind, [prepare(q) for q in p[1]])
-        return (kind, _compile(p[1], "test", "exec" if kind == "exec" else "eval"))
-
-    plans = []
-    for p in spec["plans"]:
+    for name in spec["preload"]:
         try:
-            plans.append(prepare(p) if p is not None else None)
+            __import__(name)
         except BaseExc:
-            plans.append(None)
-    setup = _compile(spec["setup"], "setup.py", "exec") if spec["setup"] else None
+            pass
+    cap = spec["cap"]
 
-    def suspicious(t):
-        # Comparison/truth methods written in Python outside the standard library.
-        for klass in _mro(t):
-            d = _tdict(klass)
+    special = ("__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__bool__", "__len__",
+               "__contains__", "__hash__")
+
+    def plain(v, base):
+        # An instance of `base`, or of a subclass that defines no comparison or truth method.
+        t = _type(v)
+        if t is base:
+            return True
+        for k in _mro(t):
+            if k is base:
+                return True
+            d = _tdict(k)
             for n in special:
                 if n in d:
-                    f = d[n]
-                    if _isinstance(f, slot_types):
-                        continue
-                    code = _isinstance(f, _FunctionType) and f.__code__
-                    if not code or not code.co_filename.startswith(stdlib):
-                        return True
-        return False
+                    raise TypeError("a subclass with its own comparison or truth")
+        raise TypeError("not an instance")
 
-    def plain(v, depth=0):
-        t = _type(v)
-        if depth > 100 or suspicious(t) or suspicious(_type(t)):
-            return False
-        if _isinstance(v, containers):
-            return _all(plain(x, depth + 1) for x in v)
-        if _isinstance(v, _dict):
-            return _all(plain(k, depth + 1) and plain(x, depth + 1) for k, x in _items(v))
-        return True
+    def enc(v, d):
+        # A plain value as a tree of tagged tuples (decoded by the parent's `decode_values`).
+        if d > 100:
+            raise ValueError("nested too deeply")
+        if v is None:
+            return ("n",)
+        if v is True or v is False:
+            return ("b", v)
+        if _isinstance(v, int) and plain(v, int):
+            v = _index(v)
+            return ("i", v) if -BIG < v < BIG else ("x", _hex(v))
+        if _isinstance(v, float) and plain(v, float):
+            return ("f", _frepr(v))
+        if _isinstance(v, complex) and plain(v, complex):
+            return ("c", _frepr(_real(v)), _frepr(_imag(v)))
+        if _isinstance(v, str) and plain(v, str):
+            return ("s", _sstr(v))
+        if _isinstance(v, bytes) and plain(v, bytes):
+            return ("y", _bhex(v))
+        d += 1
+        if _isinstance(v, list) and plain(v, list):
+            return ("l", *[enc(x, d) for x in _liter(v)])
+        if _isinstance(v, tuple) and plain(v, tuple):
+            return ("t", *[enc(x, d) for x in _titer(v)])
+        if _isinstance(v, frozenset) and plain(v, frozenset):
+            return ("F", *[enc(x, d) for x in _fiter(v)])
+        if _isinstance(v, set) and plain(v, set):
+            return ("S", *[enc(x, d) for x in _siter(v)])
+        col = _get(_modules, "collections")
+        if _isinstance(v, dict):
+            tag, base, items = "d", dict, _items(v)
+            if col is not None and _isinstance(v, col.Counter):
+                tag, base = "C", col.Counter
+            elif col is not None and _isinstance(v, col.OrderedDict):
+                tag, base, items = "O", col.OrderedDict, col.OrderedDict.items(v)
+            plain(v, base)
+            out = [tag]
+            for k, x in items:
+                out += [enc(k, d), enc(x, d)]
+            return _tuple(out)
+        if col is not None and _isinstance(v, col.deque) and plain(v, col.deque):
+            return ("q", *[enc(x, d) for x in col.deque.__iter__(v)])
+        raise TypeError("not a plain value")
 
-    def value(code):
-        v = _eval(code, g)
-        if not plain(v):
-            raise ValueError("operand with overridden comparison or truth")
-        return v
+    def emit(tag, i, data):
+        rec = tag + b" %d %d\n" % (i, len(data)) + data + b"\n"
+        while rec:
+            rec = rec[_write(4, rec):]
 
-    def truth(v):
-        if _type(v) is _bool:
-            return v
-        if not plain(v):
-            raise ValueError("result with overridden truth")
-        return _bool(v)
-
-    def run(p):
-        kind = p[0]
-        if kind == "cmp":
-            vals = [value(c) for c in p[1]]
-            return _all(truth(op(vals[k], vals[k + 1])) for k, op in _enumerate(p[2]))
-        if kind == "not":
-            return not run(p[1])
-        if kind == "and":
-            return _all([run(q) for q in p[1]])
-        if kind == "or":
-            return True in [run(q) for q in p[1]]
-        return truth(value(p[1]))
-
-    g = {"__name__": "__main__", "__builtins__": __builtins__}
     try:
-        _exec(_compile(src, "solution.py", "exec"), g)
-        if setup is not None:  # MBPP's setup code builds test inputs from the solution's classes
-            _exec(setup, g)
+        code = _compile(src, "solution.py", "exec")
+        setup = _compile(spec["setup"], "setup.py", "exec") if spec["setup"] else None
     except BaseExc:
         return
-    for i, p in _enumerate(plans):
-        if p is None:
+    tests = []
+    for t in spec["tests"]:
+        try:
+            tests.append(None if t is None else (
+                [(k, _compile(s, "test", "eval" if k == "e" else "exec")) for k, s in t["steps"]],
+                [_compile(s, "test", "eval") for s in t["pure"]]))
+        except BaseExc:
+            tests.append(None)
+    for i, t in enumerate(tests):  # operands without names: evaluated before any program code
+        if t is not None and t[1]:
+            try:
+                emit(b"p", i, _ascii([enc(_eval(c, {"__builtins__": {}}), 0) for c in t[1]]).encode())
+            except BaseExc:
+                pass
+
+    def child(steps, fd):
+        # Runs the program for one test; whatever happens here is only a claim about values.
+        try:
+            _close(4)
+            posix.setpgid(0, 0)
+            _signal.signal(_signal.SIGINT, _signal.default_int_handler)
+            g = {"__name__": "__main__", "__builtins__": __builtins__}
+            _exec(code, g)
+            if setup is not None:  # MBPP's setup code builds test inputs from the program's classes
+                _exec(setup, g)
+            vals = []
+            for kind, c in steps:
+                if kind == "e":
+                    vals += [enc(_eval(c, g), 0)]
+                else:
+                    _exec(c, g)
+            data = _ascii(vals).encode()
+            while data:
+                data = data[_write(fd, data):]
+            sys.stdout.flush()
+        except BaseExc:
+            pass
+        _exit(0)
+
+    init = posix.getpid() == 1
+    for i, t in enumerate(tests):
+        if t is None:
             continue
         try:
-            if p[0] == "exec":
-                _exec(p[1], g)
-            elif run(p) is not True:
-                continue
+            fd = posix.memfd_create("mirrorlab-values")
         except BaseExc:
             continue
-        write(rep, (nonce + " " + _str(i) + "\n").encode())
+        try:
+            pid = _fork()
+        except BaseExc:
+            _close(fd)
+            continue
+        if pid == 0:
+            child(t[0], fd)
+        try:
+            posix.setpgid(pid, pid)
+        except OSError:
+            pass
+        status = _wait(pid, 0)[1]
+        if init:  # nothing the test started may outlive it: kill the rest of the namespace
+            while True:
+                try:
+                    _kill(-1, 9)
+                except OSError:
+                    pass
+                try:
+                    _wait(-1, 0)
+                except ChildProcessError:
+                    break
+        else:
+            try:
+                posix.killpg(pid, 9)
+            except OSError:
+                pass
+        _lseek(fd, 0, 0)
+        data, chunk = b"", b"-"
+        while chunk and len(data) <= cap:
+            chunk = _read(fd, cap + 1 - len(data))
+            data += chunk
+        _close(fd)
+        if status == 0 and 0 < len(data) <= cap and data.isascii():
+            emit(b"v", i, data)
 
 
 _mirrorlab_harness()
@@ -170,15 +295,181 @@ def _plan(node: ast.expr) -> tuple[Any, ...]:
 
 @functools.lru_cache(maxsize=4096)
 def test_plan(test: str) -> tuple[Any, ...] | None:
-    """How the harness checks one test: an `assert` becomes a tree of expressions (operands are
-    evaluated and checked separately); other statements are executed; None if it does not parse."""
+    """How one test is checked: a single `assert` becomes a tree of operand expressions
+    (`cmp`, `not`, `and`, `or`, `val`); anything else a `seq` of ("assert", tree) and
+    ("exec", statement) steps; None if it does not parse."""
     try:
         tree = ast.parse(test)
-    except SyntaxError:
+    except (SyntaxError, ValueError):
         return None
-    if len(tree.body) == 1 and isinstance(tree.body[0], ast.Assert):
-        return _plan(tree.body[0].test)
-    return ("exec", test)
+    steps = [("assert", _plan(s.test)) if isinstance(s, ast.Assert) else ("exec", ast.unparse(s))
+             for s in tree.body]
+    if len(steps) == 1 and steps[0][0] == "assert":
+        return steps[0][1]
+    return ("seq", steps)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One test as the parent judges it: a verdict tree over leaves, and what the sandbox runs.
+
+    `leaves[k]` is ("lit", value) (evaluated here), ("pure", j) (the j-th value the harness
+    reports for the test's name-free operands `pure`) or ("prog", j) (the j-th value the
+    program's child reports; it evaluates the `e` steps of `steps`, running `x` steps between).
+    """
+
+    tree: tuple[Any, ...]
+    leaves: tuple[tuple[str, Any], ...]
+    steps: tuple[tuple[str, str], ...]
+    pure: tuple[str, ...]
+
+    @property
+    def n_program_values(self) -> int:
+        """How many values the program's child must report."""
+        return sum(1 for kind, _ in self.steps if kind == "e")
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_check(test: str) -> Check | None:
+    """The `Check` of one test; None if it cannot pass (no parse, or no assert in it)."""
+    plan = test_plan(test)
+    if plan is None:
+        return None
+    leaves: list[tuple[str, Any]] = []
+    steps: list[tuple[str, str]] = []
+    pure: list[str] = []
+
+    def leaf(src: str) -> int:
+        try:
+            leaves.append(("lit", ast.literal_eval(src)))
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            if any(isinstance(n, ast.Name) for n in ast.walk(ast.parse(src, mode="eval"))):
+                leaves.append(("prog", sum(1 for kind, _ in steps if kind == "e")))
+                steps.append(("e", src))
+            else:
+                leaves.append(("pure", len(pure)))
+                pure.append(src)
+        return len(leaves) - 1
+
+    def tree(p: tuple[Any, ...]) -> tuple[Any, ...]:
+        kind = p[0]
+        if kind == "cmp":
+            return ("cmp", tuple(leaf(e) for e in p[1]), tuple(p[2]))
+        if kind == "not":
+            return ("not", tree(p[1]))
+        if kind in ("and", "or"):
+            return (kind, tuple(tree(q) for q in p[1]))
+        return ("val", leaf(p[1]))
+
+    trees = []
+    for kind, x in (plan[1] if plan[0] == "seq" else [("assert", plan)]):
+        if kind == "assert":
+            trees.append(tree(x))
+        else:
+            steps.append(("x", x))
+    if not trees:
+        return None
+    return Check(trees[0] if len(trees) == 1 else ("and", tuple(trees)), tuple(leaves), tuple(steps),
+                 tuple(pure))
+
+
+_CMP: dict[str, Callable[[Any, Any], Any]] = {
+    "Eq": operator.eq, "NotEq": operator.ne, "Lt": operator.lt, "LtE": operator.le,
+    "Gt": operator.gt, "GtE": operator.ge, "Is": operator.is_, "IsNot": operator.is_not,
+    "In": lambda a, b: a in b, "NotIn": lambda a, b: a not in b,
+}
+
+
+def holds(tree: tuple[Any, ...], values: Sequence[Any]) -> bool:
+    """Whether a verdict tree holds for the leaf values (plain data); raises like the assert
+    would (TypeError, ...). Every branch of `and`/`or` is evaluated, as the operands were."""
+    kind = tree[0]
+    if kind == "cmp":
+        xs = [values[k] for k in tree[1]]
+        return all(bool(_CMP[op](xs[j], xs[j + 1])) for j, op in enumerate(tree[2]))
+    if kind == "not":
+        return not holds(tree[1], values)
+    if kind in ("and", "or"):
+        rs = [holds(q, values) for q in tree[1]]
+        return all(rs) if kind == "and" else any(rs)
+    return bool(values[tree[1]])
+
+
+_SEQS: dict[str, Callable[[Any], Any]] = {
+    "l": list, "t": tuple, "S": set, "F": frozenset, "q": collections.deque,
+}
+_MAPS: dict[str, Callable[[Any], Any]] = {
+    "d": dict, "C": collections.Counter, "O": collections.OrderedDict,
+}
+_SCALARS: dict[str, tuple[type, Callable[[Any], Any]]] = {
+    "b": (bool, bool), "i": (int, int), "x": (str, lambda s: int(s, 16)), "f": (str, float),
+    "s": (str, str), "y": (str, bytes.fromhex),
+}
+
+
+def _decode(node: Any, depth: int) -> Any:
+    if type(node) is not tuple or not node or type(node[0]) is not str or depth > 120:
+        raise ValueError("malformed value")
+    tag, rest = node[0], node[1:]
+    if tag == "n" and not rest:
+        return None
+    if tag in _SCALARS and len(rest) == 1 and type(rest[0]) is _SCALARS[tag][0]:
+        return _SCALARS[tag][1](rest[0])
+    if tag == "c" and len(rest) == 2 and all(type(x) is str for x in rest):
+        return complex(float(rest[0]), float(rest[1]))
+    if tag in _SEQS:
+        return _SEQS[tag](_decode(x, depth + 1) for x in rest)
+    if tag in _MAPS and len(rest) % 2 == 0:
+        items = [_decode(x, depth + 1) for x in rest]
+        return _MAPS[tag](dict(zip(items[::2], items[1::2], strict=True)))
+    raise ValueError(f"malformed value (tag {tag!r})")
+
+
+def decode_values(payload: str, n: int) -> list[Any]:
+    """The `n` values of one harness record, rebuilt as plain builtin values (never pickle or
+    eval); ValueError if the payload is anything but a list of `n` well-formed values."""
+    try:
+        raw = ast.literal_eval(payload)
+        if type(raw) is not list or len(raw) != n:
+            raise ValueError(f"expected a list of {n} values")
+        return [_decode(x, 0) for x in raw]
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as e:
+        raise ValueError(f"malformed record: {e}") from None
+
+
+def parse_report(report: str, n_tests: int) -> dict[tuple[str, int], str | None]:
+    """The harness's records by (kind, test): "v" (values the test's child reported) and "p"
+    (values of its name-free operands); None where a record repeats. Parsing stops at the first
+    malformed or truncated record."""
+    out: dict[tuple[str, int], str | None] = {}
+    pos = 0
+    while pos < len(report):
+        nl = report.find("\n", pos)
+        head = report[pos:nl].split(" ") if nl >= 0 else []
+        if (len(head) != 3 or head[0] not in ("v", "p")
+                or not all(h.isascii() and h.isdigit() and len(h) < 10 for h in head[1:])):
+            break
+        i, n = int(head[1]), int(head[2])
+        end = nl + 1 + n
+        if i >= n_tests or report[end:end + 1] != "\n":
+            break
+        key = (head[0], i)
+        out[key] = None if key in out else report[nl + 1:end]
+        pos = end + 1
+    return out
+
+
+def check_passed(check: Check | None, records: dict[tuple[str, int], str | None], i: int) -> bool:
+    """The parent's verdict on test `i`: its values decode and its comparisons hold."""
+    if check is None:
+        return False
+    try:
+        prog = decode_values(records[("v", i)], check.n_program_values)  # type: ignore[arg-type]
+        pure = decode_values(records[("p", i)], len(check.pure)) if check.pure else []  # type: ignore[arg-type]
+        values = [x if kind == "lit" else (pure if kind == "pure" else prog)[x] for kind, x in check.leaves]
+        return holds(check.tree, values) is True
+    except Exception:  # missing record, malformed values, or the comparison itself raised
+        return False
 
 
 def extract_code(completion: str) -> str:
@@ -192,39 +483,43 @@ def extract_code(completion: str) -> str:
     return completion.strip("\n")
 
 
-def parse_report(report: str, nonce: str, n_tests: int) -> int:
-    """Number of asserts the harness reported as passed (valid nonce lines, increasing index)."""
-    passed, last = 0, -1
-    for line in report.splitlines():
-        parts = line.split(" ")
-        if len(parts) != 2 or parts[0] != nonce or not parts[1].isdigit():
-            continue
-        i = int(parts[1])
-        if last < i < n_tests:
-            passed += 1
-            last = i
-    return passed
+_IMPORT = re.compile(r"^[ \t]*(?:from[ \t]+([\w.]+)[ \t]+import|import[ \t]+([\w. \t,]+))", re.M)
 
 
-def _spec(tests: Sequence[str], setup: str) -> str:
-    return repr({"plans": [test_plan(t) for t in tests], "setup": setup})
+def _preload(code: str) -> list[str]:
+    names = set()
+    for a, b in _IMPORT.findall(code):
+        for part in (a or b).split(","):
+            words = part.split()
+            if words and words[0].split(".")[0] in PRELOAD:
+                names.add(words[0].split(".")[0])
+    return sorted(names)
+
+
+def harness_program(code: str, tests: Sequence[str], setup: str = "") -> tuple[Program, list[Check | None]]:
+    """The sandbox program that evaluates `code` on `tests`, and the checks that judge its report."""
+    checks = [plan_check(t) for t in tests]
+    spec = {"tests": [None if k is None else {"steps": list(k.steps), "pure": list(k.pure)} for k in checks],
+            "setup": setup, "preload": _preload(code), "cap": VALUE_CAP}
+    return Program(HARNESS, files=(("solution.py", code), ("tests.py", repr(spec)))), checks
+
+
+def fraction_passed(report: str, checks: Sequence[Check | None]) -> float:
+    """Fraction of the tests that pass, judged here from the harness's report."""
+    records = parse_report(report, len(checks))
+    return sum(check_passed(k, records, i) for i, k in enumerate(checks)) / len(checks) if checks else 0.0
 
 
 def assert_fractions(
     codes: Sequence[str], tests: Sequence[Sequence[str]], pool: SandboxPool,
     setups: Sequence[str] | None = None,
 ) -> list[float]:
-    """For each program, the fraction of its assert statements that pass (each run separately)."""
+    """For each program, the fraction of its assert statements that pass (each run separately,
+    judged here from the values the sandbox reports)."""
     setups = setups if setups is not None else [""] * len(codes)
-    nonces = [secrets.token_hex(16) for _ in codes]
-    progs = [
-        Program(HARNESS, secret=n, files=(("solution.py", c), ("tests.py", _spec(t, s))))
-        for c, t, s, n in zip(codes, tests, setups, nonces, strict=True)
-    ]
-    out = []
-    for r, t, n in zip(pool.map(progs), tests, nonces, strict=True):
-        out.append(parse_report(r.report, n, len(t)) / len(t) if t else 0.0)
-    return out
+    built = [harness_program(c, t, s) for c, t, s in zip(codes, tests, setups, strict=True)]
+    results = pool.map([prog for prog, _ in built])
+    return [fraction_passed(r.report, checks) for r, (_, checks) in zip(results, built, strict=True)]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

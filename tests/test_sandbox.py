@@ -1,7 +1,8 @@
 """The sandbox as a security boundary: hostile programs earn 0, stay in their limits, leave nothing.
 
 Every hostile program is run both raw (`run_program`) and as an MBPP-style solution through the
-per-assert harness (`assert_fractions`), whose reward must be 0.
+per-assert harness (`assert_fractions`), whose reward must be 0; programs that try to forge the
+reward (frame walking, gc, ctypes, guessed descriptors, patching, late writers) earn 0 too.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 
 from mirrorlab import sandbox
 from mirrorlab.sandbox import Program, SandboxLimits, SandboxPool, run_program
-from mirrorlab.tasks.mbpp import assert_fractions
+from mirrorlab.tasks.mbpp import assert_fractions, fraction_passed, harness_program
 
 LIMITS = SandboxLimits(cpu_s=2, memory_mb=256, file_size_mb=4, nproc=16, output_bytes=4096)
 TIMEOUT = 3.0
@@ -250,11 +251,8 @@ def test_stdout_flood(pool: SandboxPool) -> None:
 def test_early_exit_does_not_pass(pool: SandboxPool, exit_call: str) -> None:
     top = f"import os, sys\n{exit_call}\n" + GOOD
     inside = f"import os, sys\ndef add(a, b):\n    {exit_call}\n"
-    after_first = (
-        "import os, sys\nn = [0]\ndef add(a, b):\n    n[0] += 1\n"
-        f"    if n[0] > 1:\n        {exit_call}\n    return a + b\n"
-    )
-    got = assert_fractions([top, inside, after_first], [TESTS] * 3, pool)
+    all_but_first = f"import os, sys\ndef add(a, b):\n    if a != 1:\n        {exit_call}\n    return a + b\n"
+    got = assert_fractions([top, inside, all_but_first], [TESTS] * 3, pool)
     assert got == [0.0, 0.0, pytest.approx(1 / 3)]
     res = run_program(top, TIMEOUT, LIMITS)
     assert not res.timed_out and res.returncode is not None
@@ -339,20 +337,270 @@ def test_without_isolation_limits_still_apply() -> None:
     assert r.isolation == {}
 
 
-@pytest.mark.xfail(strict=True, reason="documented limit: the harness shares its process with the solution")
-def test_frame_walking_forgery_is_a_known_gap(pool: SandboxPool) -> None:
-    code = (
-        "import sys, os\n"
+# --------------------------------------------------------------------------- forging the reward
+# Each forger gets `add` wrong (or never answers) and attacks the harness from where the program
+# runs. It must score 0 while an honest solution in the same batch scores 1, and the diagnostics
+# it writes to stderr show that the attack really reached what it aimed at.
+FORGE_LIB = r'''
+import os, sys
+
+
+def _diag(msg):
+    try:
+        os.write(2, ("DIAG " + msg + "\n").encode())
+    except OSError:
+        pass
+
+
+def _records():
+    # Every report a forger might guess: this harness's framed value records claiming the right
+    # answers, the old nonce lines, bare pass lines.
+    out = []
+    for i, v in enumerate((3, 4, 0)):
+        p = "[('i', %d)]" % v
+        out += ["v %d %d\n%s\n" % (i, len(p), p), "p %d %d\n%s\n" % (i, len(p), p),
+                "%s %d\n" % ("0" * 32, i), "PASS %d\n" % i]
+    return "".join(out).encode()
+
+
+def _spray(tag="spray"):
+    data, hit = _records(), []
+    for fd in range(21):
+        try:
+            os.write(fd, data)
+            hit.append(fd)
+        except OSError:
+            pass
+    for path in ("/proc/1/fd/4", "/proc/%d/fd/4" % os.getppid(), "/proc/%d/mem" % os.getppid()):
+        try:
+            fd = os.open(path, os.O_WRONLY)
+            os.write(fd, data)
+            hit.append(path)
+        except OSError:
+            pass
+    _diag("%s wrote to %s" % (tag, hit))
+
+
+def _use(objs):
+    # Use whatever harness objects turn up: call its report function, lift its caps.
+    found = set()
+    for o in objs:
+        name = getattr(o, "__name__", "")
+        if callable(o) and name in ("emit", "child", "enc", "_mirrorlab_harness"):
+            found.add(name)
+        if callable(o) and name == "emit":
+            for i, v in enumerate((3, 4, 0)):
+                try:
+                    o(b"v", i, ("[('i', %d)]" % v).encode())
+                    _diag("emit worked")
+                except Exception as e:
+                    _diag("emit failed: %r" % e)
+        if isinstance(o, dict) and "cap" in o and "tests" in o:
+            found.add("spec")
+            o["cap"] = 10**9
+    _diag("found %s" % sorted(found))
+
+
+def _frames(f):
+    objs = []
+    while f is not None:
+        objs += list(f.f_locals.values()) + list(f.f_globals.values())
+        f = f.f_back
+    return objs
+
+
+def _wrong(a, b):
+    return a - b + 100
+'''
+
+FOUND = "DIAG found ['_mirrorlab_harness', 'child', 'emit', 'enc', 'spec']"
+# name -> (program after FORGE_LIB, diagnostics that must appear, diagnostics that must not)
+FORGERS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    "frame_walk": (
+        "def add(a, b):\n    _use(_frames(sys._getframe()))\n    _spray()\n    os._exit(0)\n",
+        (FOUND, "emit failed"), ("emit worked",)),
+    "traceback_tb_frame": (
+        "def add(a, b):\n    try:\n        raise ValueError\n    except ValueError as e:\n"
+        "        _use(_frames(e.__traceback__.tb_frame))\n    _spray()\n    return _wrong(a, b)\n",
+        (FOUND, "emit failed"), ("emit worked",)),
+    "gc_scan_and_patch_closures": (
+        "import gc\n"
         "def add(a, b):\n"
-        "    f = sys._getframe()\n"
-        "    while f is not None and 'nonce' not in f.f_locals:\n"
-        "        f = f.f_back\n"
-        "    n = f.f_locals['nonce']\n"
-        "    for i in range(3):\n"
-        "        os.write(4, f'{n} {i}\\n'.encode())\n"
-        "    os._exit(0)\n"
+        "    objs = gc.get_objects()\n"
+        "    for f in [o for o in objs if type(o) is type(add) and o.__name__ in ('emit', 'child', 'enc')]:\n"
+        "        for cell in f.__closure__ or ():\n"
+        "            try:\n                v = cell.cell_contents\n            except ValueError:\n"
+        "                continue\n"
+        "            objs.append(v)\n"
+        "    _use(objs)\n"
+        "    for f in [o for o in objs if type(o) is type(add) and o.__name__ in ('emit', 'child', 'enc')]:\n"
+        "        for cell in f.__closure__ or ():\n"
+        "            try:\n"
+        "                if callable(cell.cell_contents) and type(cell.cell_contents) is not type(add):\n"
+        "                    cell.cell_contents = lambda *a, **k: True  # every harness helper 'passes'\n"
+        "            except ValueError:\n"
+        "                pass\n"
+        "    _spray()\n"
+        "    return _wrong(a, b)\n",
+        (FOUND, "emit failed"), ("emit worked",)),
+    "inspect_stack": (
+        "import inspect\n"
+        "def add(a, b):\n"
+        "    objs = []\n"
+        "    for fi in inspect.stack():\n"
+        "        objs += list(fi.frame.f_locals.values()) + list(fi.frame.f_globals.values())\n"
+        "    _use(objs)\n    _spray()\n    return _wrong(a, b)\n",
+        (FOUND, "emit failed"), ("emit worked",)),
+    "ctypes_steal_report_fd": (
+        "import ctypes\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "def add(a, b):\n"
+        "    data, h = _records(), os.getppid()\n"
+        "    pfd = libc.syscall(434, h, 0)  # pidfd_open(harness)\n"
+        "    got = libc.syscall(438, pfd, 4, 0) if pfd >= 0 else -1  # pidfd_getfd: its fd 4\n"
+        "    _diag('pidfd_getfd = %d errno %d' % (got, ctypes.get_errno()))\n"
+        "    if got >= 0 and not os.path.exists('stolen'):  # forge each record once\n"
+        "        open('stolen', 'w').close()\n"
+        "        os.write(got, data)\n"
+        "    r = libc.ptrace(16, h, 0, 0)  # PTRACE_ATTACH, to poke the harness's memory\n"
+        "    _diag('ptrace = %d errno %d' % (r, ctypes.get_errno()))\n"
+        "    libc.write(4, data, len(data))\n"
+        "    os._exit(0)\n",
+        ("DIAG pidfd_getfd = -1 errno 1", "DIAG ptrace = -1 errno 1"), ()),
+    "spray_every_fd": (
+        "_spray('module')\ndef add(a, b):\n    _spray('add')\n    return _wrong(a, b)\n",
+        ("DIAG module wrote to [", "2, 3]"), ("/proc", "3, 4")),  # its own channel (3) but not 4
+    "spray_every_fd_then_exit": ("def add(a, b):\n    _spray()\n    os._exit(0)\n", (), ("/proc", "3, 4")),
+    "monkeypatch_builtins_and_os": (
+        "import builtins, operator, posix\n"
+        "add = _wrong\n"
+        "_real = os.write\n"
+        "os.write = posix.write = lambda fd, data: (_real(fd, _records()), len(data))[1]\n"
+        "operator.eq = operator.ne = operator.is_ = lambda a, b: True\n"
+        "sys.modules['collections'] = None\n"
+        "for n in ('eval', 'exec', 'compile', 'isinstance', 'ascii', 'repr', 'len', 'type', 'bool', 'hex',\n"
+        "          'all', 'any', 'enumerate', 'print', 'open', 'AssertionError', 'BaseException'):\n"
+        "    setattr(builtins, n, lambda *a, **k: True)\n",
+        (), ()),
+    "atexit_records": (
+        "import atexit\natexit.register(_spray, 'atexit')\n"
+        "def add(a, b):\n    atexit.register(_spray, 'atexit')\n"
+        "    if a == 2:\n        sys.exit(0)\n    return _wrong(a, b)\n",
+        (), ("DIAG atexit",)),
+    "child_writes_after_exit": (
+        "import time\n"
+        "def add(a, b):\n"
+        "    if os.fork() == 0:\n        time.sleep(0.5)\n        _spray('late child')\n        os._exit(0)\n"
+        "    if os.fork() == 0:\n        os.setsid()\n"
+        "        if os.fork() == 0:\n            time.sleep(0.5)\n            _spray('late daemon')\n"
+        "        os._exit(0)\n"
+        "    return _wrong(a, b)\n",
+        (), ("DIAG late",) if ISO.get("pidns") else ()),
+    "thread_writes_later": (
+        "import threading, time\n"
+        "def _later():\n    time.sleep(0.05)\n    for _ in range(30):\n        _spray('thread')\n"
+        "        time.sleep(0.01)\n"
+        "threading.Thread(target=_later, daemon=True).start()\n"
+        "def add(a, b):\n    time.sleep(0.2)\n    return _wrong(a, b)\n",
+        ("DIAG thread wrote",), ()),
+}
+
+
+def _score_batch(codes: list[str], pool: SandboxPool) -> list[tuple[float, str]]:
+    """(reward, stderr) of each program under the assert harness."""
+    built = [harness_program(c, TESTS) for c in codes]
+    results = pool.map([p for p, _ in built])
+    return [(fraction_passed(r.report, k), r.stderr) for r, (_, k) in zip(results, built, strict=True)]
+
+
+@pytest.mark.parametrize("name", sorted(FORGERS))
+def test_forging_attempts_earn_nothing(pool: SandboxPool, name: str) -> None:
+    """Frame walks, tracebacks, gc, inspect, ctypes, descriptor guessing, patching, atexit, late
+    children and threads: the forger scores 0, the honest solution beside it 1."""
+    code, must, must_not = FORGERS[name]
+    (forged, err), (honest, _) = _score_batch([FORGE_LIB + code, GOOD], pool)
+    assert (forged, honest) == (0.0, 1.0), err[-2000:]
+    for text in must:
+        assert text in err, err[-2000:]
+    for text in must_not:
+        assert text not in err, err[-2000:]
+    assert not _sandbox_processes()
+
+
+def test_value_claims_are_no_more_than_return_values(pool: SandboxPool) -> None:
+    """What a program can write is a claim about the values of its own operands (into the one
+    channel its test's child holds). That equals returning those values; it cannot claim the
+    literal side, other tests, or types the parent does not know."""
+    def claim(payload: str) -> str:
+        return ("import os\ndef add(a, b):\n    for fd in range(3, 21):\n        try:\n"
+                f"            os.write(fd, {payload!r}.encode())\n        except OSError:\n"
+                "            pass\n    os._exit(0)\n")
+
+    payloads = ["[('i', 3)]", "[('i', 99), ('i', 99)]", "[('i', 3)]\nv 1 10\n[('i', 4)]\n",
+                "[('E',)]", "[('i', True)]", "[('s', '3')]"]
+    got = assert_fractions([claim(p) for p in payloads] + ["def add(a, b):\n    return 3\n", GOOD],
+                           [TESTS] * (len(payloads) + 2), pool)
+    assert got[0] == got[-2] == pytest.approx(1 / 3)  # claiming 3 == returning 3 for every call
+    assert got[1:-2] == [0.0] * (len(payloads) - 1)
+    assert got[-1] == 1.0
+
+
+def test_values_round_trip(pool: SandboxPool) -> None:
+    """Every supported type comes back with its own comparison semantics (Counter, OrderedDict,
+    deque included); subclasses compare as their base value unless they define comparisons."""
+    code = (
+        "import collections\n"
+        "class L(list):\n    def __eq__(self, o):\n        return True\n"
+        "class M(list):\n    pass\n"
+        "P = collections.namedtuple('P', 'x y')\n"
+        "V = [None, True, 7, -2**80, 1.5, float('inf'), 2 - 3j, 'é\\n', b'\\x00', [1, [2]], (1,), {1, 2},\n"
+        "     frozenset({3}), {'a': [1]}, collections.Counter('aab'), collections.OrderedDict(a=1, b=2),\n"
+        "     collections.deque([1, 2]), collections.defaultdict(int, a=1), float('nan'), L([5]),\n"
+        "     M([5]), P(1, 2)]\n"
+        "def f(i):\n    return V[i]\n"
     )
-    assert assert_fractions([code], [TESTS], pool) == [0.0]
+    true = ["assert f(0) is None", "assert f(1) is True", "assert f(2) == 3 + 4",
+            "assert f(3) == -1208925819614629174706176", "assert 1 < f(4) <= 1.5",
+            "assert f(5) == float('inf')", "assert f(6) == 2-3j", "assert f(7) == 'é\\n'",
+            "assert f(8) == b'\\x00'", "assert f(9) == [1, [2]] and 2 in f(9)[1]", "assert f(10) == (1,)",
+            "assert f(11) == {2, 1}", "assert f(12) == frozenset({3})", "assert f(13) == {'a': [1]}",
+            "assert f(14) == collections.Counter({'a': 2, 'b': 1, 'c': 0})",
+            "assert f(14) == {'a': 2, 'b': 1}", "assert f(15) != collections.OrderedDict(b=2, a=1)",
+            "assert f(15) == {'b': 2, 'a': 1}", "assert f(16) == collections.deque([1, 2])",
+            "assert f(17) == {'a': 1}", "assert f(18) != f(18)", "assert f(20) == [5]",
+            "assert f(21) == (1, 2)",
+            "assert not f(0)", "assert f(2) in [6, 7] or f(2) is None"]
+    false = ["assert f(1) is 1", "assert f(11) == [1, 2]", "assert f(16) == [1, 2]",
+             "assert f(15) == collections.OrderedDict(b=2, a=1)", "assert f(19) == [5]",
+             "assert f(19) != [6]", "assert f(20) == [6]",
+             "assert f(2) < 'a'", "assert f(18) == f(18)", "assert f(2) == 8 or f(0)"]
+    assert assert_fractions([code, code], [true, false], pool) == [1.0, 0.0]
+
+
+def test_each_assert_gets_a_fresh_program(pool: SandboxPool) -> None:
+    """Asserts run in fresh copies of the program: state from one cannot reach the next."""
+    code = "n = [0]\ndef add(a, b):\n    n[0] += 1\n    return a + b if n[0] == 1 else -1\n"
+    assert assert_fractions([code], [TESTS], pool) == [1.0]
+
+
+def test_harness_without_isolation() -> None:
+    """The fallback (no namespaces, no uid drop: the harness is not PID 1) still works. It is not
+    a boundary: the program runs as the caller, so it can reach the harness's descriptors (and
+    the caller); verdicts are still computed here, so what it can forge is values, not passes."""
+    wrong = "import os\ndef add(a, b):\n    if os.fork() == 0:\n        os._exit(0)\n    return a - b + 100\n"
+    with SandboxPool(2, timeout_s=TIMEOUT, limits=LIMITS, isolate=False) as p:
+        assert assert_fractions([GOOD, wrong], [TESTS] * 2, p) == [1.0, 0.0]
+
+
+@ROOT_ISOLATION
+def test_program_cannot_stop_the_harness(pool: SandboxPool) -> None:
+    """Signals to the harness (PID 1 of the namespace) are ignored: an honest solution that
+    tries to kill or stop it still scores 1."""
+    code = ("import os, signal\n"
+            "for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGSTOP, signal.SIGKILL):\n"
+            "    for pid in (1, os.getppid()):\n"
+            "        try:\n            os.kill(pid, s)\n        except OSError:\n            pass\n" + GOOD)
+    assert assert_fractions([code], [TESTS], pool) == [1.0]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="private /tmp needs root (mount namespace)")
