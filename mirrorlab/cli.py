@@ -24,7 +24,7 @@ from rich.console import Console, Group
 from rich.table import Table
 
 from mirrorlab import compare, divergences, maps, plots, tasks
-from mirrorlab.config import Config, ConfigError, dump_config, load_config
+from mirrorlab.config import Config, ConfigError, config_reference, dump_config, field_rows, load_config
 from mirrorlab.gbmpo import build_trainer
 from mirrorlab.progress import SearchProgress, TrainProgress
 from mirrorlab.search import Search
@@ -76,7 +76,7 @@ def preflight(cfg: Config, command: str, allow_refs: tuple[str, ...] = ()) -> No
         if d.map is not None and d.map in allow_refs:
             continue
         try:
-            maps.build_divergence(d, tracking_uri=cfg.tracking.tracking_uri)
+            maps.resolve(d, tracking_uri=cfg.tracking.tracking_uri)
         except Exception as e:  # noqa: BLE001
             extra = f" ({where}.params = {d.params})" if d.params and d.map is None else ""
             raise ConfigError(f"{where}: {e}{extra}") from None
@@ -406,6 +406,22 @@ def register_map(cfg: Config, div: Any, name: str, alias: str, source: str = "")
     return str(tracker.register_best(rid, name=name, alias=alias))
 
 
+# --------------------------------------------------------------------------- fields
+def cmd_fields(cfg: Config, args: argparse.Namespace) -> int:
+    """Print the configuration reference (all fields, or those under `prefix`)."""
+    if args.markdown:
+        out.print(config_reference(), end="", markup=False, highlight=False, soft_wrap=True)
+        return 0
+    t = Table(title="configuration fields (set in YAML or with --set path=value)")
+    for c in ("field", "type", "default", "what it does"):
+        t.add_column(c, overflow="fold")
+    for path, typ, default, desc in field_rows():
+        if path.startswith(args.prefix):
+            t.add_row(path, typ, default, desc)
+    out.print(t)
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 def _common(p: argparse.ArgumentParser, config_positional: bool = True) -> None:
     if config_positional:
@@ -488,6 +504,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--alias", default=None, help="default tracking.alias")
     _common(q, config_positional=False)
     p.set_defaults(func=cmd_maps)
+
+    p = sub.add_parser("fields", help="every config field with its type, default and description")
+    p.add_argument("prefix", nargs="?", default="", help="only fields under this path, e.g. search.evaluator")
+    p.add_argument("--markdown", action="store_true", help="the Markdown reference (docs/config.md)")
+    p.set_defaults(func=cmd_fields)
     return ap
 
 

@@ -77,30 +77,41 @@ EvaluatorKind = Annotated[str, registered(evaluators, paths=True)]
 class LoraConfig(Section):
     """LoRA adapter settings (peft). The reference policy is the base with the adapter off."""
 
-    r: int = Field(16, ge=1)
-    alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    r: int = Field(16, ge=1, description="LoRA rank")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling alpha (the update is scaled by alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA branch")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names that get adapters, or all-linear")
 
 
 class ModelConfig(Section):
     """Which causal LM to train: a preset (`tiny`, `tiny-scratchpad`, `smollm2-135m`), a hub name
     or a local path."""
 
-    name: str = "tiny"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "auto"
-    lora: LoraConfig | None = None
-    gradient_checkpointing: bool = False
-    cache_dir: str | None = None
+    name: str = Field(
+        "tiny", description="a preset (tiny, tiny-scratchpad, smollm2-135m), a hub model name or a local "
+        "directory")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="parameter dtype of the policy (and reference)")
+    device: str = Field("auto", description="auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
+    lora: LoraConfig | None = Field(
+        None, description="train a LoRA adapter instead of all weights (the reference is the base with the "
+        "adapter off)")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass (less memory, more compute)")
+    cache_dir: str | None = Field(
+        None, description="where presets are built and cached (default ~/.cache/mirrorlab)")
 
 
 # --------------------------------------------------------------------------- task
 class TaskConfig(Section):
     """A registered task by name, with the keyword parameters its constructor takes."""
 
-    name: TaskName = "arithmetic"
-    params: dict[str, Any] = Field(default_factory=dict)
+    name: TaskName = Field(
+        "arithmetic", description="registered task (arithmetic, gsm8k, mbpp or a plugin's)")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of the task's constructor (splits, sizes, "
+        "levels, data_dir, ...)")
 
 
 # --------------------------------------------------------------------------- divergence
@@ -111,42 +122,58 @@ class DivergenceConfig(Section):
     otherwise `params` are passed to the divergence factory (e.g. `seed`, `scale`).
     """
 
-    name: DivergenceName = "kl_k3"
-    coef: float = Field(0.04, ge=0)
-    estimator: Literal["sampled", "full"] = "sampled"
-    chunk_size: int = Field(8192, ge=1)
-    params: dict[str, Any] = Field(default_factory=dict)
-    map: str | None = None
-    # torch.compile the sampled estimator (fuses ~100 small kernels; worth it on GPUs)
-    compile: bool = False
+    name: DivergenceName = Field("kl_k3", description="registered divergence (the regulariser D)")
+    coef: float = Field(
+        0.04, ge=0, description="lambda, the regulariser's coefficient (0 turns it off); a saved mixture "
+        "map's own searched lambda wins")
+    estimator: Literal["sampled", "full"] = Field(
+        "sampled", description="sampled: D at the sampled tokens (the paper's); full: exact, summed over "
+        "the vocabulary")
+    chunk_size: int = Field(
+        8192, ge=1, description="vocabulary entries per chunk of the full estimator (memory bound)")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of the divergence factory (e.g. seed, scale "
+        "for neural; weight for mixture)")
+    map: str | None = Field(
+        None, description="a saved map: .safetensors / .json file, a map directory, models:/NAME@ALIAS or "
+        "runs:/ID/PATH (wins over name + params)")
+    compile: bool = Field(
+        False, description="torch.compile the sampled estimator (fuses about a hundred small kernels of "
+        "neural; worth it on GPUs)")
 
 
 # --------------------------------------------------------------------------- inner loop
 class GenerationConfig(Section):
     """Sampling of the G completions per prompt."""
 
-    num_generations: int = Field(8, ge=2)
-    max_new_tokens: int = Field(32, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    min_new_tokens: int = Field(0, ge=0)  # stop tokens are suppressed before this many (benchmarks)
-    # `fast`: mirrorlab's lean KV-cached sampler (same distribution, prompt prefilled once per
-    # group); `hf`: transformers' `model.generate` (the fallback)
-    backend: Literal["hf", "fast"] = "fast"
-    # fast backend on CUDA: replay each decode step as one captured CUDA graph (ignored on CPU)
-    cuda_graph: bool = True
+    num_generations: int = Field(
+        8, ge=2, description="G, completions sampled per prompt (the group of the advantage)")
+    max_new_tokens: int = Field(32, ge=1, description="completion budget; also dr_grpo's length normaliser")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling threshold (1 = off)")
+    top_k: int = Field(0, ge=0, description="top-k sampling (0 = off)")
+    min_new_tokens: int = Field(
+        0, ge=0, description="stop tokens are suppressed before this many tokens (benchmarks of fixed "
+        "length)")
+    backend: Literal["hf", "fast"] = Field(
+        "fast", description="fast: mirrorlab's lean KV-cached sampler (same distribution, prompt prefilled "
+        "once per group); hf: transformers' generate")
+    cuda_graph: bool = Field(
+        True, description="fast backend on CUDA: replay each decode step as one captured CUDA graph "
+        "(ignored on CPU)")
 
 
 class OptimConfig(Section):
     """AdamW with linear warm-up then a constant or cosine schedule."""
 
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = Field(0, ge=0)
-    schedule: Literal["constant", "cosine"] = "constant"
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up over this many optimiser steps")
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="after warm-up: constant or cosine decay to 0")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="clip the gradient norm to this (None: no clipping)")
 
 
 class TrainConfig(Section):
@@ -154,28 +181,45 @@ class TrainConfig(Section):
 
     renamed: ClassVar[dict[str, str]] = {"reg_is_weight": "reg_times_ratio"}
 
-    steps: int = Field(100, ge=0)
-    prompts_per_step: int = Field(4, ge=1)
-    generation: GenerationConfig = Field(default_factory=GenerationConfig)
-    advantage: Literal["grpo", "dr_grpo"] = "dr_grpo"
-    loss_type: Literal["grpo", "dr_grpo", "bnpo", "dapo"] = "dr_grpo"
-    epsilon_low: float = Field(0.2, ge=0)
-    epsilon_high: float = Field(0.2, ge=0)
-    mu: int = Field(1, ge=1)
-    micro_batch_size: int | None = Field(None, ge=1)
-    mask_truncated: bool = False
+    steps: int = Field(100, ge=0, description="GBMPO steps (each: one generated batch, mu optimiser passes)")
+    prompts_per_step: int = Field(
+        4, ge=1, description="prompts per generated batch (batch = prompts_per_step x num_generations "
+        "completions)")
+    generation: GenerationConfig = Field(
+        default_factory=GenerationConfig, description="sampling of the completions")
+    advantage: Literal["grpo", "dr_grpo"] = Field(
+        "dr_grpo", description="grpo: (r - mean) / (std + 1e-4) per group; dr_grpo: r - mean only")
+    loss_type: Literal["grpo", "dr_grpo", "bnpo", "dapo"] = Field(
+        "dr_grpo", description="aggregation: grpo (per-sequence token mean), dr_grpo (sum / (B x "
+        "max_new_tokens)), bnpo (token mean per micro-batch), dapo (token mean over the batch)")
+    epsilon_low: float = Field(0.2, ge=0, description="PPO clip range below 1")
+    epsilon_high: float = Field(
+        0.2, ge=0, description="PPO clip range above 1 (DAPO's clip-higher when larger)")
+    mu: int = Field(
+        1, ge=1, description="optimisation passes per generated batch (TRL's num_iterations, GRPO's mu); > "
+        "1 uses the sampling log-probs as the old policy")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="completions per forward/backward (None: the whole batch); the loss is the "
+        "same")
+    mask_truncated: bool = Field(
+        False, description="drop completions that hit max_new_tokens from the loss (DAPO's overlong "
+        "filtering)")
     reg_times_ratio: bool = Field(
         False, description="multiply D by the differentiable ratio rho (TRL 1.16's use_bias_correction_kl, "
         "its default); False is the classic GRPO / GBMPO form. Was `reg_is_weight` (accepted, deprecated)")
-    eval_every: int = Field(0, ge=0)
-    eval_split: Literal["train", "val", "test"] = "val"
-    eval_size: int | None = Field(None, ge=1)
-    eval_max_new_tokens: int | None = Field(None, ge=1)
-    # regulariser-to-PG gradient-norm ratio every k steps (costs one extra backward of the
-    # regulariser per micro-batch on those steps); 0 = never
-    grad_ratio_every: int = Field(10, ge=0)
-    seed: int = 0
-    optim: OptimConfig = Field(default_factory=OptimConfig)
+    eval_every: int = Field(
+        0, ge=0, description="evaluate on eval_split every this many steps during training (0: only at the "
+        "end)")
+    eval_split: Literal["train", "val", "test"] = Field("val", description="split of the periodic evaluation")
+    eval_size: int | None = Field(None, ge=1, description="problems of the periodic evaluation (None: all)")
+    eval_max_new_tokens: int | None = Field(
+        None, ge=1, description="completion budget of greedy evaluation (None: generation.max_new_tokens)")
+    grad_ratio_every: int = Field(
+        10, ge=0, description="measure the regulariser-to-PG gradient-norm ratio every k steps (one extra "
+        "backward of D on those steps; 0: never)")
+    seed: int = Field(
+        0, description="seed of the run (prompt order, sampling, initialisation of any new weights)")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="the optimiser and its schedule")
 
 
 # --------------------------------------------------------------------------- search
@@ -183,18 +227,25 @@ class SpaceConfig(Section):
     """What the search optimises: `neural` (380-dim softplus theta of NeuralMirrorMap),
     `neural_raw` (the paper's raw parametrisation, map = |theta|) or `mixture`."""
 
-    kind: SpaceKind = "neural"
-    init: Literal["random", "zeros"] = "random"
-    init_scale: float = Field(0.01, gt=0)
+    kind: SpaceKind = Field(
+        "neural", description="registered search space (neural, neural_raw, mixture or a plugin's)")
+    init: Literal["random", "zeros"] = Field(
+        "random", description="random: the space's seeded random init (the paper's U[0, init_scale) for "
+        "neural maps); zeros")
+    init_scale: float = Field(0.01, gt=0, description="scale of the random init")
 
 
 class StrategyConfig(Section):
     """A registered search strategy; `params` go to its constructor (e.g. sigma, lr, optimizer)."""
 
-    name: StrategyName = "openai_es"
-    population: int = Field(8, ge=1)
-    generations: int = Field(2, ge=1)
-    params: dict[str, Any] = Field(default_factory=dict)
+    name: StrategyName = Field(
+        "openai_es", description="registered strategy (openai_es, gbmpo_es, nevergrad, random or a "
+        "plugin's)")
+    population: int = Field(8, ge=1, description="candidates per generation")
+    generations: int = Field(2, ge=1, description="generations of the search")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of the strategy (e.g. sigma, lr; optimizer "
+        "for nevergrad); typos fail at load")
 
     @model_validator(mode="after")
     def _params_known(self) -> StrategyConfig:
@@ -272,44 +323,53 @@ class EvaluatorConfig(Section):
 class ExecutorConfig(Section):
     """Where candidates run: in process, one worker process per device, or Ray tasks."""
 
-    kind: ExecutorKind = "local"
-    workers: int = Field(1, ge=1)
-    ray_address: str | None = None
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0)
+    kind: ExecutorKind = Field(
+        "local", description="registered executor: local (in process), process (worker processes), ray "
+        "(Ray actors)")
+    workers: int = Field(1, ge=1, description="parallel workers (process, ray)")
+    ray_address: str | None = Field(None, description="join this Ray cluster (None: start a local instance)")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPU threads (process) or Ray CPUs per worker")
+    gpus_per_worker: float = Field(
+        0.0, ge=0, description="Ray GPUs per worker (process: one device each by index)")
 
 
 class SearchConfig(Section):
     """The outer loop (DESIGN section 5)."""
 
-    space: SpaceConfig = Field(default_factory=SpaceConfig)
-    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
-    evaluator: EvaluatorConfig = Field(default_factory=EvaluatorConfig)
-    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
-    checkpoint_dir: str | None = None
+    space: SpaceConfig = Field(default_factory=SpaceConfig, description="what the search optimises")
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig, description="how it proposes candidates")
+    evaluator: EvaluatorConfig = Field(
+        default_factory=EvaluatorConfig, description="how a candidate is scored")
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig, description="where candidates run")
+    checkpoint_dir: str | None = Field(
+        None, description="checkpoint and journals (default <output_dir>/<name>/search/checkpoint); search "
+        "--resume continues from it")
 
 
 # --------------------------------------------------------------------------- tracking
 class TrackingConfig(Section):
     """MLflow: default is an embedded sqlite store in the working directory."""
 
-    enabled: bool = True
-    tracking_uri: str | None = None
-    experiment: str | None = None
-    register_as: str | None = None
-    alias: str = "best"
-    plots: bool = True
-    # which child runs get a map plot (~0.4 s of search-process CPU each): every candidate, or
-    # only each generation's new incumbent (drawn in the background after the generation)
-    plot_scope: Literal["all", "incumbents"] = "incumbents"
+    enabled: bool = Field(True, description="log to MLflow")
+    tracking_uri: str | None = Field(
+        None, description="MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the "
+        "working directory)")
+    experiment: str | None = Field(None, description="MLflow experiment (default: the config's name)")
+    register_as: str | None = Field(
+        None, description="registered-model name of the best map (default <experiment>-map)")
+    alias: str = Field("best", description="alias of the registered best map (models:/NAME@ALIAS)")
+    plots: bool = Field(True, description="attach map plots to child runs")
+    plot_scope: Literal["all", "incumbents"] = Field(
+        "incumbents", description="which child runs get a map plot (~0.4 s of search-process CPU each): "
+        "all, or each generation's new incumbent")
 
 
 # --------------------------------------------------------------------------- compare
 class MethodConfig(Section):
     """One arm of a comparison: a label and the divergence it trains with."""
 
-    label: str
-    divergence: DivergenceConfig
+    label: str = Field(description="the row's name in tables and MLflow")
+    divergence: DivergenceConfig = Field(description="the regulariser this arm trains with")
 
 
 START_LABEL = "untrained start"
@@ -318,11 +378,16 @@ START_LABEL = "untrained start"
 class CompareConfig(Section):
     """Methods x seeds on the same settings; the first method (or `baseline`) is the baseline."""
 
-    methods: list[MethodConfig] = Field(default_factory=list)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
-    baseline: str | None = None
-    split: Literal["val", "test"] = "test"
-    eval_size: int | None = Field(None, ge=1)
+    methods: list[MethodConfig] = Field(
+        default_factory=list, description="the arms (empty: the single divergence section)")
+    seeds: list[int] = Field(
+        default_factory=lambda: [0, 1, 2], description="training seeds; every arm runs on each (paired by "
+        "seed)")
+    baseline: str | None = Field(
+        None, description="label of the baseline of the paired tests (default: the first row)")
+    split: Literal["val", "test"] = Field("test", description="split every run is evaluated on")
+    eval_size: int | None = Field(
+        None, ge=1, description="problems evaluated per run (None: the whole split)")
     include_start: bool = Field(
         False, description="add an 'untrained start' row: the starting model evaluated without training "
         "(the limit of an infinitely strong regulariser), on the same split and seeds")
@@ -345,16 +410,22 @@ class CompareConfig(Section):
 class Config(Section):
     """The root configuration shared by all commands; each command reads the sections it needs."""
 
-    name: str = "mirrorlab"
-    seed: int = 0
-    output_dir: str = "runs"
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    task: TaskConfig = Field(default_factory=TaskConfig)
-    divergence: DivergenceConfig = Field(default_factory=DivergenceConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    search: SearchConfig = Field(default_factory=SearchConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    compare: CompareConfig = Field(default_factory=CompareConfig)
+    name: str = Field(
+        "mirrorlab", description="run name: results go to <output_dir>/<name>/<command>/, and it names the "
+        "MLflow experiment")
+    seed: int = Field(
+        0, description="seed of the search (strategy, inner seeds) and of runs that do not set their own")
+    output_dir: str = Field("runs", description="root of all results")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the causal LM")
+    task: TaskConfig = Field(default_factory=TaskConfig, description="the task and its splits")
+    divergence: DivergenceConfig = Field(
+        default_factory=DivergenceConfig, description="the regulariser of train / eval, and the search's "
+        "base coefficient")
+    train: TrainConfig = Field(
+        default_factory=TrainConfig, description="one GBMPO run (the inner loop of a search)")
+    search: SearchConfig = Field(default_factory=SearchConfig, description="the outer loop")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow")
+    compare: CompareConfig = Field(default_factory=CompareConfig, description="methods x seeds comparisons")
 
     @model_validator(mode="after")
     def _tiny_format_matches_task(self) -> Config:
@@ -465,3 +536,46 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def dump_config(cfg: Config) -> str:
     """The config as YAML (what every run records)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- reference
+def _sections(model: type[BaseModel]) -> list[type[BaseModel]]:
+    """The section models a field's annotation holds (X, X | None, list[X])."""
+    ann = model
+    args = getattr(ann, "__args__", None) or (ann,)
+    return [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+
+
+def field_rows(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(path, type, default, description) of every field, depth first, as `docs/config.md` and
+    `mirrorlab fields` show them (one description per field, written at the field)."""
+    rows = []
+    for name, f in model.model_fields.items():
+        path = prefix + name
+        subs = [s for a in (getattr(f.annotation, "__args__", None) or (f.annotation,)) for s in _sections(a)]
+        if subs:
+            rows.append((path, subs[0].__name__, "", f.description or (subs[0].__doc__ or "").split("\n")[0]))
+            rows += field_rows(subs[0], path + ("[].") if "list" in str(f.annotation) else path + ".")
+            continue
+        typ = str(f.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+        if f.is_required():
+            default = "(required)"
+        elif f.default_factory is not None:
+            default = repr(f.default_factory())
+        else:
+            default = repr(f.default)
+        rows.append((path, typ, default, f.description or ""))
+    return rows
+
+
+def config_reference() -> str:
+    """The Markdown reference of every config field (regenerate docs/config.md with
+    `mirrorlab fields --markdown > docs/config.md`)."""
+    out = ["# Configuration reference", "",
+           "Every field of `mirrorlab.config.Config`, generated from the descriptions written at each field",
+           "(`mirrorlab fields --markdown`). Set any of them in YAML or with `--set path=value`.", "",
+           "| field | type | default | what it does |", "|---|---|---|---|"]
+    for path, typ, default, desc in field_rows():
+        cell = lambda s: s.replace("|", "\\|")  # noqa: E731
+        out.append(f"| `{path}` | {cell(typ)} | {cell(default)} | {cell(desc)} |")
+    return "\n".join(out) + "\n"

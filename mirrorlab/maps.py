@@ -46,13 +46,21 @@ def regulariser(div: Any, dcfg: DivergenceConfig, coef: float | None = None) -> 
     return Regulariser(div, float(dcfg.coef if coef is None else coef), dcfg.estimator, dcfg.chunk_size)
 
 
+def resolve(dcfg: DivergenceConfig, *, map_refs: dict[str, str] | None = None,
+            tracking_uri: str | None = None) -> tuple[divergences.Divergence, float | None]:
+    """The divergence a `DivergenceConfig` names and the coefficient a saved map carries (None:
+    use `dcfg.coef`), without applying `compile` (what preflight checks)."""
+    if dcfg.map is None:
+        return divergences.get(dcfg.name, **dcfg.params), None
+    saved = load_map((map_refs or {}).get(dcfg.map, dcfg.map), tracking_uri=tracking_uri)
+    return saved.divergence, saved.coef
+
+
 def build_divergence(dcfg: DivergenceConfig, *, map_refs: dict[str, str] | None = None,
                      tracking_uri: str | None = None) -> Regulariser:
     """The regulariser a `DivergenceConfig` describes (see the module docstring)."""
-    if dcfg.map is None:
-        return regulariser(divergences.get(dcfg.name, **dcfg.params), dcfg)
-    saved = load_map((map_refs or {}).get(dcfg.map, dcfg.map), tracking_uri=tracking_uri)
-    return regulariser(saved.divergence, dcfg, saved.coef)
+    div, coef = resolve(dcfg, map_refs=map_refs, tracking_uri=tracking_uri)
+    return regulariser(div, dcfg, coef)
 
 
 def resolve_map_ref(ref: str, tracking_uri: str | None = None) -> divergences.Divergence:

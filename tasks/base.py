@@ -141,9 +141,6 @@ class Task:
         """A gold completion for `example` (used for supervised warm-up and tests)."""
         raise NotImplementedError
 
-    def target(self, example: Example) -> str:
-        """Alias of `reference_completion`."""
-        return self.reference_completion(example)
 
     # ------------------------------------------------------------------ rewards
     def reward(self, completion: str, example: Example) -> float:

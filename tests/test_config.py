@@ -105,3 +105,17 @@ def test_renamed_field_is_accepted_with_a_deprecation_warning():
     assert any(issubclass(x.category, DeprecationWarning) and "reg_times_ratio" in str(x.message) for x in w)
     with pytest.raises(ConfigError, match="reg_is_weight is the deprecated name of reg_times_ratio"):
         config_from_dict({"train": {"reg_is_weight": True, "reg_times_ratio": False}})
+
+
+def test_every_field_is_documented_once_and_the_reference_is_current():
+    """Each config field carries its description at the field; docs/config.md is generated from
+    them (`mirrorlab fields --markdown > docs/config.md`) and must be regenerated after a change."""
+    from pathlib import Path
+
+    from mirrorlab.config import config_reference, field_rows
+
+    rows = field_rows()
+    assert len(rows) > 100
+    assert [r[0] for r in rows if not r[3].strip()] == []
+    doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert doc.read_text() == config_reference(), "regenerate: mirrorlab fields --markdown > docs/config.md"

@@ -100,7 +100,7 @@ PROBE = textwrap.dedent('''
         name = "compile_probe"
 
         def compile(self, **kw):
-            cmd = next((a for a in sys.argv[1:] if not a.startswith("-")), "?")
+            cmd = next((a for a in sys.argv[1:] if a in ("train", "eval", "compare", "search")), "?")
             with open(os.environ["PROBE_LOG"], "a") as f:
                 f.write(cmd + "\\n")
             return self

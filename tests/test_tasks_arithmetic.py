@@ -54,7 +54,7 @@ def test_prompt_and_reward(task: Arithmetic) -> None:
     e = task.test[0]
     assert task.prompt(e) == e.question
     gold = task.reference_completion(e)
-    assert gold == f"{e.answer}\n" and task.target(e) == gold
+    assert gold == f"{e.answer}\n" and task.reference_completion(e) == gold
     assert task.rewards([gold, f" {e.answer} \nrest", str(e.answer + 1), "", f"{e.answer}0"], [e] * 5) == [
         1.0, 1.0, 0.0, 0.0, 0.0
     ]
@@ -72,13 +72,14 @@ def test_scratchpad_format() -> None:
         assert t.reward(gold, e) == 1.0
         assert t.reward(f"{e.answer}\n", e) == 0.0  # no marker, no reward
         assert t.reward(gold.replace(f"ans {e.answer}", f"ans {e.answer + 1}"), e) == 0.0
-    assert set("".join(t.prompt(e) + t.target(e) for e in t.train)) <= set(t.charset)
-    lengths = {len(t.target(e)) for e in t.train}
+    assert set("".join(t.prompt(e) + t.reference_completion(e) for e in t.train)) <= set(t.charset)
+    lengths = {len(t.reference_completion(e)) for e in t.train}
     assert len(lengths) > 3  # completion length varies
 
 
 def test_charset_small(task: Arithmetic) -> None:
-    used = set("".join(task.prompt(e) + task.target(e) for e in task.train + task.val + task.test))
+    exs = task.train + task.val + task.test
+    used = set("".join(task.prompt(e) + task.reference_completion(e) for e in exs))
     assert used <= set(task.charset)
     assert len(task.charset) <= 24
 

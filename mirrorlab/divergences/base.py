@@ -120,10 +120,6 @@ class Divergence:
         """JSON-able parameters recorded with every run."""
         return {}
 
-    def describe(self) -> dict[str, Any]:
-        """Name plus params, as recorded in run metadata."""
-        return {"name": self.name, **self.params()}
-
     # ----------------------------------------------------------------- estimators
     def terms(self, logp: Tensor, ref_logp: Tensor) -> Tensor:
         """Per-token D in the compute dtype (subclasses implement); inputs already broadcastable."""

@@ -34,10 +34,12 @@ from torch import Tensor
 
 from mirrorlab import tasks
 from mirrorlab.config import Config, TrainConfig
+from mirrorlab.divergences import Divergence
 from mirrorlab.gbmpo.losses import BatchTotals, LossSpec, gbmpo_loss
 from mirrorlab.gbmpo.losses import advantages as compute_advantages
 from mirrorlab.models import load_model
 from mirrorlab.repro import seed_everything
+from mirrorlab.tasks import Task
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class Regulariser:
     and how D is estimated (`sampled` at the sampled tokens, or `full` over the vocabulary in
     chunks of `chunk_size`). Built from a config by `mirrorlab.maps.build_divergence`."""
 
-    divergence: Any
+    divergence: Divergence | None
     coef: float
     estimator: str = "sampled"
     chunk_size: int = 8192
@@ -133,8 +135,8 @@ class GBMPOTrainer:
         self,
         model: Any,
         tokenizer: Any,
-        task: Any,
-        divergence: Any = None,
+        task: Task,
+        divergence: Divergence | None = None,
         cfg: TrainConfig | None = None,
         coef: float = 0.0,
         estimator: str = "sampled",
@@ -174,13 +176,13 @@ class GBMPOTrainer:
             ids.append(eos)
         elif eos is not None:
             ids.extend(eos)
-        for s in getattr(self.task, "stop_strings", ()) or ():
+        for s in self.task.stop_strings:
             t = self.tokenizer(s, add_special_tokens=False)["input_ids"]
             if len(t) == 1:
                 ids.append(t[0])
         return sorted(set(ids))
 
-    def set_divergence(self, divergence: Any, coef: float | None = None) -> None:
+    def set_divergence(self, divergence: Divergence | None, coef: float | None = None) -> None:
         """Use another divergence (and optionally another lambda) from the next step on."""
         self.divergence = divergence
         if coef is not None:
@@ -541,7 +543,7 @@ class GBMPOTrainer:
     def evaluate(self, split: str = "val", n: int | None = None, indices: Sequence[int] | None = None,
                  batch_size: int = 256) -> EvalResult:
         """Greedy decoding on a split (the first `n` examples, or `indices`); the task's metric."""
-        data = self.task.split(split) if hasattr(self.task, "split") else getattr(self.task, split)
+        data = self.task.split(split)
         if indices is not None:
             exs = [data[i] for i in indices]
         else:
