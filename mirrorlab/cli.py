@@ -10,8 +10,12 @@ Results go to `<output_dir>/<name>/<command>/` and to MLflow.
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import math
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -21,15 +25,16 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.table import Table
 
 from mirrorlab import compare, divergences, maps, plots, tasks
 from mirrorlab.config import Config, ConfigError, config_reference, dump_config, field_rows, load_config
 from mirrorlab.gbmpo import build_trainer
 from mirrorlab.progress import SearchProgress, TrainProgress
-from mirrorlab.search import Search
+from mirrorlab.search import CheckpointError, Search
 from mirrorlab.spaces import NeuralSpace
-from mirrorlab.tracking import MLflowTracker
+from mirrorlab.tracking import MLflowTracker, resolve_tracking_uri
 from mirrorlab.values import fmt, jsonable
 
 EXIT_CONFIG = 2
@@ -48,12 +53,44 @@ def run_dir(cfg: Config, command: str) -> Path:
     return d
 
 
+MIN_FREE_MB = 50.0  # results, checkpoints and MLflow artifacts of a run stay well below this
+
+
+def check_writable(path: Path, field: str, min_free_mb: float = MIN_FREE_MB) -> None:
+    """Fail before any training if `path` (a directory, created if missing) cannot take a run's
+    outputs: not creatable, not writable (a read-only file system) or nearly full. The message
+    names the config field and the path."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".mirrorlab-write-probe-{os.getpid()}"
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{field}: cannot write to {path} ({e.strerror or e}); choose a writable "
+                          f"directory") from None
+    free_mb = shutil.disk_usage(path).free / 2**20
+    if free_mb < min_free_mb:
+        raise ConfigError(f"{field}: only {free_mb:.1f} MB free at {path} (a run needs at least "
+                          f"{min_free_mb:.0f} MB); free space or choose another directory")
+
+
 def preflight(cfg: Config, command: str, allow_refs: tuple[str, ...] = ()) -> None:
     """Check what can be checked without training; raise ConfigError naming the field.
 
-    Builds the task (which refuses overlapping splits) and every divergence the command will use
-    (unknown parameters, unreadable map files), and checks split names.
+    Checks that the output directory and the sqlite MLflow store can be written, builds the task
+    (which refuses overlapping splits) and every divergence the command will use (unknown
+    parameters, unreadable map files), and checks split names.
     """
+    check_writable(Path(cfg.output_dir).resolve(), "output_dir")
+    if command in ("search", "run") and cfg.search.checkpoint_dir is not None:
+        check_writable(Path(cfg.search.checkpoint_dir).resolve(), "search.checkpoint_dir")
+    if cfg.tracking.enabled:
+        uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+        if uri.startswith("sqlite:///"):
+            check_writable(Path(uri.removeprefix("sqlite:///")).parent, "tracking.tracking_uri")
     try:
         task = tasks.get(cfg.task.name, **cfg.task.params)
     except Exception as e:  # noqa: BLE001 - any construction failure is a config problem here
@@ -515,10 +552,6 @@ def build_parser() -> argparse.ArgumentParser:
 def load_plugins(specs: list[str]) -> list[str]:
     """Import plugin modules (dotted names or `.py` paths) so their divergences, tasks and
     strategies are registered before the config is validated. Also read `$MIRRORLAB_PLUGINS`."""
-    import importlib
-    import importlib.util
-    import os
-
     env = [p for p in os.environ.get("MIRRORLAB_PLUGINS", "").split(",") if p.strip()]
     loaded = []
     for spec in [*env, *specs]:
@@ -551,9 +584,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _load(args)
         return int(args.func(cfg, args) or 0)
     except ConfigError as e:
-        from rich.markup import escape
-
         err.print(f"[bold red]config error:[/] {escape(str(e))}", highlight=False)
+        return EXIT_CONFIG
+    except CheckpointError as e:
+        err.print(f"[bold red]cannot resume:[/] {escape(str(e))}", highlight=False)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         err.print("interrupted")

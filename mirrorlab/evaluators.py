@@ -18,7 +18,9 @@ above the config) and is registered here by its import path.
 from __future__ import annotations
 
 import math
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -98,15 +100,19 @@ class AnalyticEvaluator:
     (`rastrigin`), plus optional Gaussian noise (seeded by the job's seed and theta, so common
     random numbers hold; `stderr` = noise). A `baseline` job scores `baseline_theta` (default all
     zeros) under the same seed. `delay_s` sleeps per evaluation in small slices (checking the
-    deadline) to simulate inner-run cost; it counts as training time.
+    deadline) to simulate inner-run cost; it counts as training time. With `pid_dir`, each job
+    first writes the id of the process running it to `<pid_dir>/<generation>-<index>.pid`, so a
+    fault test can kill that worker from outside, as the OOM killer would.
     """
 
     def __init__(self, cfg: Any = None, function: str = "sphere", target: float = 1.0,
-                 noise: float = 0.0, delay_s: float = 0.0, baseline_theta: float = 0.0) -> None:
+                 noise: float = 0.0, delay_s: float = 0.0, baseline_theta: float = 0.0,
+                 pid_dir: str | None = None) -> None:
         if function not in ("sphere", "rastrigin"):
             raise ValueError(f"analytic function must be sphere or rastrigin, got {function!r}")
         self.function, self.target, self.noise, self.delay_s = function, float(target), float(noise), delay_s
         self.baseline_theta = float(baseline_theta)
+        self.pid_dir = pid_dir
 
     def setup(self) -> None:
         """Nothing to load."""
@@ -120,6 +126,10 @@ class AnalyticEvaluator:
 
     def evaluate(self, job: Job) -> dict[str, Any]:
         """Objective (+ seeded noise) after the simulated delay."""
+        if self.pid_dir is not None:
+            tmp = Path(self.pid_dir) / f".{job.generation}-{job.index}.pid.tmp"
+            tmp.write_text(str(os.getpid()))
+            tmp.replace(tmp.with_name(f"{job.generation}-{job.index}.pid"))
         t0 = time.monotonic()
         end = t0 + self.delay_s
         while time.monotonic() < end:

@@ -35,6 +35,7 @@ of the interrupted generation (they are logged only once a generation is complet
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -59,7 +60,7 @@ from mirrorlab.tracking import make_tracker
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.json"
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3  # 3: a sha256 of the content; journal lines carry their own
 
 
 # --------------------------------------------------------------------------- fitness (pure)
@@ -244,28 +245,81 @@ def atomic_write_json(path: Path, data: Any) -> None:
         pass
 
 
+class CheckpointError(ValueError):
+    """A checkpoint or journal that cannot be trusted (truncated, edited, another version); the
+    message names the file and what to do. Nothing of it is loaded."""
+
+
+def _digest(data: Any) -> str:
+    """sha256 of the canonical JSON of `data` (sorted keys): what the checkpoint and journal carry."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write a checkpoint atomically with the sha256 of its content (checked on load)."""
+    atomic_write_json(path, {**state, "sha256": _digest(state)})
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint written by `write_checkpoint`, or CheckpointError: not JSON (truncated), another
+    version, missing fields, or content that does not match its sha256 (edited)."""
+    try:
+        ck = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({e}); it may be truncated. Move it away "
+                              "to start the search anew") from None
+    if not isinstance(ck, dict) or ck.get("version") != CHECKPOINT_VERSION:
+        v = ck.get("version") if isinstance(ck, dict) else None
+        raise CheckpointError(f"{path}: checkpoint version {v} cannot be resumed by this mirrorlab (version "
+                              f"{CHECKPOINT_VERSION}); start anew")
+    want = ck.pop("sha256", None)
+    if want != _digest(ck):
+        raise CheckpointError(f"{path}: content does not match its sha256 (edited or corrupt); refusing to "
+                              "resume from it. Move it away to start anew")
+    missing = sorted(set(_CHECKPOINT_KEYS) - set(ck))
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {missing}; start anew")
+    return ck
+
+
+_CHECKPOINT_KEYS = ("version", "completed_generations", "strategy", "history", "incumbent", "pool",
+                    "baselines", "confirmation", "steps_spent", "parent_run_id", "config", "seed", "run_ids")
+
+
 def journal_path(ckpt_dir: Path, generation: int) -> Path:
     """The journal of finished jobs of `generation` (the confirmation stage uses generations)."""
     return ckpt_dir / f"generation_{generation:04d}.journal.jsonl"
 
 
 def read_journal(path: Path) -> dict[str, dict[str, Any]]:
-    """Entries of a generation journal by job key; a torn last line is ignored."""
+    """Entries of a generation journal by job key. A torn last line (a kill during the append:
+    no newline at the end of the file) is dropped; any other line that is not JSON or does not
+    match its sha256 raises CheckpointError (the journal was edited or corrupted)."""
     out: dict[str, dict[str, Any]] = {}
     if not path.is_file():
         return out
-    for line in path.read_text().splitlines():
+    text = path.read_text()
+    lines = text.split("\n")
+    torn = lines.pop()  # "" when the file ends with a newline
+    for i, line in enumerate(lines, 1):
         try:
             e = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+            want = e.pop("sha256")
+        except (json.JSONDecodeError, AttributeError, KeyError, TypeError):
+            raise CheckpointError(f"{path}, line {i}: not a journal entry; the journal is corrupt. Delete it "
+                                  "to re-run that generation's jobs") from None
+        if want != _digest(e):
+            raise CheckpointError(f"{path}, line {i}: entry does not match its sha256 (edited); delete the "
+                                  "journal to re-run that generation's jobs")
         out[str(e["key"])] = e
+    if torn:
+        log.warning("%s: dropped a torn last line (%d bytes) left by an interrupted write", path, len(torn))
     return out
 
 
 def _append_journal(path: Path, entry: dict[str, Any]) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(entry) + "\n")
+        f.write(json.dumps({**entry, "sha256": _digest(entry)}) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -341,7 +395,7 @@ class SearchRecorder:
             self.tracker.log_plot(self.run_ids.get(plot[0]), plot[1])
         self.timings["tracking_bg_s"] += time.monotonic() - t0
         t = time.monotonic()
-        atomic_write_json(self.dir / CHECKPOINT, {**checkpoint, "run_ids": dict(self.run_ids)})
+        write_checkpoint(self.dir / CHECKPOINT, {**checkpoint, "run_ids": dict(self.run_ids)})
         journal_path(self.dir, generation).unlink(missing_ok=True)
         self.timings["checkpoint_s"] += time.monotonic() - t
 
@@ -369,10 +423,11 @@ class Search:
         params = dict(sc.strategy.params)
         if "sampler" in (strategies.param_names(sc.strategy.name) or ()) and "sampler" not in params:
             params["sampler"] = self.space.initial  # `random`: draw from the space's own init
-        self.strategy = strategies.get(
+        self._new_strategy = lambda: strategies.get(
             sc.strategy.name, dim=self.space.dim, population=sc.strategy.population, seed=cfg.seed,
             x0=self.space.initial(cfg.seed), generations=sc.strategy.generations, **params,
         )
+        self.strategy = self._new_strategy()
         self.checkpoint_dir = Path(sc.checkpoint_dir or Path(cfg.output_dir) / cfg.name / "search")
         self.executor: Executor | None = None
         self.tracker: Any = None
@@ -421,25 +476,28 @@ class Search:
         }
 
     def _load_checkpoint(self) -> dict[str, Any] | None:
+        """Restore from the checkpoint, all or nothing: every part is parsed (and the strategy state
+        loaded into a fresh strategy) before any of this search's state changes."""
         if not self.checkpoint_path.is_file():
             return None
-        ck = json.loads(self.checkpoint_path.read_text())
-        if ck.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"{self.checkpoint_path}: checkpoint version {ck.get('version')} cannot be "
-                             f"resumed by this mirrorlab (version {CHECKPOINT_VERSION}); start anew")
-        if ck.get("config") != dump_config(self.cfg):
+        ck = read_checkpoint(self.checkpoint_path)
+        if ck["config"] != dump_config(self.cfg):
             log.warning("resuming %s with a config differing from the checkpointed one", self.checkpoint_path)
-        self.strategy.load_state_dict(ck["strategy"])
-        self.history = [GenerationRecord.from_dict(g) for g in ck["history"]]
 
         def with_theta(d: dict[str, Any] | None) -> dict[str, Any] | None:
             return None if d is None else {**d, "theta": np.asarray(d["theta"], dtype=np.float64)}
 
-        self.incumbent = with_theta(ck["incumbent"])
-        self.pool = [with_theta(p) for p in ck["pool"]]
-        self.baselines = dict(ck["baselines"])
-        self.confirmation = ck["confirmation"]
-        self.steps_spent = int(ck["steps_spent"])
+        try:
+            strategy = self._new_strategy()
+            strategy.load_state_dict(ck["strategy"])
+            history = [GenerationRecord.from_dict(g) for g in ck["history"]]
+            incumbent, pool = with_theta(ck["incumbent"]), [with_theta(p) for p in ck["pool"]]
+            baselines, steps = dict(ck["baselines"]), int(ck["steps_spent"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(
+                f"{self.checkpoint_path}: cannot restore the search from it ({e}); start anew") from None
+        self.strategy, self.history, self.incumbent, self.pool = strategy, history, incumbent, pool
+        self.baselines, self.confirmation, self.steps_spent = baselines, ck["confirmation"], steps
         return ck
 
     # ------------------------------------------------------------------ main loop
@@ -476,7 +534,7 @@ class Search:
         self.recorder.run_ids.update(run_ids)
         self.timings["tracking_s"] += time.monotonic() - t
         if start_gen == 0 and not self.history:
-            atomic_write_json(self.checkpoint_path, {**self._checkpoint(0), "run_ids": {}})  # the parent run
+            write_checkpoint(self.checkpoint_path, {**self._checkpoint(0), "run_ids": {}})  # the parent run
         self._hook("on_search_start", sc.strategy.generations, sc.strategy.population,
                    start_generation=start_gen)
         status, result = "FAILED", None

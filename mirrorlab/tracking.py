@@ -10,13 +10,15 @@ divergence back anywhere. Everything is logged from the search process; workers 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
 import re
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,22 @@ def mlflow_metric(key: str, value: float, timestamp: int, step: int) -> Any:
     return Metric(metric_key(key), float(value), timestamp, step)
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """An exclusive cross-process lock for a sqlite store (`<db>.lock`); a no-op for servers."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 class MlflowSession:
     """One MLflow store and experiment, through an explicit client (no global MLflow state), with
     the logging every run kind shares: searches, their candidates, comparisons, train and eval.
@@ -85,15 +103,19 @@ class MlflowSession:
 
         self.uri = resolve_tracking_uri(tracking.tracking_uri)
         self.experiment_name = tracking.experiment or default_experiment
-        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-        exp = self.client.get_experiment_by_name(self.experiment_name)
-        if exp is None:
-            self.experiment_id = self.client.create_experiment(
-                self.experiment_name, artifact_location=default_artifact_location(self.uri))
-        else:
-            if exp.lifecycle_stage == "deleted":
-                self.client.restore_experiment(exp.experiment_id)
-            self.experiment_id = exp.experiment_id
+        # Processes that open a new sqlite store at once race on its schema migration (MLflow
+        # fails with "duplicate column" / alembic errors): creating the store and the experiment
+        # happens under an exclusive lock on a file beside the database.
+        with _store_lock(self.uri):
+            self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+            exp = self.client.get_experiment_by_name(self.experiment_name)
+            if exp is None:
+                self.experiment_id = self.client.create_experiment(
+                    self.experiment_name, artifact_location=default_artifact_location(self.uri))
+            else:
+                if exp.lifecycle_stage == "deleted":
+                    self.client.restore_experiment(exp.experiment_id)
+                self.experiment_id = exp.experiment_id
 
     def create_run(self, run_name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
         """A new RUNNING run (a child of `parent_run_id` when given); returns its id."""
