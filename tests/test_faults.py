@@ -166,8 +166,8 @@ def _corruptions(raw: str) -> dict[str, str]:
     ck = json.loads(raw)
     edited = dict(ck, steps_spent=ck["steps_spent"] + 1)  # a plausible edit, with the old sha256
     other = dict(ck, version=2)
-    return {"truncated": raw[: len(raw) // 2], "edited": json.dumps(edited), "other version": json.dumps(other),
-            "not json": "\x00\x01garbage", "empty": ""}
+    return {"truncated": raw[: len(raw) // 2], "edited": json.dumps(edited),
+            "other version": json.dumps(other), "not json": "\x00\x01garbage", "empty": ""}
 
 
 @pytest.mark.parametrize("kind", list(_corruptions('{"steps_spent": 0}')))
