@@ -57,21 +57,26 @@ MIN_FREE_MB = 50.0  # results, checkpoints and MLflow artifacts of a run stay we
 
 
 def check_writable(path: Path, field: str, min_free_mb: float = MIN_FREE_MB) -> None:
-    """Fail before any training if `path` (a directory, created if missing) cannot take a run's
-    outputs: not creatable, not writable (a read-only file system) or nearly full. The message
-    names the config field and the path."""
+    """Fail before any training if directory `path` cannot take a run's outputs: not writable (a
+    read-only file system, no permission) or nearly full. Probes the nearest existing directory
+    on the way to `path` with a small file it removes again, so a refused run leaves nothing
+    behind. The message names the config field and the path."""
+    base = path
+    while not base.exists() and base != base.parent:
+        base = base.parent
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".mirrorlab-write-probe-{os.getpid()}"
+        if not base.is_dir():
+            raise NotADirectoryError(20, "not a directory")
+        probe = base / f".mirrorlab-write-probe-{os.getpid()}"
         with open(probe, "wb") as f:
             f.write(b"\0" * 4096)
             f.flush()
             os.fsync(f.fileno())
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"{field}: cannot write to {path} ({e.strerror or e}); choose a writable "
-                          f"directory") from None
-    free_mb = shutil.disk_usage(path).free / 2**20
+        raise ConfigError(f"{field}: cannot write to {path} ({e.strerror or e} at {base}); choose a "
+                          f"writable directory") from None
+    free_mb = shutil.disk_usage(base).free / 2**20
     if free_mb < min_free_mb:
         raise ConfigError(f"{field}: only {free_mb:.1f} MB free at {path} (a run needs at least "
                           f"{min_free_mb:.0f} MB); free space or choose another directory")
@@ -84,13 +89,6 @@ def preflight(cfg: Config, command: str, allow_refs: tuple[str, ...] = ()) -> No
     (which refuses overlapping splits) and every divergence the command will use (unknown
     parameters, unreadable map files), and checks split names.
     """
-    check_writable(Path(cfg.output_dir).resolve(), "output_dir")
-    if command in ("search", "run") and cfg.search.checkpoint_dir is not None:
-        check_writable(Path(cfg.search.checkpoint_dir).resolve(), "search.checkpoint_dir")
-    if cfg.tracking.enabled:
-        uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
-        if uri.startswith("sqlite:///"):
-            check_writable(Path(uri.removeprefix("sqlite:///")).parent, "tracking.tracking_uri")
     try:
         task = tasks.get(cfg.task.name, **cfg.task.params)
     except Exception as e:  # noqa: BLE001 - any construction failure is a config problem here
@@ -117,6 +115,13 @@ def preflight(cfg: Config, command: str, allow_refs: tuple[str, ...] = ()) -> No
         except Exception as e:  # noqa: BLE001
             extra = f" ({where}.params = {d.params})" if d.params and d.map is None else ""
             raise ConfigError(f"{where}: {e}{extra}") from None
+    check_writable(Path(cfg.output_dir).resolve(), "output_dir")
+    if command in ("search", "run") and cfg.search.checkpoint_dir is not None:
+        check_writable(Path(cfg.search.checkpoint_dir).resolve(), "search.checkpoint_dir")
+    if cfg.tracking.enabled:
+        uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+        if uri.startswith("sqlite:///"):
+            check_writable(Path(uri.removeprefix("sqlite:///")).parent, "tracking.tracking_uri")
 
 
 def _load(args: argparse.Namespace) -> Config:

@@ -52,7 +52,7 @@ from mirrorlab import divergences, plots, strategies
 from mirrorlab.config import Config, dump_config
 from mirrorlab.evaluators import build_evaluator, confirmation_seeds, generation_seeds
 from mirrorlab.executors import Executor, make_executor
-from mirrorlab.records import FAILED, FINISHED, Job, Outcome
+from mirrorlab.records import FAILED, FINISHED, Job, Outcome, merge_samples
 from mirrorlab.spaces import NeuralSpace, SearchSpace, make_space
 from mirrorlab.strategies import Candidate
 from mirrorlab.tracking import make_tracker
@@ -79,6 +79,7 @@ class Score:
     rung: int = 0
     workers: tuple[str, ...] = ()
     curves: tuple[dict[str, float], ...] = ()  # inner training curves, mean over seeds per step
+    samples: dict[str, list[dict[str, Any]]] | None = None  # completion tables, rows of every seed
     timings: tuple[tuple[str, float], ...] = ()  # summed over seeds
 
     @property
@@ -123,7 +124,8 @@ def aggregate(outs: list[Outcome], seeds: list[int], baselines: list[Outcome] | 
     return Score(FINISHED, float(np.mean(values)), se, tuple(values), tuple(seeds),
                  metric=float(np.mean([o.metric if o.metric is not None else o.fitness for o in outs])),
                  mean_length=float(np.mean(lengths)) if lengths else None,
-                 curves=mean_curves([o.curves for o in outs]), **common)
+                 curves=mean_curves([o.curves for o in outs]), samples=merge_samples(outs, seeds),
+                 **common)
 
 
 def mean_curves(curves: list[list[dict[str, float]]]) -> tuple[dict[str, float], ...]:
@@ -540,7 +542,7 @@ class Search:
         status, result = "FAILED", None
         try:
             for gen in range(start_gen, sc.strategy.generations):
-                self._generation(gen)
+                self._run_generation(gen)
             if sc.evaluator.confirm.top_k > 0 and self.confirmation is None and self.pool:
                 self._confirm(sc.strategy.generations)
             self.executor.request_stop()  # workers tear down while the last logs and registry run
@@ -579,7 +581,7 @@ class Search:
                 summary = {k: v for k, v in result.to_dict().items() if k != "history"}
             self.tracker.finish(status, summary)
 
-    def _generation(self, gen: int) -> None:
+    def _run_generation(self, gen: int) -> None:
         """ask -> score (seeds, pairing, racing) -> tell -> incumbent -> one immutable record."""
         t_gen = time.monotonic()
         ec = self.cfg.search.evaluator
@@ -784,7 +786,8 @@ class Search:
         seeds = list(s.seeds)
         out = Outcome(gen, slot, s.status, fitness=s.fitness, stderr=s.stderr, metric=s.metric,
                       mean_length=s.mean_length, error=s.error, label=role, curves=list(s.curves),
-                      timings=dict(s.timings), worker=",".join(s.workers))
+                      timings=dict(s.timings), worker=",".join(s.workers),
+                      samples=dict(s.samples or {}))
         extra = {"n_seeds": float(len(seeds)), "budget_inner_steps": float(len(seeds) * ec.inner_steps),
                  "rung": float(s.rung), "paired": float(ec.baseline is not None)}
         extra.update({f"fitness_seed_{j}": v for j, v in enumerate(s.values)})

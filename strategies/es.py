@@ -178,7 +178,7 @@ class GBMPOES(_GaussianES):
     Scale caveat: the paper perturbs its non-negative raw map parameters (init U[0, 0.01)), where
     sigma 0.01 is ~2x a typical raw value. On mirrorlab's default space theta = softplus^-1(raw)
     (theta ~ -5.3 at raw 0.005; d raw / d theta = sigmoid(theta) ~ raw) the same sigma moves raw by
-    ~1% only. For a faithful reproduction use the `neural_raw` search space (theta = raw, map =
+    about 1% of its value. For a faithful reproduction use the `neural_raw` search space (theta = raw, map =
     |theta|; see mirrorlab.spaces), as experiments/paper/mbpp_search_es.yaml does.
     """
 

@@ -106,6 +106,17 @@ class Divergence:
     y0 = e^ref_logp (the paper's estimator). `full(logits, ref_logits)` is exact over the
     vocabulary: for a Bregman divergence sum_a D(pi(a), pi_ref(a)); for the KL estimators the
     expectation under pi of the sampled estimator (see each class).
+
+    What the Bregman family's sampled estimator `terms(logp, ref_logp)` = D_h(y, y0) = h(y) - h(y0)
+    - h'(y0)(y - y0) is worth on-policy (a ~ pi, the sample fixed, s = grad log pi(a); derivations
+    in docs/estimators.md, checked in tests/test_baselines.py):
+    - value: E_pi[D_h] = sum_a pi(a) D_h(pi(a), ref(a)), a pi-weighted version of `full`
+      (sum_a D_h(pi(a), ref(a))), not `full` itself;
+    - in the loss: grad D_h(y, y0) = (h'(y) - h'(y0)) grad y, so E_pi[grad] = sum_a pi(a) (h'(pi(a))
+      - h'(ref(a))) grad pi(a), the gradient of `full` with each vocabulary entry weighted by pi(a)
+      (held fixed); pulled toward the reference, but not the gradient of any one divergence;
+    - times the ratio rho (`train.reg_times_ratio`): grad of E_pi[D_h] (the value above);
+    - in the reward (detached, times the score): sum_a D_h(pi(a), ref(a)) grad pi(a).
     """
 
     name: str = "divergence"
@@ -186,9 +197,8 @@ class Divergence:
 
         Works in vocabulary chunks of `chunk_size` entries (`neural`: chunk_size // 32, as each
         entry fans out to 126 units). Peak extra memory per token in the forward pass is
-        independent of the vocabulary size; measured on an H100 (bf16 logits, chunk_size=8192):
-        0.23 MiB (kl_k1, kl_k2), 0.28 MiB (prob_l2), 0.35-0.38 MiB (kl_k3, neg_entropy),
-        0.59 MiB (neural), 0.69 MiB (custom, float64 inside); it scales linearly with chunk_size.
+        independent of the vocabulary size and linear in chunk_size (measured per divergence in
+        benchmarks/divergence_overhead.py; figures in benchmarks/README.md).
         With gradients, each chunk is checkpointed (recomputed in backward), so autograd keeps
         only views of the logits plus the log-normalisers, not the chunk's intermediates.
         """

@@ -5,7 +5,7 @@ built for reuse: `reset()` restores the starting weights from memory (or re-init
 LoRA adapter) and `set_divergence()` swaps the regulariser, so a search scores many mirror
 maps without reloading the model.
 
-Where the time goes and what is avoided (compared with TRL's GRPOTrainer): prompts are
+What the step avoids, by design (timed against TRL in benchmarks/inner_step.py): prompts are
 tokenised once per example; log-probs are computed only at completion positions
 (`logits_to_keep`, so the LM head never runs on prompt tokens); reference log-probs come from
 one no-grad forward per generated batch (LoRA: the same module with the adapter disabled); there
@@ -35,7 +35,7 @@ from torch import Tensor
 from mirrorlab import tasks
 from mirrorlab.config import Config, TrainConfig
 from mirrorlab.divergences import Divergence
-from mirrorlab.gbmpo.losses import BatchTotals, LossSpec, gbmpo_loss
+from mirrorlab.gbmpo.losses import BatchTotals, LossSpec, gbmpo_loss, penalised_rewards
 from mirrorlab.gbmpo.losses import advantages as compute_advantages
 from mirrorlab.models import load_model
 from mirrorlab.repro import seed_everything
@@ -44,14 +44,17 @@ from mirrorlab.tasks import Task
 
 @dataclass(frozen=True)
 class Regulariser:
-    """What the loss regularises with: a divergence (None: no regulariser), its coefficient lambda,
-    and how D is estimated (`sampled` at the sampled tokens, or `full` over the vocabulary in
-    chunks of `chunk_size`). Built from a config by `mirrorlab.maps.build_divergence`."""
+    """What the run regularises with: a divergence (None: no regulariser), its coefficient lambda,
+    how D is estimated (`sampled` at the sampled tokens, or `full` over the vocabulary in chunks
+    of `chunk_size`) and where it acts (`placement`: `loss`, lambda * D in the per-token loss, or
+    `reward`, lambda * sum_t D of the sampled tokens subtracted from each sequence's reward before
+    the advantage). Built from a config by `mirrorlab.maps.build_divergence`."""
 
     divergence: Divergence | None
     coef: float
     estimator: str = "sampled"
     chunk_size: int = 8192
+    placement: str = "loss"
 
 
 @dataclass
@@ -63,6 +66,7 @@ class EvalResult:
     mean_length: float
     scores: list[float] = field(default_factory=list)
     n: int = 0
+    samples: list[dict[str, Any]] = field(default_factory=list)  # train.log_completions rows
 
 
 @dataclass
@@ -142,6 +146,7 @@ class GBMPOTrainer:
         estimator: str = "sampled",
         chunk_size: int = 8192,
         ref_model: Any = None,
+        placement: str = "loss",
     ) -> None:
         self.cfg = cfg or TrainConfig()
         self.model = model
@@ -149,6 +154,7 @@ class GBMPOTrainer:
         self.task = task
         self.estimator = estimator
         self.chunk_size = chunk_size
+        self.placement = _check_placement(placement, estimator)
         self.device = next(model.parameters()).device
         self.is_peft = _is_peft(model)
         if self.is_peft:
@@ -189,7 +195,9 @@ class GBMPOTrainer:
             self.coef = float(coef)
 
     def set_regulariser(self, reg: Regulariser) -> None:
-        """Use another regulariser (divergence, lambda, estimator, chunk size) from the next step on."""
+        """Use another regulariser (divergence, lambda, estimator, chunk size, placement) from the
+        next step on."""
+        self.placement = _check_placement(reg.placement, reg.estimator)
         self.set_divergence(reg.divergence, reg.coef)
         self.estimator = reg.estimator
         self.chunk_size = reg.chunk_size
@@ -356,10 +364,12 @@ class GBMPOTrainer:
         ids = comp.masked_fill(cmask == 0, self.pad_id).tolist()
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
-    def rollout(self, examples: Sequence[Any]) -> Rollout:
-        """Sample G completions per example and score them with the task."""
+    def rollout(self, examples: Sequence[Any], with_logps: bool | None = None) -> Rollout:
+        """Sample G completions per example and score them with the task; `with_logps` (default:
+        mu > 1) keeps the sampling policy's log-probs of the drawn tokens as `old_logps`."""
         G = self.cfg.generation.num_generations
-        p_ids, p_att, comp, cmask, old = self._generate(examples, repeats=G, with_logps=self.cfg.mu > 1)
+        want = self.cfg.mu > 1 if with_logps is None else with_logps
+        p_ids, p_att, comp, cmask, old = self._generate(examples, repeats=G, with_logps=want)
         stop = torch.tensor(self.stop_ids, device=self.device)
         _, truncated = completion_mask_from(comp, stop)
         texts = self._decode(comp, cmask)
@@ -398,6 +408,14 @@ class GBMPOTrainer:
     def _needs_ref(self) -> bool:
         return self.divergence is not None and self.coef != 0.0
 
+    @torch.no_grad()
+    def _policy_logps(self, ro: Rollout) -> Tensor:
+        """The current policy's log-probs of the sampled tokens (reward placement, when the sampler
+        kept none)."""
+        T = ro.completion_ids.shape[1]
+        logits = self._logits(self.model, ro.input_ids, ro.attention_mask, ro.position_ids, T)
+        return token_logps(logits, ro.completion_ids)
+
     # ------------------------------------------------------------------ training
     def _micro_slices(self, B: int) -> list[slice]:
         m = self.cfg.micro_batch_size or B
@@ -410,14 +428,18 @@ class GBMPOTrainer:
                         estimator=self.estimator, chunk_size=self.chunk_size,
                         max_len=cfg.generation.max_new_tokens, reg_times_ratio=cfg.reg_times_ratio)
 
-    def train_step(self) -> dict[str, float]:
-        """One generated batch and mu optimisation passes over it; returns the step metrics."""
+    def train_step(self, collect_samples: bool = False) -> dict[str, Any]:
+        """One generated batch and mu optimisation passes over it; returns the step metrics (plus
+        `samples`, a few of the batch's completions per `train.log_completions`, when asked)."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        # --- rollout: G completions per prompt, rewards, group advantages
-        ro = self.rollout(self._next_prompts(cfg.prompts_per_step))
+        need_ref = self._needs_ref()
+        in_reward = need_ref and self.placement == "reward"
+        # --- rollout: G completions per prompt, scored by the task (reward placement keeps the
+        # sampling log-probs: the penalty's policy side, with no extra forward)
+        examples = self._next_prompts(cfg.prompts_per_step)
+        ro = self.rollout(examples, with_logps=cfg.mu > 1 or in_reward)
         t_gen = time.perf_counter() - t0
-        adv = compute_advantages(ro.rewards, cfg.generation.num_generations, cfg.advantage)
         mask = ro.completion_mask.float()
         if cfg.mask_truncated:
             mask = mask * (~ro.truncated).float().unsqueeze(1)
@@ -425,28 +447,41 @@ class GBMPOTrainer:
         slices = self._micro_slices(B)
         totals = BatchTotals(num_seqs=B, num_tokens=mask.sum(), num_micro=len(slices))
         # --- reference pass (no grad) and the old policy (mu > 1: the sampling log-probs)
-        need_ref = self._needs_ref()
         refs = [self._reference(ro, s) if need_ref else (None, None) for s in slices]
         olds = [ro.old_logps[s] for s in slices] if cfg.mu > 1 else [None] * len(slices)
-        want_ratio = need_ref and cfg.grad_ratio_every > 0 and self.step % cfg.grad_ratio_every == 0
+        # --- the regulariser in the reward (before the group advantage) or in the loss
+        rewards, penalty, div_mean = ro.rewards, None, None
+        if in_reward:
+            ref_lp = torch.cat([r[0] for r in refs]) if len(refs) > 1 else refs[0][0]
+            lp = ro.old_logps if ro.old_logps is not None else self._policy_logps(ro)
+            d_tok = self.divergence.sampled(lp.float(), ref_lp.float(), ro.completion_mask).detach()
+            rewards, penalty = penalised_rewards(ro.rewards, d_tok, ro.completion_mask, self.coef)
+            div_mean = (d_tok.float() * mask).sum() / totals.num_tokens.clamp(min=1.0)
+        adv = compute_advantages(rewards, cfg.generation.num_generations, cfg.advantage)
+        in_loss = need_ref and not in_reward
+        want_ratio = in_loss and cfg.grad_ratio_every > 0 and self.step % cfg.grad_ratio_every == 0
         # --- mu clipped passes over the batch, one optimiser step each
         self.model.train()
-        acc, grad_norm, ratio = self._optimise(ro, adv, mask, slices, totals, refs, olds, need_ref,
+        acc, grad_norm, ratio = self._optimise(ro, adv, mask, slices, totals, refs, olds, in_loss,
                                                want_ratio)
+        if div_mean is not None:
+            acc["div_mean"] = div_mean
         self.step += 1
         return self._step_metrics(ro, adv, mask, totals, acc, grad_norm, ratio, want_ratio,
-                                  time.perf_counter() - t0, t_gen)
+                                  time.perf_counter() - t0, t_gen, penalty=penalty,
+                                  examples=examples if collect_samples else None)
 
     def _optimise(self, ro: Rollout, adv: Tensor, mask: Tensor, slices: list[slice], totals: BatchTotals,
-                  refs: list[tuple[Tensor | None, Tensor | None]], olds: list[Tensor | None], need_ref: bool,
+                  refs: list[tuple[Tensor | None, Tensor | None]], olds: list[Tensor | None], in_loss: bool,
                   want_ratio: bool) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         """The mu passes: per micro-batch forward, loss, backward (plus, on grad-ratio steps, the
-        regulariser's own gradient); clip and step after each pass. Returns the first pass's
-        token-weighted loss parts, the last gradient norm and the regulariser-to-PG ratio."""
+        regulariser's own gradient); clip and step after each pass. `in_loss`: lambda * D is part of
+        the loss (placement loss, lambda != 0). Returns the first pass's token-weighted loss parts,
+        the last gradient norm and the regulariser-to-PG ratio."""
         cfg, spec = self.cfg, self.loss_spec()
         T = ro.completion_ids.shape[1]
         params = self._trainable()
-        div = self.divergence if need_ref else None
+        div = self.divergence if in_loss else None
         ntok = totals.num_tokens.clamp(min=1.0)
         acc: dict[str, Tensor] = {}
         grad_norm = ratio = torch.zeros((), device=self.device)
@@ -488,25 +523,45 @@ class GBMPOTrainer:
 
     def _step_metrics(self, ro: Rollout, adv: Tensor, mask: Tensor, totals: BatchTotals,
                       acc: dict[str, Tensor], grad_norm: Tensor, ratio: Tensor, want_ratio: bool,
-                      dt: float, t_gen: float) -> dict[str, float]:
-        """All step metrics from one device-to-host transfer."""
+                      dt: float, t_gen: float, penalty: Tensor | None = None,
+                      examples: Sequence[Any] | None = None) -> dict[str, Any]:
+        """All step metrics from one device-to-host transfer (which also carries the rewards,
+        scores and lengths of the sampled completions when `examples` asks for samples)."""
         cfg = self.cfg
         B = totals.num_seqs
         zero = torch.zeros((), device=self.device)
         abs_adv = (adv.abs().unsqueeze(1) * mask).sum() / totals.num_tokens.clamp(min=1.0)
+        lengths = ro.completion_mask.float().sum(1)
         keys = ["loss", "pg_loss", "reg_loss", "div_mean", "clip_frac", "entropy"]
+        names = keys + ["reward_mean", "reward_std", "accuracy", "completion_length", "truncated_frac",
+                        "gen_tokens", "abs_adv", "grad_norm", "grad_ratio", "clip_frac_last",
+                        "reward_penalty"]
         vec = torch.stack([
             torch.as_tensor(acc[k], device=self.device, dtype=torch.float32) for k in keys
         ] + [
             ro.rewards.mean(), ro.rewards.std() if B > 1 else zero,
-            ro.scores.mean(), ro.completion_mask.float().sum(1).mean(), ro.truncated.float().mean(),
+            ro.scores.mean(), lengths.mean(), ro.truncated.float().mean(),
             ro.completion_mask.sum().float(), abs_adv, grad_norm.float(), ratio.float(),
             torch.as_tensor(acc.get("clip_frac_last", acc["clip_frac"]), device=self.device,
                             dtype=torch.float32),
-        ]).tolist()
-        m = dict(zip(keys + ["reward_mean", "reward_std", "accuracy", "completion_length", "truncated_frac",
-                             "gen_tokens", "abs_adv", "grad_norm", "grad_ratio", "clip_frac_last"], vec,
-                     strict=True))
+            penalty.mean() if penalty is not None else zero,
+        ])
+        rows = self._sample_rows(B) if examples is not None else []
+        if rows:
+            idx = torch.as_tensor(rows, device=self.device)
+            pen = penalty if penalty is not None else torch.zeros_like(ro.rewards)
+            vec = torch.cat([vec, ro.rewards[idx].float(), ro.scores[idx].float(), lengths[idx],
+                             pen[idx].float()])
+        vals = vec.tolist()
+        m: dict[str, Any] = dict(zip(names, vals[:len(names)], strict=True))
+        if rows:
+            n = len(rows)
+            extra = vals[len(names):]
+            G = cfg.generation.num_generations
+            m["samples"] = [
+                self._sample_row(self.step, "train", examples[i // G], ro.texts[i], extra[j],
+                                 extra[n + j], extra[2 * n + j], penalty=extra[3 * n + j])
+                for j, i in enumerate(rows)]
         m["reg_over_pg"] = self.coef * m["div_mean"] / max(m["abs_adv"], 1e-12)
         if not want_ratio:
             m["grad_ratio"] = float("nan")
@@ -518,14 +573,20 @@ class GBMPOTrainer:
             raise FloatingPointError(f"non-finite loss at step {self.step}: {m['loss']}")
         return m
 
-    def train(self, steps: int | None = None, callbacks: Iterable[Any] = ()) -> list[dict[str, float]]:
-        """Run `steps` more steps (default: up to `cfg.steps` in total); returns per-step metrics."""
+    def train(self, steps: int | None = None, callbacks: Iterable[Any] = ()) -> list[dict[str, Any]]:
+        """Run `steps` more steps (default: up to `cfg.steps` in total); returns per-step metrics.
+
+        Rows of the first step, the last step of this call and every `log_completions.every`-th
+        step also hold `samples` (a few completions; `sample_tables` collects them)."""
         cfg = self.cfg
         n = max(0, cfg.steps - self.step) if steps is None else steps
         callbacks = list(callbacks)
         history = []
-        for _ in range(n):
-            m = self.train_step()
+        lc = cfg.log_completions
+        for i in range(n):
+            s = self.step + 1
+            want = lc.n > 0 and (s == 1 or i == n - 1 or (lc.every > 0 and s % lc.every == 0))
+            m = self.train_step(collect_samples=want)
             history.append(m)
             for cb in callbacks:
                 if hasattr(cb, "on_step"):
@@ -553,15 +614,38 @@ class GBMPOTrainer:
         max_new = self.cfg.eval_max_new_tokens or self.cfg.generation.max_new_tokens
         scores: list[float] = []
         lengths: list[float] = []
+        samples: list[dict[str, Any]] = []
+        n_samples = self.cfg.log_completions.n
         for i in range(0, len(exs), batch_size):
             chunk = exs[i:i + batch_size]
             _, _, comp, cmask = self.generate(chunk, repeats=1, greedy=True, max_new_tokens=max_new)
             texts = self._decode(comp, cmask)
-            scores += [float(x) for x in self.task.scores(texts, chunk)]
-            lengths += cmask.sum(1).float().tolist()
+            sc = [float(x) for x in self.task.scores(texts, chunk)]
+            ln = cmask.sum(1).float().tolist()
+            for j in range(min(len(chunk), n_samples - len(samples))):  # the first n problems
+                samples.append(self._sample_row(self.step, split, chunk[j], texts[j], None, sc[j], ln[j]))
+            scores += sc
+            lengths += ln
         arr = np.asarray(scores, dtype=np.float64)
         se = float(arr.std() / math.sqrt(len(arr))) if len(arr) > 1 else float("nan")
-        return EvalResult(float(arr.mean()), se, float(np.mean(lengths)), scores, len(scores))
+        return EvalResult(float(arr.mean()), se, float(np.mean(lengths)), scores, len(scores), samples)
+
+    # ------------------------------------------------------------------ completion samples
+    def _sample_rows(self, B: int) -> list[int]:
+        """Rows of a batch of B whose completions are logged: `log_completions.n`, evenly spaced."""
+        n = min(self.cfg.log_completions.n, B)
+        return [i * B // n for i in range(n)] if n > 0 else []
+
+    def _sample_row(self, step: int, split: str, ex: Any, text: str, reward: float | None, score: float,
+                    length: float, penalty: float | None = None) -> dict[str, Any]:
+        """One logged completion: texts cut to `log_completions.max_chars`."""
+        cap = self.cfg.log_completions.max_chars
+        row = {"step": int(step), "split": split, "example_id": str(ex.id),
+               "prompt": _clip(str(ex.question), cap), "completion": _clip(text, cap),
+               "reward": reward, "score": score, "length": int(length)}
+        if penalty is not None:
+            row["penalty"] = penalty
+        return row
 
     # ------------------------------------------------------------------ checkpoints
     def _weights(self) -> dict[str, Tensor]:
@@ -622,6 +706,32 @@ class GBMPOTrainer:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
 
 
+def _clip(text: str, cap: int) -> str:
+    return text if len(text) <= cap else text[: cap - 3] + "..."
+
+
+def _check_placement(placement: str, estimator: str) -> str:
+    if placement not in ("loss", "reward"):
+        raise ValueError(f"unknown placement {placement!r}; allowed: loss, reward")
+    if placement == "reward" and estimator != "sampled":
+        raise ValueError("placement reward penalises the sampled tokens' D: use estimator sampled")
+    return placement
+
+
+def sample_tables(history: Iterable[dict[str, Any]], eval_result: EvalResult | None = None,
+                  split: str | None = None) -> dict[str, list[dict[str, Any]]]:
+    """The completion samples of a run as MLflow tables: `step_XXXX` (from the history rows that
+    hold `samples`) and `eval_<split>` (from an `EvalResult`), each a list of row dicts."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for row in history:
+        rows = row.get("samples") if isinstance(row, dict) else None
+        if rows:
+            out[f"step_{int(rows[0]['step']):04d}"] = list(rows)
+    if eval_result is not None and eval_result.samples:
+        out[f"eval_{split or eval_result.samples[0]['split']}"] = list(eval_result.samples)
+    return out
+
+
 def build_trainer(cfg: Config, regulariser: Regulariser) -> GBMPOTrainer:
     """Model + task from a root `Config`, wired with `regulariser` into a GBMPOTrainer (build the
     regulariser from the config with `mirrorlab.maps.build_divergence(cfg.divergence)`)."""
@@ -630,4 +740,4 @@ def build_trainer(cfg: Config, regulariser: Regulariser) -> GBMPOTrainer:
     task = tasks.get(cfg.task.name, **cfg.task.params)
     r = regulariser
     return GBMPOTrainer(model, tokenizer, task, r.divergence, cfg.train, coef=r.coef,
-                        estimator=r.estimator, chunk_size=r.chunk_size)
+                        estimator=r.estimator, chunk_size=r.chunk_size, placement=r.placement)
