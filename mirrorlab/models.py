@@ -3,8 +3,16 @@
 Presets are built or converted once and cached under `$MIRRORLAB_CACHE` (default
 `~/.cache/mirrorlab`), guarded by a file lock so parallel workers build a preset once. Builds
 go to a temporary directory that is renamed into place, so an interrupted build never leaves a
-half-written cache entry; a cache entry that exists but does not load is reported as corrupt
-with the path to delete.
+half-written cache entry; a cache entry that exists but does not load, or whose weights differ
+from the sha256 in its build record, is reported as corrupt with the path to delete.
+
+The tiny presets ship with the package (`mirrorlab/presets/weights/`, 2 MB each): every machine
+loads the same bytes (sha256 checked), the weights every published number was measured with.
+They were built by recipe v4 before the build was pinned, on an AVX-512 CPU; rebuilding them
+elsewhere would give other weights, because SFT rounding differs per kernel ISA. A local build
+(`MIRRORLAB_BUILD_PRESETS=1`, or after the recipe or the task splits change) runs in a
+subprocess with pinned numerics (`BUILD_ENV`): the same bits on any x86-64 CPU and thread count,
+at about 2x (tiny) to 3.5x (tiny-scratchpad) the unpinned build time.
 """
 
 from __future__ import annotations
@@ -15,9 +23,12 @@ import functools
 import hashlib
 import importlib.metadata
 import json
+import logging
 import math
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,6 +38,9 @@ from typing import Any
 import torch
 
 from mirrorlab.config import ModelConfig
+from mirrorlab.tasks import get as get_task
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- tiny preset
 # Qwen2, hidden 128, 2 layers, 4 heads, MLP 512, tied embeddings (DESIGN section 8: this size
@@ -42,9 +56,38 @@ TINY_ARCH: dict[str, Any] = dict(
 # instead of annealing to 0. An annealed checkpoint sits in a sharp minimum of the SFT loss
 # where GBMPO did not raise greedy accuracy at any lr tried, 1e-5..5e-4 (measured: v3, 800
 # annealed steps, 32% val, fell 5 points in 25 RL steps at lr 1e-4; this recipe, 40% val,
-# rises to ~50% in 20 steps).
+# rises to ~50% in 20 steps). The early stop on a high lr makes the end point chaotic in the
+# last bits: the same recipe gave 40.2% (AVX-512 kernels), 36.8% (AVX2), 23.6% (baseline kernels,
+# MKL's AVX-512 path) and, pinned (v5, below), 31.2%, which GBMPO raises by 3-5 points in 20 steps
+# at lr 1e-4 (kl_k3 35.8%, prob_l2 36.2%, neural 34.6%).
 TINY_SFT: dict[str, Any] = dict(steps=600, horizon=3000, batch_size=128, lr=2e-3, warmup=50, seed=0)
-TINY_VERSION = 4  # bump when the recipe changes: the cache key includes it
+TINY_VERSION = 5  # bump when the recipe or the build's numerics change: the cache key includes it
+# (v5: built in a subprocess with the numerics pinned below, weights' sha256 in the build record)
+
+# The tiny presets are built in a fresh subprocess whose numerics are pinned, so that every
+# x86-64 CPU and every thread count give bit-identical weights (issue 12: an AVX2-only machine
+# built a different `tiny`, 0.368 val accuracy instead of 0.402). The outer environment's values
+# of these variables are overridden. Each is read when the library loads, hence the subprocess.
+BUILD_ENV: dict[str, str] = {
+    # PyTorch's own CPU kernels: the baseline x86-64 build (SSE2), not the AVX2/AVX-512 variants
+    # chosen at run time, which round differently (measured: 30 SFT steps give three different
+    # weight files under default, avx2 and avx512)
+    "ATEN_CPU_CAPABILITY": "default",
+    # MKL (torch's BLAS here): the conditional-numerical-reproducibility path that gives the same
+    # bits on any Intel or compatible x86-64 CPU for a fixed thread count
+    "MKL_CBWR": "COMPATIBLE",
+    # oneDNN: unused by this fp32 build (ONEDNN_VERBOSE=all shows no primitive); pinned in case
+    # a torch version routes an op there
+    "ONEDNN_MAX_CPU_ISA": "SSE41",
+    # one thread everywhere: MKL and reductions split work by thread count
+    "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MKL_DYNAMIC": "FALSE",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+# Not pinned, measured not to matter: glibc's libm variants (GLIBC_TUNABLES masking FMA, AVX2 and
+# AVX-512 gives the same weights) and torch.use_deterministic_algorithms (set anyway, no cost).
+# Variables that would override or undercut the pins above: removed from the build's environment.
+BUILD_ENV_UNSET = ("MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE", "DNNL_MAX_CPU_ISA",
+                   "ONEDNN_CPU_ISA_HINTS", "DNNL_CPU_ISA_HINTS", "ONEDNN_DEFAULT_FPMATH_MODE")
 # Tiny presets: the same architecture, tokenizer and SFT recipe on the same arithmetic problems,
 # differing in the arithmetic task's answer format. `tiny-scratchpad` writes the steps before the
 # answer (`12+7=19 19+5=24 ans 24`), so completion length varies and can respond to training
@@ -116,18 +159,23 @@ def build_char_tokenizer(texts: list[str], extra_chars: str = "") -> Any:
 
 
 @functools.cache
-def _tiny_key(variant: str = "tiny") -> str:
-    """Cache key: the recipe plus a hash of the arithmetic splits it trains on (so a change to
-    the task generator can never leave a model trained on what is now a validation problem)."""
-    from mirrorlab.tasks import get as get_task
-
+def _split_hash(variant: str = "tiny") -> str:
+    """sha256 of the arithmetic splits the `variant` preset trains on (questions and targets)."""
     task = get_task("arithmetic", **TINY_VARIANTS[variant])
     data = hashlib.sha256()
     for split in (task.train, task.val, task.test):
         for e in split:
             data.update(f"{e.question}|{task.reference_completion(e)}\n".encode())
         data.update(b"#")
-    key: dict[str, Any] = {"arch": TINY_ARCH, "sft": TINY_SFT, "v": TINY_VERSION, "data": data.hexdigest()}
+    return data.hexdigest()
+
+
+@functools.cache
+def _tiny_key(variant: str = "tiny") -> str:
+    """Cache key: the recipe plus a hash of the arithmetic splits it trains on (so a change to
+    the task generator can never leave a model trained on what is now a validation problem)."""
+    key: dict[str, Any] = {"arch": TINY_ARCH, "sft": TINY_SFT, "v": TINY_VERSION,
+                           "data": _split_hash(variant), "env": BUILD_ENV}
     if variant != "tiny":  # the plain preset's key predates variants: keep it (and its caches)
         key["variant"] = {"name": variant, **TINY_VARIANTS[variant]}
     blob = json.dumps(key, sort_keys=True)
@@ -171,11 +219,14 @@ def _greedy_accuracy(
     return sum(task.scores(texts, examples)) / max(len(examples), 1)
 
 
-def _build_tiny(out: Path, variant: str = "tiny") -> None:
-    """Tokenizer + Qwen2 + short supervised pre-training on arithmetic, saved to `out`."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def _build_tiny(out: Path, variant: str = "tiny", steps: int | None = None) -> None:
+    """Tokenizer + Qwen2 + short supervised pre-training on arithmetic, saved to `out`.
 
-    from mirrorlab.tasks import get as get_task
+    Runs in the current process with whatever numerics it has: presets are built through
+    `_build_tiny_pinned`, which calls this in a subprocess with `BUILD_ENV`. `steps` shortens
+    the SFT (tests of the build path); the record then says so and it is not the preset.
+    """
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     t0 = time.perf_counter()
     plain = get_task("arithmetic")
@@ -184,25 +235,29 @@ def _build_tiny(out: Path, variant: str = "tiny") -> None:
     texts += [sp.prompt(e) + sp.reference_completion(e) for e in sp.train]  # one vocabulary for all
     task = get_task("arithmetic", **TINY_VARIANTS[variant]) if TINY_VARIANTS[variant] else plain
     tokenizer = build_char_tokenizer(texts, extra_chars=task.charset + sp.charset)
+    sft = dict(TINY_SFT, steps=TINY_SFT["steps"] if steps is None else steps)
     threads = torch.get_num_threads()
     rng_state = torch.get_rng_state()
     try:
         torch.set_num_threads(1)  # deterministic, and much faster than 2 on shared/contended cores
-        torch.manual_seed(TINY_SFT["seed"])
+        used_threads = torch.get_num_threads()
+        torch.manual_seed(sft["seed"])
         conf = Qwen2Config(
             vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id, **TINY_ARCH,
         )
         model = Qwen2ForCausalLM(conf)
-        opt = torch.optim.AdamW(model.parameters(), lr=TINY_SFT["lr"], weight_decay=0.0)
-        steps, warm = TINY_SFT["steps"], TINY_SFT["warmup"]
-        hz = TINY_SFT.get("horizon", steps)  # cosine horizon (>= steps: stop before annealing)
+        opt = torch.optim.AdamW(model.parameters(), lr=sft["lr"], weight_decay=0.0)
+        n_steps, warm = sft["steps"], sft["warmup"]
+        hz = sft.get("horizon", n_steps)  # cosine horizon (>= steps: stop before annealing)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, hz) / hz))
         )
-        batches = _sft_batches(tokenizer, task, TINY_SFT["seed"], TINY_SFT["batch_size"])
+        batches = _sft_batches(tokenizer, task, sft["seed"], sft["batch_size"])
         model.train()
-        for _ in range(steps):
+        loss = torch.tensor(float("nan"))
+        t_sft = time.perf_counter()
+        for _ in range(n_steps):
             ids, att, labels = next(batches)
             loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
             loss.backward()
@@ -210,9 +265,11 @@ def _build_tiny(out: Path, variant: str = "tiny") -> None:
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+        sft_s = time.perf_counter() - t_sft
         model.eval()
         acc = _greedy_accuracy(model, tokenizer, task, task.val,
                                max_new_tokens=48 if task.scratchpad else 8)
+        capability = torch.backends.cpu.get_cpu_capability()
     finally:
         torch.set_num_threads(threads)
         torch.set_rng_state(rng_state)
@@ -222,18 +279,164 @@ def _build_tiny(out: Path, variant: str = "tiny") -> None:
     tokenizer.save_pretrained(out)
     meta = {
         "preset": variant, "key": _tiny_key(variant), "params": sum(p.numel() for p in model.parameters()),
-        "val_accuracy": acc, "build_s": round(time.perf_counter() - t0, 1), "sft": TINY_SFT,
-        "arch": TINY_ARCH, "final_sft_loss": float(loss.detach()),
+        "val_accuracy": acc, "build_s": round(time.perf_counter() - t0, 1), "sft_s": round(sft_s, 1),
+        "sft": sft, "arch": TINY_ARCH, "final_sft_loss": float(loss.detach()),
+        "numerics": {"torch": torch.__version__, "cpu_capability": capability, "threads": used_threads,
+                     "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+                     "env": {k: os.environ.get(k) for k in (*BUILD_ENV, *BUILD_ENV_UNSET)
+                             if os.environ.get(k) is not None}},
+        "weights_sha256": weights_sha256(out),
     }
+    if steps is not None:
+        meta["test_build"] = True  # shortened: never a preset
     (out / "mirrorlab.json").write_text(json.dumps(meta, indent=1))
 
 
+def build_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """`base` (default: this process's environment) with the tiny build's numerics pinned."""
+    env = dict(os.environ if base is None else base)
+    for k in BUILD_ENV_UNSET:
+        env.pop(k, None)
+    env.update(BUILD_ENV)
+    # the child imports the same mirrorlab as this process, whatever put it on our path
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    return env
+
+
+_BUILD_CHILD = "import sys; from mirrorlab.models import _build_main; sys.exit(_build_main(sys.argv[1:]))"
+
+
+def _build_tiny_pinned(out: Path, variant: str = "tiny", steps: int | None = None,
+                       base_env: dict[str, str] | None = None) -> None:
+    """Build a tiny preset into `out` in a subprocess with `BUILD_ENV` (see there for why).
+
+    `base_env` stands in for the caller's environment (tests check that it does not matter).
+    """
+    cmd = [sys.executable, "-c", _BUILD_CHILD, "build", "--variant", variant, "--out", str(out),
+           "--expect-module", str(Path(__file__).resolve())]
+    if steps is not None:
+        cmd += ["--steps", str(steps)]
+    proc = subprocess.run(cmd, env=build_env(base_env), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"building the {variant} preset failed (exit {proc.returncode}):\n"
+                           f"{(proc.stderr or proc.stdout)[-4000:]}")
+
+
+def _check_pinned() -> None:
+    """Refuse to build unless this process runs with the pinned numerics of `BUILD_ENV`."""
+    bad = {k: os.environ.get(k) for k, v in BUILD_ENV.items() if os.environ.get(k) != v}
+    bad |= {k: os.environ[k] for k in BUILD_ENV_UNSET if k in os.environ}
+    if bad:
+        raise RuntimeError(f"the tiny build needs its pinned environment; differing: {bad}")
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap != "DEFAULT":
+        raise RuntimeError(f"ATEN_CPU_CAPABILITY=default did not take effect (torch uses {cap})")
+
+
+def _build_main(argv: list[str] | None = None) -> int:
+    """`python -m mirrorlab.models build --variant tiny --out DIR`: the pinned build's child side.
+
+    Run it with `build_env()` as its environment (`_build_tiny_pinned` does); it refuses otherwise.
+    """
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m mirrorlab.models")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build a tiny preset into --out (pinned environment required)")
+    b.add_argument("--variant", default="tiny", choices=sorted(TINY_VARIANTS))
+    b.add_argument("--out", required=True, type=Path)
+    b.add_argument("--steps", type=int, default=None, help="shorter SFT (tests only)")
+    b.add_argument("--expect-module", default=None, help="fail unless this file is mirrorlab.models")
+    a = ap.parse_args(argv)
+    if a.expect_module and Path(a.expect_module).resolve() != Path(__file__).resolve():
+        print(f"the build subprocess imported {__file__}, not {a.expect_module}", file=sys.stderr)
+        return 2
+    _check_pinned()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    a.out.mkdir(parents=True, exist_ok=True)
+    _build_tiny(a.out, a.variant, steps=a.steps)
+    return 0
+
+
+SHIPPED = Path(__file__).resolve().parent / "presets" / "weights"
+
+
+def shipped_preset(variant: str = "tiny") -> Path | None:
+    """The weights shipped with mirrorlab for `variant` (what every published number used), if
+    they exist, match this version's architecture and training splits, and match their sha256;
+    None when `MIRRORLAB_BUILD_PRESETS=1` asks for a local build instead."""
+    d = SHIPPED / variant
+    if os.environ.get("MIRRORLAB_BUILD_PRESETS") == "1" or not (d / "mirrorlab.json").is_file():
+        return None
+    rec = json.loads((d / "mirrorlab.json").read_text())
+    if rec.get("arch") != TINY_ARCH or rec.get("data") != _split_hash(variant):
+        log.warning("shipped %s weights were trained for other splits or another architecture; "
+                    "building the preset locally", variant)
+        return None
+    verify_preset(d, fix="reinstall mirrorlab (pip install --force-reinstall --no-deps .), or set "
+                         "MIRRORLAB_BUILD_PRESETS=1 to build the preset locally")
+    return d
+
+
 def tiny_path(cfg: ModelConfig | None = None, variant: str = "tiny") -> Path:
-    """Directory of the cached tiny preset `variant` (built on first use)."""
+    """Directory of the tiny preset `variant`: the shipped weights (byte-identical on every
+    machine), else the cached local build (made on first use in a pinned subprocess)."""
+    shipped = shipped_preset(variant)
+    if shipped is not None:
+        return shipped
     target = cache_dir(cfg) / "models" / f"{variant}-{_tiny_key(variant)}"
     target.parent.mkdir(parents=True, exist_ok=True)
-    _build_once(target, functools.partial(_build_tiny, variant=variant))
+    _build_once(target, functools.partial(_build_tiny_pinned, variant=variant))
     return target
+
+
+# --------------------------------------------------------------------------- weights' hash
+WEIGHTS_FILE = "model.safetensors"
+
+
+def weights_sha256(directory: str | Path) -> str:
+    """sha256 of a checkpoint directory's `model.safetensors` (the hash in the build record)."""
+    return _file_sha256(Path(directory) / WEIGHTS_FILE)
+
+
+def _file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=16)
+def _verified(path: str, size: int, mtime_ns: int) -> str:
+    """The file's sha256, computed once per file version (loads are frequent in a search)."""
+    return _file_sha256(path)
+
+
+def verify_preset(path: str | Path, required: bool = True, fix: str | None = None) -> None:
+    """Check the weights in `path` against the sha256 in their build record.
+
+    A mismatch (or, when `required`, a record without a hash) is a RuntimeError that names the
+    file and what to do (`fix`; default: delete the cache entry so it is rebuilt).
+    """
+    path = Path(path)
+    record, weights = path / "mirrorlab.json", path / WEIGHTS_FILE
+    fix = fix or f"delete it (rm -rf '{path}') and it will be rebuilt"
+    try:
+        expected = json.loads(record.read_text()).get("weights_sha256")
+        st = weights.stat()
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"the preset directory {path} is corrupt ({type(e).__name__}: {e}): {fix}") from e
+    if expected is None:
+        if required:
+            raise RuntimeError(f"the build record {record} has no weights_sha256: the preset is corrupt or "
+                               f"from another version: {fix}")
+        return
+    actual = _verified(str(weights), st.st_size, st.st_mtime_ns)
+    if actual != expected:
+        raise RuntimeError(f"{weights} does not match its build record {record} (sha256 {actual[:16]}... "
+                           f"!= {expected[:16]}...): the preset is corrupt: {fix}")
 
 
 # --------------------------------------------------------------------------- smollm2 preset
@@ -276,7 +479,7 @@ def _build_smollm2(out: Path) -> None:
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     meta = {"preset": "smollm2-135m", "source": str(g), "params": sum(p.numel() for p in model.parameters()),
-            "build_s": round(time.perf_counter() - t0, 1)}
+            "build_s": round(time.perf_counter() - t0, 1), "weights_sha256": weights_sha256(out)}
     (out / "mirrorlab.json").write_text(json.dumps(meta, indent=1))
 
 
@@ -332,6 +535,8 @@ def load_model(cfg: ModelConfig) -> tuple[Any, Any]:
     if cfg.name in PRESETS:
         path: str | Path = PRESETS[cfg.name](cfg)
         cached = True
+        # the tiny records always carry the hash; smollm2 caches converted before v5 may not
+        verify_preset(path, required=cfg.name in TINY_VARIANTS)
     else:
         path, cached = cfg.name, False
     try:
@@ -373,3 +578,7 @@ def apply_lora(model: Any, cfg: ModelConfig) -> Any:
 def preset_info(name: str, cfg: ModelConfig | None = None) -> dict[str, Any]:
     """The build record of a preset (params, build time, starting accuracy for `tiny`)."""
     return json.loads((PRESETS[name](cfg) / "mirrorlab.json").read_text())
+
+
+if __name__ == "__main__":
+    sys.exit(_build_main())

@@ -1,4 +1,4 @@
-"""Reproducibility helpers: seeding and the run record (seed, versions, git commit)."""
+"""Reproducibility helpers: seeding and the run record (seed, versions, git commit, CPU numerics)."""
 
 from __future__ import annotations
 
@@ -55,8 +55,51 @@ def git_commit(path: str | Path | None = None) -> str | None:
         return None
 
 
+# Environment variables that change a CPU run's numbers (kernel ISA, BLAS code path, threads).
+NUMERICS_ENV = (
+    "ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE", "MKL_NUM_THREADS",
+    "MKL_DYNAMIC", "OMP_NUM_THREADS", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ONEDNN_DEFAULT_FPMATH_MODE",
+    "GLIBC_TUNABLES", "CUBLAS_WORKSPACE_CONFIG",
+)
+# CPU flags that decide which vector code paths torch, MKL and oneDNN take.
+_ISA_FLAGS = ("sse4_2", "avx", "fma", "avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+              "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "neon", "asimd", "sve")
+
+
+def cpu_info(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, Any]:
+    """The CPU's model name and the ISA flags among `_ISA_FLAGS` it has (empty where unreadable)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            k, _, v = line.partition(":")
+            k = k.strip().lower()
+            if k in ("model name", "hardware") and v.strip():
+                model = v.strip()
+            elif k in ("flags", "features"):
+                flags = set(v.split())
+                break  # the first core is enough
+    except OSError:
+        pass
+    return {"model": model, "isa_flags": [f for f in _ISA_FLAGS if f in flags], "cores": os.cpu_count()}
+
+
+def numerics() -> dict[str, Any]:
+    """What decides a CPU run's rounding: torch's kernel ISA, threads, BLAS, deterministic mode,
+    and the environment variables that pin them (runs on different ISAs differ in the last bits,
+    which a few RL steps amplify)."""
+    return {
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "mkl": torch.backends.mkl.is_available(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "env": {k: os.environ[k] for k in NUMERICS_ENV if k in os.environ},
+        "cpu": cpu_info(),
+    }
+
+
 def run_record(seed: int) -> dict[str, Any]:
-    """What every run logs: seed, package versions, git commit, host facts."""
+    """What every run logs: seed, package versions, git commit, host facts, CPU numerics."""
     return {
         "seed": seed,
         "git_commit": git_commit() or os.environ.get("MIRRORLAB_GIT_COMMIT", "unknown"),
@@ -64,4 +107,5 @@ def run_record(seed: int) -> dict[str, Any]:
         "platform": platform.platform(),
         "packages": package_versions(),
         "cuda": torch.cuda.is_available(),
+        "numerics": numerics(),
     }

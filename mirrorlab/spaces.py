@@ -157,8 +157,9 @@ class NeuralRawSpace(NeuralSpace):
     For faithful `gbmpo_es` reproduction: the paper perturbs raw parameters initialised in
     [0, 0.01) with sigma 0.01 and step 0.01. In the softplus `neural` space the same sigma moves
     raw by about 1% of its value (at theta = -5.3, raw = softplus(theta) and d raw / d theta =
-    sigmoid(theta) are both ~0.005, so d raw / raw ~ sigma), so its defaults would be inert there. The absolute value keeps every proposal convex (raw >= 0) and is the identity on
-    the paper's non-negative orthant.
+    sigmoid(theta) are both ~0.005, so d raw / raw ~ sigma), so its defaults would be inert there.
+    The absolute value keeps every proposal convex (raw >= 0) and is the identity on the paper's
+    non-negative orthant.
     """
 
     kind = "neural_raw"

@@ -21,7 +21,7 @@ from mirrorlab.divergences import MixtureDivergence
 from mirrorlab.evaluators import generation_seed, val_subset
 from mirrorlab.executors import FAILED, FINISHED
 from mirrorlab.maps import build_divergence, load_map
-from mirrorlab.search import Search, atomic_write_json, read_journal
+from mirrorlab.search import Search, _append_journal, atomic_write_json, read_journal
 from mirrorlab.spaces import MixtureSpace, load_space_map, make_space
 from mirrorlab.spaces import spaces as spaces_registry
 
@@ -73,7 +73,9 @@ def test_val_subset_is_deterministic_sorted_and_unique(seed, n, size):
 
 def test_journal_ignores_a_torn_last_line_and_atomic_write(tmp_path):
     j = tmp_path / "g.jsonl"
-    j.write_text(json.dumps({"key": "candidate:0:7", "sha": "a"}) + "\n" + '{"key": "candidate:1:7", "sh')
+    _append_journal(j, {"key": "candidate:0:7", "sha": "a"})
+    with j.open("a") as f:
+        f.write('{"key": "candidate:1:7", "sh')  # a kill during the second append
     assert list(read_journal(j)) == ["candidate:0:7"]
     p = tmp_path / "ck.json"
     atomic_write_json(p, {"x": 1})

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from _helpers import assert_killed, kill9_when, killable
 from mlflow import MlflowClient
 
 from mirrorlab import strategies as S
@@ -152,7 +149,7 @@ def test_paired_gbmpo_fitness_of_the_baseline_map_itself_is_zero(tmp_path):
 
     cfg = tiny_cfg(tmp_path, "paired-gbmpo", strategy="listed_test", params={"points": []},
                    evaluator={"seeds": 2, "val_size": 24})
-    space = make_space(cfg)
+    space = make_space(cfg.search.space, cfg.divergence.coef)
     x = space.initial(0)
     other = x + np.random.default_rng(1).normal(0, 2.0, x.size)
     map_file = space.save(x, tmp_path / "basemap") / "map.safetensors"
@@ -256,6 +253,13 @@ Search(load_config(sys.argv[1])).run(resume=False)
 """
 
 
+def _completed(ckpt: Path) -> int:
+    try:
+        return int(json.loads(ckpt.read_text())["completed_generations"])
+    except (OSError, ValueError, KeyError):  # not written yet, or mid-replace
+        return -1
+
+
 @pytest.mark.slow
 def test_kill9_during_confirmation_resumes_to_the_same_registered_map(tmp_path):
     ref = Search(confirm_cfg(tmp_path, "confirm-ref", delay_s=0.05)).run()
@@ -263,19 +267,13 @@ def test_kill9_during_confirmation_resumes_to_the_same_registered_map(tmp_path):
     f = tmp_path / "killed.yaml"
     f.write_text(dump_config(cfg))
     journal = journal_path(Path(cfg.search.checkpoint_dir), 2)  # the confirmation stage's
-    proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(f), str(Path(__file__).parent)], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while len(read_journal(journal)) < 2 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    ckpt = Path(cfg.search.checkpoint_dir) / "checkpoint.json"
+    with killable([sys.executable, "-c", RUNNER, str(f), str(Path(__file__).parent)], cwd=tmp_path) as proc:
+        # inside the confirmation stage: its journal has begun and the last generation's checkpoint
+        # (written by the recorder's background thread) has landed
+        kill9_when(proc, lambda: len(read_journal(journal)) >= 2 and _completed(ckpt) == 2, timeout_s=120,
+                   poll_s=0.01)
+    assert_killed(proc)
     done = read_journal(journal)
     assert 2 <= len(done) < 12, "the kill must land inside the confirmation stage"
     ck = json.loads((Path(cfg.search.checkpoint_dir) / "checkpoint.json").read_text())

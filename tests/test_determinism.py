@@ -1,0 +1,95 @@
+"""The tiny presets' build is bit-reproducible whatever the caller's threads and CPU ISA settings
+(issue 12): it runs in a subprocess with `models.BUILD_ENV`, which overrides the outer environment.
+
+The builds here are short (`steps=30`, ~12 s each) but take the presets' code path
+(`_build_tiny_pinned`, as `tiny_path` calls it). A control shows that the comparison can fail:
+without the pins, two ISAs give different weights after the same 30 steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mirrorlab import models
+
+STEPS = 30
+BEST = torch.backends.cpu.get_cpu_capability().lower()  # this machine's best kernel ISA, e.g. avx512
+
+
+def _record(out: Path) -> dict:
+    return json.loads((out / "mirrorlab.json").read_text())
+
+
+def _outer(**env: str) -> dict[str, str]:
+    """This process's environment with `env` set: what a user's shell might hold."""
+    return {**os.environ, **env}
+
+
+@pytest.mark.slow
+def test_pinned_build_is_the_same_for_any_threads_and_isa_outside(tmp_path):
+    outer = {
+        "t1-default": _outer(OMP_NUM_THREADS="1", ATEN_CPU_CAPABILITY="default"),
+        "t2-best": _outer(OMP_NUM_THREADS="2", MKL_NUM_THREADS="2", ATEN_CPU_CAPABILITY=BEST,
+                          MKL_CBWR="AUTO"),
+        # what an AVX2-only machine's libraries would pick
+        "t1-avx2": _outer(OMP_NUM_THREADS="1", ATEN_CPU_CAPABILITY="avx2", MKL_CBWR="AVX2",
+                          MKL_ENABLE_INSTRUCTIONS="AVX2", ONEDNN_MAX_CPU_ISA="AVX2"),
+    }
+    shas = {}
+    for name, env in outer.items():
+        out = tmp_path / name
+        models._build_tiny_pinned(out, "tiny", steps=STEPS, base_env=env)
+        rec = _record(out)
+        assert rec["weights_sha256"] == models.weights_sha256(out)
+        assert rec["numerics"]["cpu_capability"] == "DEFAULT" and rec["numerics"]["threads"] == 1
+        assert rec["numerics"]["deterministic_algorithms"] is True
+        assert rec["numerics"]["env"] == models.BUILD_ENV  # pinned, the outer values overridden
+        assert rec["sft"]["steps"] == STEPS and rec["test_build"] is True
+        shas[name] = rec["weights_sha256"]
+    assert len(set(shas.values())) == 1, shas
+
+
+_UNPINNED = """
+import sys
+from pathlib import Path
+from mirrorlab import models
+models._build_tiny(Path(sys.argv[1]), "tiny", steps=int(sys.argv[2]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(BEST == "default", reason="this CPU has no vector ISA above the baseline")
+def test_control_without_the_pins_the_isa_changes_the_weights(tmp_path):
+    """The same short build in a plain subprocess, only ATEN_CPU_CAPABILITY differing: other bits
+    (so the test above would see a pin that stopped working)."""
+    shas = []
+    for isa in ("default", BEST):
+        out = tmp_path / isa
+        out.mkdir()
+        subprocess.run([sys.executable, "-c", _UNPINNED, str(out), str(STEPS)], check=True,
+                       env={**os.environ, "ATEN_CPU_CAPABILITY": isa}, capture_output=True)
+        assert _record(out)["numerics"]["cpu_capability"] == isa.upper()
+        shas.append(_record(out)["weights_sha256"])
+    assert shas[0] != shas[1]
+
+
+def test_the_build_child_refuses_an_unpinned_environment(tmp_path):
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": BEST}
+    proc = subprocess.run([sys.executable, "-c", models._BUILD_CHILD, "build", "--out", str(tmp_path / "x")],
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "pinned environment" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_build_env_overrides_the_outer_numerics():
+    env = models.build_env({"ATEN_CPU_CAPABILITY": "avx512", "MKL_CBWR": "AUTO", "OMP_NUM_THREADS": "8",
+                            "MKL_ENABLE_INSTRUCTIONS": "AVX512", "HOME": "/home/u"})
+    assert {k: env[k] for k in models.BUILD_ENV} == models.BUILD_ENV
+    assert "MKL_ENABLE_INSTRUCTIONS" not in env and env["HOME"] == "/home/u"
