@@ -93,3 +93,37 @@ def test_build_env_overrides_the_outer_numerics():
                             "MKL_ENABLE_INSTRUCTIONS": "AVX512", "HOME": "/home/u"})
     assert {k: env[k] for k in models.BUILD_ENV} == models.BUILD_ENV
     assert "MKL_ENABLE_INSTRUCTIONS" not in env and env["HOME"] == "/home/u"
+
+
+def _short_train(tmp_path, name: str, cores: str, threads: int | None = None) -> tuple:
+    """A 3-step `train` of 32 prompts x 8 (big enough that torch splits its reductions across
+    threads) on the visible `cores`; returns the metric and every logged loss-side number."""
+    out = tmp_path / name
+    argv = ["taskset", "-c", cores, sys.executable, "-m", "mirrorlab.cli", "train", "--no-save",
+            "--n", "40", "--set", f"output_dir={out}", "--set", "tracking.enabled=false",
+            "--set", "train.steps=3",
+            "--set", "train.prompts_per_step=32", "--set", "train.generation.num_generations=8",
+            "--set", "train.optim.lr=1e-3"] + (["--set", f"threads={threads}"] if threads else [])
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    r = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((out / "mirrorlab" / "train" / "results.json").read_text())
+    keep = ("loss", "pg_loss", "reg_loss", "reward_mean", "div_mean", "grad_norm")
+    curve = [[row[k] for k in keep] for row in res["curve"]]
+    return res["run_record"]["numerics"]["threads"], res["metric"], curve
+
+
+@pytest.mark.slow
+def test_a_run_gives_the_same_numbers_with_one_core_or_two(tmp_path):
+    """`threads` is fixed by the config, not taken from the machine: a short `train` on one visible
+    core (taskset) and on two reproduces every logged number exactly. Control: the thread count
+    does change the last bits of this run, so the check can fail."""
+    import shutil
+
+    if shutil.which("taskset") is None or (os.cpu_count() or 1) < 2:
+        pytest.skip("needs taskset and two cores")
+    one, two = _short_train(tmp_path, "one", "0"), _short_train(tmp_path, "two", "0,1")
+    assert one[0] == two[0] == 2  # the config's threads, on one core too
+    assert one == two
+    control = _short_train(tmp_path, "control", "0,1", threads=1)
+    assert control[0] == 1 and control[2] != two[2]
