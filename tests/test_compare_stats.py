@@ -120,8 +120,15 @@ def test_plots_write_pngs(tmp_path) -> None:
         plots.plot_metric_vs_length({"kl": [(5.0, 0.3), (6.0, 0.4)], "l2": [(4.0, 0.5)]}, tmp_path / "a.png"),
         plots.plot_lineage([], tmp_path / "empty.png"),
     ]
+    import matplotlib.image as mpimg
+
     for p in paths:
         assert p.is_file() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        img = mpimg.imread(p)
+        assert img.shape[0] > 200 and img.shape[1] > 300, p  # a real figure, not a stub
+    # something is drawn: the curves' figure has far more distinct colours than an empty one
+    n_colours = lambda p: len({tuple(px) for px in mpimg.imread(p).reshape(-1, 4)[::7]})  # noqa: E731
+    assert n_colours(tmp_path / "c.png") > 2 * n_colours(tmp_path / "empty.png")
 
 
 def test_metric_names_from_task_metrics_are_valid_in_mlflow(tmp_path) -> None:

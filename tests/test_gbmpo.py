@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -233,7 +234,7 @@ def test_metrics_and_callbacks(tiny, task):
     m = hist[-1]
     for k in ("reward_mean", "reward_std", "accuracy", "completion_length", "loss", "div_mean", "reg_over_pg",
               "grad_ratio", "clip_frac", "entropy", "tokens_per_s"):
-        assert k in m and m[k] == m[k], k  # present and not NaN
+        assert k in m and math.isfinite(m[k]), k
     assert m["div_mean"] > 0 and m["grad_ratio"] > 0 and m["entropy"] > 0
     r = tr.evaluate("val", n=20)
     assert r.n == 20 and 0 <= r.metric <= 1 and r.mean_length >= 1 and len(r.scores) == 20

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from mlflow import MlflowClient
 
 from mirrorlab import divergences
-from mirrorlab.config import DivergenceConfig, config_from_dict
+from mirrorlab.config import ConfigError, DivergenceConfig, config_from_dict
 from mirrorlab.divergences import MixtureDivergence
 from mirrorlab.evaluators import generation_seed, val_subset
 from mirrorlab.executors import FAILED, FINISHED
@@ -304,7 +304,7 @@ def test_incumbent_is_reevaluated_each_generation_with_that_generations_seed(tmp
 
 
 def test_unknown_evaluator_is_a_config_error():
-    with pytest.raises(Exception, match="unknown evaluator 'nope'"):
+    with pytest.raises(ConfigError, match=r"search\.evaluator\.kind: unknown evaluator 'nope'"):
         config_from_dict({"search": {"evaluator": {"kind": "nope"}}})
 
 

@@ -16,7 +16,7 @@ from _helpers import assert_killed, kill9_when, killable
 from mlflow import MlflowClient
 
 from mirrorlab import strategies as S
-from mirrorlab.config import config_from_dict, dump_config
+from mirrorlab.config import ConfigError, config_from_dict, dump_config
 from mirrorlab.evaluators import AnalyticEvaluator, confirmation_seeds, generation_seeds
 from mirrorlab.records import FINISHED, Job, Outcome
 from mirrorlab.search import Search, aggregate, journal_path, paired_stderr, racing_rungs, read_journal
@@ -205,13 +205,13 @@ def test_lcb_incumbent_prefers_the_reliable_candidate(tmp_path):
 
 
 def test_noise_config_errors_name_the_field():
-    with pytest.raises(Exception, match="racing.min_seeds"):
+    with pytest.raises(ConfigError, match="racing.min_seeds"):
         config_from_dict({"search": {"evaluator": {"seeds": 2, "racing": {"enabled": True, "min_seeds": 2}}}})
-    with pytest.raises(Exception, match="incumbent"):
+    with pytest.raises(ConfigError, match=r"search\.evaluator\.incumbent"):
         config_from_dict({"search": {"evaluator": {"incumbent": "max"}}})
-    with pytest.raises(Exception, match="seeds"):
+    with pytest.raises(ConfigError, match=r"search\.evaluator\.seeds"):
         config_from_dict({"search": {"evaluator": {"seeds": 0}}})
-    with pytest.raises(Exception, match="top_k"):
+    with pytest.raises(ConfigError, match=r"search\.evaluator\.confirm\.top_k"):
         config_from_dict({"search": {"evaluator": {"confirm": {"top_k": -1}}}})
 
 
