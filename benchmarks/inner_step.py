@@ -9,15 +9,19 @@ so machine noise hits both alike; the first `--warmup` steps of each are discard
 Optionally one step of each on smollm2-135m (8 x 64).
 
     python benchmarks/inner_step.py [--steps 10] [--warmup 2] [--device cpu|cuda] [--skip-smollm]
-                                    [--backend fast|hf]
+                                    [--backend fast|hf|vllm|fast,vllm]
 
-Prints a table and writes benchmarks/results/inner_step.json.
+`--backend fast,vllm` runs one mirrorlab trainer per backend in the same run (after each TRL step,
+one step of each), so their ratios to TRL share the machine's noise; the vllm rows also record
+the engine's start-up seconds and the weight push per step (`vllm` needs the vLLM environment,
+`.venv-vllm`, see .ci/vllm). Prints a table and writes benchmarks/results/inner_step.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -56,8 +60,9 @@ def make_tiny4m(path: Path, seed: int = 0) -> None:
 
 
 def run_pair(model_dir: Path, n_gen: int, max_new: int, warmup: int, steps: int, device: str,
-             label: str, backend: str = "fast", cuda_graph: bool = True) -> dict[str, Any]:
-    """Alternate TRL and mirrorlab steps on the model in `model_dir`; return timing summaries."""
+             label: str, backend: str = "fast", cuda_graph: bool = True) -> list[dict[str, Any]]:
+    """Alternate TRL and mirrorlab steps on the model in `model_dir` (one mirrorlab trainer per
+    comma-separated backend, each stepping after every TRL step); one timing row per backend."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -72,15 +77,20 @@ def run_pair(model_dir: Path, n_gen: int, max_new: int, warmup: int, steps: int,
     total = warmup + steps
     cuda = device.startswith("cuda")
 
-    # ---- mirrorlab
-    model, tok = load_model(ModelConfig(name=str(model_dir), device=device))
-    cfg = TrainConfig(
-        steps=total, prompts_per_step=1, advantage="grpo", loss_type="dr_grpo", reg_times_ratio=True,
-        generation=GenerationConfig(num_generations=n_gen, max_new_tokens=max_new, min_new_tokens=max_new,
-                                    backend=backend, cuda_graph=cuda_graph),
-        optim=OptimConfig(lr=1e-6), seed=0,
-    )
-    ours = GBMPOTrainer(model, tok, task, divergences.get("kl_k3"), cfg, coef=0.04)
+    # ---- mirrorlab: one trainer (own model copy) per backend
+    backends = backend.split(",")
+    ours: dict[str, Any] = {}
+    for b in backends:
+        model, tok = load_model(ModelConfig(name=str(model_dir), device=device))
+        cfg = TrainConfig(
+            steps=total, prompts_per_step=1, advantage="grpo", loss_type="dr_grpo", reg_times_ratio=True,
+            generation=GenerationConfig(num_generations=n_gen, max_new_tokens=max_new, min_new_tokens=max_new,
+                                        backend=b, cuda_graph=cuda_graph),
+            optim=OptimConfig(lr=1e-6), seed=0,
+        )
+        t = time.perf_counter()
+        ours[b] = GBMPOTrainer(model, tok, task, divergences.get("kl_k3"), cfg, coef=0.04)
+        ours[b].build_s = time.perf_counter() - t
 
     # ---- TRL
     by_q = {e.question: e for e in task.train}
@@ -101,8 +111,9 @@ def run_pair(model_dir: Path, n_gen: int, max_new: int, warmup: int, steps: int,
     trl = GRPOTrainer(model=str(model_dir), reward_funcs=reward, args=args, train_dataset=ds,
                       processing_class=trl_tok)
 
-    rec: dict[str, list[float]] = {"trl": [], "mirrorlab": [], "ml_tokens": [], "ml_gen": [], "trl_mem": [],
-                                   "ml_mem": []}
+    rec: dict[str, Any] = {"trl": [], "trl_mem": []}
+    for b in backends:
+        rec[b] = {"mirrorlab": [], "ml_tokens": [], "ml_gen": [], "ml_mem": [], "sync": []}
 
     class Alternate(TrainerCallback):
         mark = 0.0
@@ -114,15 +125,18 @@ def run_pair(model_dir: Path, n_gen: int, max_new: int, warmup: int, steps: int,
             rec["trl"].append(time.perf_counter() - Alternate.mark)
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            t = time.perf_counter()
-            m = ours.train_step()
-            if cuda:
-                torch.cuda.synchronize()
-                rec["ml_mem"].append(torch.cuda.max_memory_allocated() / 2**20)
-                torch.cuda.reset_peak_memory_stats()
-            rec["mirrorlab"].append(time.perf_counter() - t)
-            rec["ml_tokens"].append(m["gen_tokens"])
-            rec["ml_gen"].append(m["gen_time"])
+            for b, tr in ours.items():
+                r = rec[b]
+                t = time.perf_counter()
+                m = tr.train_step()
+                if cuda:
+                    torch.cuda.synchronize()
+                    r["ml_mem"].append(torch.cuda.max_memory_allocated() / 2**20)
+                    torch.cuda.reset_peak_memory_stats()
+                r["mirrorlab"].append(time.perf_counter() - t)
+                r["ml_tokens"].append(m["gen_tokens"])
+                r["ml_gen"].append(m["gen_time"])
+                r["sync"].append(m.get("engine_sync_s", float("nan")))
             Alternate.mark = time.perf_counter()
 
     trl.add_callback(Alternate())
@@ -134,24 +148,34 @@ def run_pair(model_dir: Path, n_gen: int, max_new: int, warmup: int, steps: int,
         return {"mean": statistics.mean(xs), "median": statistics.median(xs),
                 "min": min(xs), "n": len(xs)}
 
-    tr, ml = summ(rec["trl"]), summ(rec["mirrorlab"])
+    tr = summ(rec["trl"])
     gen_tokens = n_gen * max_new
-    out = {
-        "model": label, "params": sum(p.numel() for p in model.parameters()), "device": device,
-        "backend": backend, "cuda_graph": cuda_graph and cuda and backend == "fast",
-        "completions": n_gen, "max_new_tokens": max_new, "warmup": warmup,
-        "trl_s_per_step": tr, "mirrorlab_s_per_step": ml,
-        "trl_tokens_per_s": gen_tokens / tr["median"],
-        "mirrorlab_tokens_per_s":
-            statistics.median(rec["ml_tokens"][warmup:] or rec["ml_tokens"]) / ml["median"],
-        "ratio_median": ml["median"] / tr["median"], "ratio_mean": ml["mean"] / tr["mean"],
-        "mirrorlab_generation_s": statistics.median(rec["ml_gen"][warmup:] or rec["ml_gen"]),
-        "raw": {"trl": rec["trl"], "mirrorlab": rec["mirrorlab"]},
-    }
-    if cuda:
-        out["trl_peak_mem_mb"] = max(rec["trl_mem"])
-        out["mirrorlab_peak_mem_mb"] = max(rec["ml_mem"])
-    return out
+    rows = []
+    for b, trainer in ours.items():
+        r = rec[b]
+        ml = summ(r["mirrorlab"])
+        out = {
+            "model": label, "params": sum(p.numel() for p in trainer.model.parameters()), "device": device,
+            "backend": b, "cuda_graph": cuda_graph and cuda and b == "fast",
+            "completions": n_gen, "max_new_tokens": max_new, "warmup": warmup,
+            "trl_s_per_step": tr, "mirrorlab_s_per_step": ml,
+            "trl_tokens_per_s": gen_tokens / tr["median"],
+            "mirrorlab_tokens_per_s":
+                statistics.median(r["ml_tokens"][warmup:] or r["ml_tokens"]) / ml["median"],
+            "ratio_median": ml["median"] / tr["median"], "ratio_mean": ml["mean"] / tr["mean"],
+            "mirrorlab_generation_s": statistics.median(r["ml_gen"][warmup:] or r["ml_gen"]),
+            "trainer_build_s": trainer.build_s,
+            "raw": {"trl": rec["trl"], "mirrorlab": r["mirrorlab"]},
+        }
+        if trainer.engine is not None:  # vllm: engine start-up and the weight push before each generation
+            out["engine_startup_s"] = trainer.engine.stats.startup_s
+            out["engine_sync_s_per_step"] = statistics.median(r["sync"][warmup:] or r["sync"])
+            out["raw"]["engine_sync_s"] = r["sync"]
+        if cuda:
+            out["trl_peak_mem_mb"] = max(rec["trl_mem"])
+            out["mirrorlab_peak_mem_mb"] = max(r["ml_mem"])
+        rows.append(out)
+    return rows
 
 
 def main() -> None:
@@ -162,21 +186,23 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: multi-threading collapses on shared cores)")
     ap.add_argument("--skip-smollm", action="store_true")
-    ap.add_argument("--backend", choices=["fast", "hf"], default="fast",
-                    help="mirrorlab's generation backend (fast: lean sampler, hf: model.generate)")
+    ap.add_argument("--backend", default="fast",
+                    help="mirrorlab's generation backend(s), comma-separated, each stepped after every TRL "
+                    "step (fast: lean sampler, hf: model.generate, vllm: colocated vLLM engine)")
     ap.add_argument("--no-cuda-graph", action="store_true",
                     help="fast backend on CUDA: decode step by step instead of replaying a CUDA graph")
     ap.add_argument("--smollm-steps", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args()
+    load_start = list(os.getloadavg())
     if a.threads:
         torch.set_num_threads(a.threads)
 
     rows = []
     with tempfile.TemporaryDirectory() as d:
         make_tiny4m(Path(d))
-        rows.append(run_pair(Path(d), 16, 64, a.warmup, a.steps, a.device, "tiny4m", a.backend,
-                             not a.no_cuda_graph))
+        rows += run_pair(Path(d), 16, 64, a.warmup, a.steps, a.device, "tiny4m", a.backend,
+                         not a.no_cuda_graph)
     if not a.skip_smollm:
         from mirrorlab.models import smollm2_path
 
@@ -185,31 +211,35 @@ def main() -> None:
         except (FileNotFoundError, ImportError) as e:
             print(f"skipping smollm2-135m: {e}")
         else:
-            rows.append(run_pair(p, 8, 64, 1, a.smollm_steps, a.device, "smollm2-135m", a.backend,
-                                 not a.no_cuda_graph))
+            rows += run_pair(p, 8, 64, 1, a.smollm_steps, a.device, "smollm2-135m", a.backend,
+                             not a.no_cuda_graph)
 
     dev = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else platform.processor() or "cpu"
     result = {
         "benchmark": "inner_step", "device": a.device, "device_name": dev, "threads": torch.get_num_threads(),
         "peak_rss_mb_process": _peak_rss_mb(), "rows": rows,
+        "load_average_start": load_start, "load_average_end": list(os.getloadavg()),
         "note": "ratio = mirrorlab / TRL step time (target <= 0.5); CPU peak memory is the whole process",
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1))
-    hdr = (f"{'model':14} {'G x T':8} {'TRL s/step':>11} {'ml s/step':>10} {'ratio':>6} "
+    hdr = (f"{'model':14} {'backend':8} {'G x T':8} {'TRL s/step':>11} {'ml s/step':>10} {'ratio':>6} "
            f"{'TRL tok/s':>10} {'ml tok/s':>9} {'ml gen s':>8}")
     graph = " (CUDA graph decode)" if rows and rows[0]["cuda_graph"] else ""
     print(f"device: {a.device} ({dev}), threads {torch.get_num_threads()}, "
           f"mirrorlab backend {a.backend}{graph}")
     print(hdr)
     for r in rows:
-        print(f"{r['model']:14} {r['completions']}x{r['max_new_tokens']:<5} "
+        print(f"{r['model']:14} {r['backend']:8} {r['completions']}x{r['max_new_tokens']:<5} "
               f"{r['trl_s_per_step']['median']:11.3f} "
               f"{r['mirrorlab_s_per_step']['median']:10.3f} {r['ratio_median']:6.2f} "
               f"{r['trl_tokens_per_s']:10.0f} {r['mirrorlab_tokens_per_s']:9.0f} "
               f"{r['mirrorlab_generation_s']:8.3f}"
               + (f"  mem MB trl {r['trl_peak_mem_mb']:.0f} ml {r['mirrorlab_peak_mem_mb']:.0f}"
-                 if "trl_peak_mem_mb" in r else ""))
+                 if "trl_peak_mem_mb" in r else "")
+              + (f"  engine start-up {r['engine_startup_s']:.1f} s, "
+                 f"sync {r['engine_sync_s_per_step']:.3f} s/step"
+                 if "engine_startup_s" in r else ""))
     print(f"peak RSS (process): {result['peak_rss_mb_process']:.0f} MB; wrote {a.out}")
 
 

@@ -30,8 +30,9 @@ from rich.table import Table
 
 from mirrorlab import compare, divergences, maps, plots, tasks
 from mirrorlab.config import Config, ConfigError, config_reference, dump_config, field_rows, load_config
-from mirrorlab.gbmpo import build_trainer
+from mirrorlab.gbmpo import build_trainer, sample_tables
 from mirrorlab.progress import SearchProgress, TrainProgress
+from mirrorlab.repro import run_record
 from mirrorlab.search import CheckpointError, Search
 from mirrorlab.spaces import NeuralSpace
 from mirrorlab.tracking import MLflowTracker, resolve_tracking_uri
@@ -155,7 +156,8 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
     reg = maps.build_divergence(cfg.divergence, tracking_uri=cfg.tracking.tracking_uri)
     trainer = build_trainer(cfg, reg)
     with TrainProgress(cfg.train.steps, "train", console=err) as prog:
-        curve = compare.plain_curve(trainer.train(callbacks=[prog]))
+        history = trainer.train(callbacks=[prog])
+    curve = compare.plain_curve(history)
     ev = trainer.evaluate(split, n=args.n or cfg.train.eval_size)
     wall = time.perf_counter() - t0
     metric_name = trainer.task.metric_name
@@ -169,7 +171,9 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
     result = {"split": split, "metric_name": metric_name, "metric": ev.metric, "stderr": ev.stderr,
               "mean_length": ev.mean_length, "n": ev.n, "wall_s": wall, "curve": curve,
               "regulariser": {"divergence": type(reg.divergence).__name__, "coef": reg.coef,
-                              "estimator": reg.estimator, "compiled": bool(cfg.divergence.compile)},
+                              "estimator": reg.estimator, "placement": reg.placement,
+                              "compiled": bool(cfg.divergence.compile)},
+              "run_record": run_record(cfg.train.seed),
               "checkpoint": None if args.no_save else str(ckpt)}
     _save_json(d / "results.json", result)
     rid = compare.log_single_run(
@@ -178,7 +182,7 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
          "lr": cfg.train.optim.lr, "seed": cfg.train.seed, "model": cfg.model.name, "split": split},
         {f"{split}_{metric_name}": ev.metric, f"{split}_stderr": ev.stderr,
          f"{split}_mean_length": ev.mean_length, "wall_s": wall},
-        curve, [d / "results.json", *pngs],
+        curve, [d / "results.json", *pngs], samples=sample_tables(history, ev, split),
     )
     out.print(_eval_table(f"train: {label}, {cfg.train.steps} steps, {wall:.0f} s", metric_name, ev, split))
     out.print(f"results: {d}" + (f"\nMLflow run: {rid}" if rid else ""))
@@ -587,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "quickstart", False):
             args.config = str(quickstart_config())
         cfg = _load(args)
+        torch.set_num_threads(cfg.threads)  # the same numbers whatever the machine's core count
         return int(args.func(cfg, args) or 0)
     except ConfigError as e:
         err.print(f"[bold red]config error:[/] {escape(str(e))}", highlight=False)

@@ -13,17 +13,18 @@ import itertools
 import json
 import math
 import random
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import scipy.stats
 
 from mirrorlab import divergences, plots
-from mirrorlab.config import START_LABEL, MethodConfig
+from mirrorlab.config import STANDARD_BASELINES, START_LABEL, MethodConfig, standard_baselines
 from mirrorlab.divergences import PotentialMixin
-from mirrorlab.gbmpo import build_trainer
+from mirrorlab.gbmpo import build_trainer, sample_tables
 from mirrorlab.maps import build_divergence
 from mirrorlab.progress import TrainProgress, progress_bars
 from mirrorlab.tracking import MlflowSession
@@ -178,6 +179,10 @@ class CompareResult:
     comparisons: list[PairedComparison]
     wall_s: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)
+    # with compare.baselines: standard, every other method against the best standard row (by mean
+    # metric, chosen after the fact on the same seeds: conservative for the methods)
+    best_baseline: str | None = None
+    vs_best: list[PairedComparison] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (what `results.json` holds)."""
@@ -199,8 +204,11 @@ def summarise(
     split: str = "test",
     divergences: dict[str, dict[str, Any]] | None = None,
     alpha: float = 0.05,
+    best_of: list[str] | None = None,
 ) -> CompareResult:
-    """Aggregate runs into per-method mean +- std and paired comparisons against `baseline`."""
+    """Aggregate runs into per-method mean +- std and paired comparisons against `baseline`; with
+    `best_of` (the standard baseline rows), also every other trained method against the best of
+    them (`vs_best`)."""
     if baseline not in labels:
         raise ValueError(f"baseline {baseline!r} is not one of {labels}")
     by: dict[str, list[RunResult]] = {lab: [] for lab in labels}
@@ -224,7 +232,31 @@ def summarise(
         for lab in labels
         if lab != baseline
     ]
-    return CompareResult(metric_name, split, baseline, runs, methods, comps)
+    res = CompareResult(metric_name, split, baseline, runs, methods, comps)
+    pool = [m for m in methods if best_of and m.label in best_of and m.seeds]
+    if pool:
+        best = max(pool, key=lambda m: m.metric_mean if not math.isnan(m.metric_mean) else -math.inf).label
+        bv = {r.seed: r.metric for r in by[best]}
+        bl = {r.seed: r.mean_length for r in by[best]}
+        res.best_baseline = best
+        res.vs_best = [
+            paired_comparison(lab, best, bv, {r.seed: r.metric for r in by[lab]},
+                              bl, {r.seed: r.mean_length for r in by[lab]}, alpha=alpha)
+            for lab in labels if lab not in best_of and lab != START_LABEL
+        ]
+    return res
+
+
+def regulariser_text(info: dict[str, Any]) -> str:
+    """A row's regulariser for tables: `name @ lambda, placement`, `none (lambda 0)`, or `-`."""
+    if not info or info.get("name") == "untrained":
+        return "-"
+    coef = info.get("effective_coef", info.get("coef"))
+    if coef == 0:
+        return "none (lambda 0)"
+    name = "map" if info.get("map") else str(info.get("name", "?"))
+    c = f" @ {coef:g}" if isinstance(coef, int | float) else ""
+    return f"{name}{c}, {info.get('placement', 'loss')}"
 
 
 def results_table(result: CompareResult) -> Any:
@@ -232,16 +264,21 @@ def results_table(result: CompareResult) -> Any:
     from rich.table import Table
 
     comps = {c.method: c for c in result.comparisons}
+    best = {c.method: c for c in result.vs_best}
     t = Table(
         title=f"{result.metric_name} on {result.split} (mean +- std over seeds; paired vs {result.baseline})"
     )
-    for col in ("method", "seeds", result.metric_name, "length (tokens)", "diff vs base", "p (t)",
-                "p (sign-flip)", "verdict"):
-        t.add_column(col, justify="left" if col in ("method", "verdict") else "right")
+    cols = ["method", "regulariser", "seeds", result.metric_name, "length (tokens)", "diff vs base", "p (t)",
+            "p (sign-flip)", "verdict"]
+    if result.best_baseline:
+        cols.append(f"vs best baseline ({result.best_baseline})")
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("method", "regulariser", "verdict") else "right")
     for m in result.methods:
         c = comps.get(m.label)
         row = [
             m.label,
+            regulariser_text(m.divergence),
             str(len(m.seeds)),
             f"{fmt(m.metric_mean)} +- {fmt(m.metric_std)}",
             f"{fmt(m.length_mean, 1)} +- {fmt(m.length_std, 1)}",
@@ -251,11 +288,14 @@ def results_table(result: CompareResult) -> Any:
         else:
             row += [f"{c.mean_diff:+.3f} +- {fmt(c.stderr)}", fmt(c.t_pvalue), fmt(c.perm_pvalue),
                     c.verdict]
+        if result.best_baseline:
+            b = best.get(m.label)
+            row.append("" if b is None else f"{b.mean_diff:+.3f} +- {fmt(b.stderr)} (p {fmt(b.t_pvalue)})")
         t.add_row(*row)
     return t
 
 
-def results_text(result: CompareResult, width: int = 140) -> str:
+def results_text(result: CompareResult, width: int = 220) -> str:
     """The results table rendered as plain text (for logs, MLflow and files)."""
     import io
 
@@ -270,10 +310,15 @@ def results_text(result: CompareResult, width: int = 140) -> str:
 
 
 def compare_methods(cfg: Any) -> list[Any]:
-    """The methods of `cfg.compare`, or the single `cfg.divergence` (labelled by name) when empty."""
-    if cfg.compare.methods:
-        return list(cfg.compare.methods)
-    return [MethodConfig(label=cfg.divergence.name, divergence=cfg.divergence)]
+    """The methods of `cfg.compare`, or the single `cfg.divergence` (labelled by name) when empty;
+    with `compare.baselines: standard` the standard rows come first, with fixed labels: `lambda 0`,
+    `KL k1 in reward`, `KL k2 in loss`, `KL k3 in loss`, the KL rows at `compare.baseline_coef`
+    (`config.standard_baselines`; the untrained start is `run_compare`'s own row)."""
+    user = list(cfg.compare.methods) if cfg.compare.methods else [
+        MethodConfig(label=cfg.divergence.name, divergence=cfg.divergence)]
+    if cfg.compare.baselines == "standard":
+        return standard_baselines(cfg.compare.baseline_coef) + user
+    return user
 
 
 # --------------------------------------------------------------------------- MLflow
@@ -286,6 +331,7 @@ class CompareTracker:
     def __init__(self, cfg: Any, enabled: bool = True) -> None:
         self.enabled = enabled and bool(cfg.tracking.enabled)
         self.parent_run_id: str | None = None
+        self.samples_index: list[dict[str, Any]] = []  # (method, seed) -> child run, its tables
         if self.enabled:
             self.session = MlflowSession(cfg.tracking, cfg.name)
 
@@ -299,17 +345,25 @@ class CompareTracker:
         self.session.log_config(self.parent_run_id, cfg)
         return self.parent_run_id
 
-    def log_run(self, r: RunResult, divergence: dict[str, Any], split: str, metric_name: str) -> str | None:
-        """One child run: params, the evaluation, the training curve."""
+    def log_run(self, r: RunResult, divergence: dict[str, Any], split: str, metric_name: str,
+                samples: dict[str, list[dict[str, Any]]] | None = None,
+                same_as: str | None = None) -> str | None:
+        """One child run: params, the evaluation, the training curve, the completion samples
+        (tables `completions/<name>.json`). `same_as`: the method whose identical run (same
+        regulariser, same seed) this row reuses."""
         if not self.enabled:
             return None
         s = self.session
         tags = {"mirrorlab.kind": "compare-run", "mirrorlab.method": r.method, "mirrorlab.seed": str(r.seed)}
+        if same_as is not None:
+            tags["mirrorlab.same_as"] = same_as
         rid = s.create_run(f"{r.method}-s{r.seed}", tags, self.parent_run_id)
         s.log_params(rid, {"method": r.method, "seed": str(r.seed), "split": split,
                            **{f"divergence.{k}": v for k, v in divergence.items()}})
         s.log_metrics(rid, {f"{split}_{metric_name}": r.metric, f"{split}_stderr": r.stderr,
                             f"{split}_mean_length": r.mean_length, "wall_s": r.wall_s}, curve=r.curve)
+        tables = s.log_samples(rid, samples)
+        self.samples_index.append({"method": r.method, "seed": r.seed, "run_id": rid, "tables": tables})
         s.end_run(rid)
         return rid
 
@@ -325,7 +379,15 @@ class CompareTracker:
                            f"{m.label}/length_mean": m.length_mean})
             for c in result.comparisons:
                 ms.update({f"{c.method}/diff_vs_baseline": c.mean_diff, f"{c.method}/p_t": c.t_pvalue})
+            for c in result.vs_best:
+                ms.update({f"{c.method}/diff_vs_best_baseline": c.mean_diff,
+                           f"{c.method}/p_t_vs_best": c.t_pvalue})
             self.session.log_metrics(self.parent_run_id, ms)
+        if self.samples_index:  # where each (method, seed)'s completion tables are (its child run)
+            with tempfile.TemporaryDirectory() as d:
+                f = Path(d) / "completions_index.json"
+                f.write_text(json.dumps(self.samples_index, indent=2))
+                self.session.log_files(self.parent_run_id, [f])
         self.session.log_files(self.parent_run_id, files)
         self.session.end_run(self.parent_run_id, status)
 
@@ -387,12 +449,17 @@ def run_compare(
     """Train every method on every seed (same settings otherwise), evaluate on `compare.split`.
 
     One trainer is built once and reused: `reset(seed)` restores the starting weights and a
-    fresh optimiser, `set_divergence` swaps the regulariser. Writes `results.json`,
-    `table.txt` and the PNGs into `out_dir` and logs everything to MLflow.
+    fresh optimiser, `set_regulariser` swaps the regulariser (divergence, lambda, estimator,
+    placement). Methods come from `compare_methods` (the standard baseline set first when
+    `compare.baselines: standard`); a method with the same regulariser as an earlier one reuses its
+    run on each seed. Writes `results.json`, `table.txt` and the PNGs into `out_dir` and logs
+    everything to MLflow: a parent run, a child run per (method, seed) with its completion tables,
+    and `completions_index.json` on the parent saying which child holds which tables.
     """
     t_start = time.perf_counter()
     methods = compare_methods(cfg)
-    labels = ([START_LABEL] if cfg.compare.include_start else []) + [m.label for m in methods]
+    with_start = cfg.compare.start_row
+    labels = ([START_LABEL] if with_start else []) + [m.label for m in methods]
     baseline = cfg.compare.baseline or labels[0]
     split = cfg.compare.split
     uri = cfg.tracking.tracking_uri
@@ -408,8 +475,12 @@ def run_compare(
             info["sha"] = sha
         info["effective_coef"] = regs[m.label].coef  # a saved mixture map carries its searched lambda
         div_info[m.label] = info
-    if cfg.compare.include_start:
+    if with_start:
         div_info[START_LABEL] = {"name": "untrained", "coef": None, "steps": 0}
+    # arms with the same regulariser train identically on a seed (reset(seed) restores everything):
+    # such a row reuses the first one's run (its child run is tagged mirrorlab.same_as)
+    arm_key = {m.label: json.dumps(div_info[m.label], sort_keys=True, default=str) for m in methods}
+    done: dict[tuple[str, int], tuple[RunResult, dict[str, Any]]] = {}
     tracker = CompareTracker(cfg)
     tracker.start(cfg)
     runs: list[RunResult] = []
@@ -424,6 +495,16 @@ def run_compare(
             runs_task = prog.add_task("runs", total=total, info="")
         for seed in cfg.compare.seeds:
             for m in methods:
+                prev = done.get((arm_key[m.label], seed))
+                if prev is not None:
+                    r = replace(prev[0], method=m.label, wall_s=0.0, curve=list(prev[0].curve), run_id=None)
+                    r.run_id = tracker.log_run(r, div_info[m.label], split, metric_name, prev[1],
+                                               same_as=prev[0].method)
+                    runs.append(r)
+                    if prog is not None:
+                        prog.update(runs_task, advance=1,
+                                    info=f"last: {m.label} s{seed} (same as {prev[0].method})")
+                    continue
                 t0 = time.perf_counter()
                 run_cfg = cfg.model_copy(deep=True)
                 run_cfg.train.seed = seed
@@ -433,11 +514,12 @@ def run_compare(
                     metric_name = trainer.task.metric_name
                 else:
                     trainer.reset(seed=seed)
-                if cfg.compare.include_start and m is methods[0]:  # the start, on this seed's eval
+                if with_start and m is methods[0]:  # the start, on this seed's eval
                     ev = trainer.evaluate(split, n=cfg.compare.eval_size)
                     r = RunResult(START_LABEL, seed, float(ev.metric), float(ev.stderr),
                                   float(ev.mean_length), int(ev.n), time.perf_counter() - t0, [])
-                    r.run_id = tracker.log_run(r, div_info[START_LABEL], split, metric_name)
+                    r.run_id = tracker.log_run(r, div_info[START_LABEL], split, metric_name,
+                                               sample_tables([], ev, split))
                     runs.append(r)
                     t0 = time.perf_counter()
                 trainer.set_regulariser(regs[m.label])
@@ -452,7 +534,9 @@ def run_compare(
                 ev = trainer.evaluate(split, n=cfg.compare.eval_size)
                 r = RunResult(m.label, seed, float(ev.metric), float(ev.stderr), float(ev.mean_length),
                               int(ev.n), time.perf_counter() - t0, plain_curve(curve))
-                r.run_id = tracker.log_run(r, div_info[m.label], split, metric_name)
+                samples = sample_tables(curve, ev, split)
+                r.run_id = tracker.log_run(r, div_info[m.label], split, metric_name, samples)
+                done[(arm_key[m.label], seed)] = (r, samples)
                 runs.append(r)
                 if prog is not None:
                     prog.update(runs_task, advance=1,
@@ -463,10 +547,12 @@ def run_compare(
             prog.stop()
         if status != "FINISHED":
             tracker.finish(None, [], status="FAILED")
-    result = summarise(runs, labels, baseline, metric_name, split, div_info)
+    std = [lab for lab, _ in STANDARD_BASELINES] if cfg.compare.baselines == "standard" else None
+    result = summarise(runs, labels, baseline, metric_name, split, div_info, best_of=std)
     result.wall_s = time.perf_counter() - t_start
     result.meta = {"seeds": list(cfg.compare.seeds), "steps": cfg.train.steps, "lr": cfg.train.optim.lr,
                    "task": cfg.task.name, "model": cfg.model.name, "eval_size": cfg.compare.eval_size,
+                   "baselines": cfg.compare.baselines, "baseline_coef": cfg.compare.baseline_coef,
                    "mlflow_run_id": tracker.parent_run_id}
     files: list[Path] = []
     if out_dir is not None:
@@ -488,14 +574,17 @@ def run_compare(
 def log_single_run(
     cfg: Any, kind: str, run_name: str, params: dict[str, Any], metrics: dict[str, float],
     curve: list[dict[str, float]] | None = None, files: list[Path] | None = None,
+    samples: dict[str, list[dict[str, Any]]] | None = None,
 ) -> str | None:
-    """Log one finished run (train or eval) to MLflow: params, metrics, curve, files, config."""
+    """Log one finished run (train or eval) to MLflow: params, metrics, curve, files, config, and
+    completion samples (`gbmpo.sample_tables`) as tables `completions/<name>.json`."""
     if not cfg.tracking.enabled:
         return None
     s = MlflowSession(cfg.tracking, cfg.name)
     rid = s.create_run(run_name, {"mirrorlab.kind": kind, "mirrorlab.task": cfg.task.name})
     s.log_params(rid, params)
     s.log_metrics(rid, metrics, curve=curve)
+    s.log_samples(rid, samples)
     s.log_config(rid, cfg)
     s.log_files(rid, files or [])
     s.end_run(rid)

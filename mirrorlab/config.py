@@ -140,6 +140,18 @@ class DivergenceConfig(Section):
     compile: bool = Field(
         False, description="torch.compile the sampled estimator (fuses about a hundred small kernels of "
         "neural; worth it on GPUs)")
+    placement: Literal["loss", "reward"] = Field(
+        "loss", description="where lambda x D acts: loss (added to the per-token loss, gradients flow "
+        "through D) or reward (the sampled tokens' D, detached, summed over the completion and subtracted "
+        "from each sequence's reward before the group advantage, as verl's use_kl_in_reward; needs "
+        "estimator sampled). See docs/estimators.md")
+
+    @model_validator(mode="after")
+    def _placement_fits(self) -> DivergenceConfig:
+        if self.placement == "reward" and self.estimator != "sampled":
+            raise ValueError("placement reward penalises the sampled tokens' D: set estimator=sampled "
+                             "(or placement=loss for the full estimator)")
+        return self
 
 
 # --------------------------------------------------------------------------- inner loop
@@ -155,12 +167,22 @@ class GenerationConfig(Section):
     min_new_tokens: int = Field(
         0, ge=0, description="stop tokens are suppressed before this many tokens (benchmarks of fixed "
         "length)")
-    backend: Literal["hf", "fast"] = Field(
+    backend: Literal["hf", "fast", "vllm", "auto"] = Field(
         "fast", description="fast: mirrorlab's lean KV-cached sampler (same distribution, prompt prefilled "
-        "once per group); hf: transformers' generate")
+        "once per group); hf: transformers' generate; vllm: a colocated vLLM engine in this process "
+        "(built once, weights pushed in memory after optimiser steps; needs vLLM installed, see "
+        "docs/architecture.md); auto: vllm where vLLM is installed and the model has >= 50M parameters "
+        "(where it measured faster), else fast")
     cuda_graph: bool = Field(
         True, description="fast backend on CUDA: replay each decode step as one captured CUDA graph "
         "(ignored on CPU)")
+    vllm_is_cap: float | None = Field(
+        2.0, ge=1.0, description="vllm backend: cap C of the truncated importance weight min(exp(trainer "
+        "log-prob - engine log-prob), C) that multiplies each token's loss (None: no correction)")
+    vllm_dtype: Literal["bfloat16", "float16", "float32", "auto"] = Field(
+        "bfloat16", description="vllm backend: the engine's weight dtype (auto: the checkpoint's)")
+    vllm_kv_cache_mb: int = Field(
+        256, ge=16, description="vllm backend: memory reserved for the engine's KV cache, MiB")
 
 
 class OptimConfig(Section):
@@ -174,6 +196,19 @@ class OptimConfig(Section):
         "constant", description="after warm-up: constant or cosine decay to 0")
     max_grad_norm: float | None = Field(
         1.0, gt=0, description="clip the gradient norm to this (None: no clipping)")
+
+
+class CompletionLogConfig(Section):
+    """A small sample of completions logged to MLflow as tables (`completions/step_XXXX.json`,
+    `completions/eval_<split>.json`): n rows of (prompt, completion, reward, score, length) at the
+    first and last training step (plus every `every` steps) and at the run's evaluation."""
+
+    n: int = Field(8, ge=0, le=64, description="completions per table (rows evenly spaced over the batch); 0 "
+                   "turns completion logging off")
+    every: int = Field(0, ge=0, description="also log a table every this many steps (0: only the first and "
+                       "last step)")
+    max_chars: int = Field(400, ge=16, le=4000, description="prompt and completion texts are cut to this "
+                           "many characters")
 
 
 class TrainConfig(Section):
@@ -217,6 +252,9 @@ class TrainConfig(Section):
     grad_ratio_every: int = Field(
         10, ge=0, description="measure the regulariser-to-PG gradient-norm ratio every k steps (one extra "
         "backward of D on those steps; 0: never)")
+    log_completions: CompletionLogConfig = Field(
+        default_factory=CompletionLogConfig, description="a bounded sample of completions per run, logged "
+        "to MLflow as tables")
     seed: int = Field(
         0, description="seed of the run (prompt order, sampling, initialisation of any new weights)")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="the optimiser and its schedule")
@@ -373,6 +411,24 @@ class MethodConfig(Section):
 
 
 START_LABEL = "untrained start"
+# compare.baselines: standard -> these rows (fixed labels), after the untrained start and before the
+# user's methods; each KL row at compare.baseline_coef (docs/estimators.md says why these four).
+STANDARD_BASELINES: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("lambda 0", {"name": "kl_k3", "coef": 0.0}),
+    ("KL k1 in reward", {"name": "kl_k1", "placement": "reward"}),
+    ("KL k2 in loss", {"name": "kl_k2", "placement": "loss"}),
+    ("KL k3 in loss", {"name": "kl_k3", "placement": "loss"}),
+)
+
+
+def standard_baselines(coef: float = 0.04) -> list[MethodConfig]:
+    """The rows `compare.baselines: standard` adds (after the untrained start): lambda = 0, k1 in
+    the reward, k2 in the loss and k3 in the loss, the KL rows at `coef`."""
+    out = []
+    for label, d in STANDARD_BASELINES:
+        d = {"coef": coef, **d}
+        out.append(MethodConfig(label=label, divergence=DivergenceConfig(**d)))
+    return out
 
 
 class CompareConfig(Section):
@@ -391,15 +447,34 @@ class CompareConfig(Section):
     include_start: bool = Field(
         False, description="add an 'untrained start' row: the starting model evaluated without training "
         "(the limit of an infinitely strong regulariser), on the same split and seeds")
+    baselines: Literal["none", "standard"] = Field(
+        "none", description="standard: prepend the KL baselines a reviewer asks for, with fixed labels: "
+        "the untrained start (include_start), 'lambda 0', 'KL k1 in reward', 'KL k2 in loss', 'KL k3 in "
+        "loss' (the KL rows at baseline_coef); see docs/estimators.md")
+    baseline_coef: float = Field(
+        0.04, ge=0, description="lambda of the standard set's KL rows (0.04: DeepSeekMath's GRPO beta, TRL's "
+        "old default and the quickstart's KL baseline)")
+
+    @property
+    def start_row(self) -> bool:
+        """Whether the untrained start is a row (include_start, or the standard baseline set)."""
+        return self.include_start or self.baselines == "standard"
 
     @model_validator(mode="after")
     def _baseline_known(self) -> CompareConfig:
         labels = [m.label for m in self.methods]
         if len(set(labels)) != len(labels):
             raise ValueError(f"method labels must be unique, got {labels}")
-        if self.include_start and START_LABEL in labels:
+        if self.start_row and START_LABEL in labels:
             raise ValueError(f"method label {START_LABEL!r} is reserved for compare.include_start")
-        if self.include_start:
+        if self.baselines == "standard":
+            std = [lab for lab, _ in STANDARD_BASELINES]
+            clash = sorted(set(std) & set(labels))
+            if clash:
+                raise ValueError(f"method labels {clash} are reserved for compare.baselines=standard; "
+                                 "rename them")
+            labels = [*std, *labels]
+        if self.start_row:
             labels = [START_LABEL, *labels]
         if self.baseline is not None and self.baseline not in labels:
             raise ValueError(f"baseline {self.baseline!r} is not a method label; allowed: {labels}")
@@ -416,6 +491,10 @@ class Config(Section):
     seed: int = Field(
         0, description="seed of the search (strategy, inner seeds) and of runs that do not set their own")
     output_dir: str = Field("runs", description="root of all results")
+    threads: int = Field(
+        2, ge=1, description="torch threads of the commands' own process (train, eval, compare, a local "
+        "search); search workers use search.executor.cpus_per_worker. Fixed, not the machine's core count, "
+        "so a run gives the same numbers on machines with other core counts (published numbers: 2)")
     model: ModelConfig = Field(default_factory=ModelConfig, description="the causal LM")
     task: TaskConfig = Field(default_factory=TaskConfig, description="the task and its splits")
     divergence: DivergenceConfig = Field(

@@ -13,6 +13,7 @@ next step boundary, and a result that arrives late is still marked FAILED.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import multiprocessing as mp
 import os
@@ -57,6 +58,7 @@ def run_job(evaluator: Evaluator, job: Job, worker: str = "local") -> Outcome:
                 setattr(out, k, float(res[k]) if k != "n_eval" else int(res[k]))
         out.curves = list(res.get("curves", []))
         out.scores = [float(x) for x in res.get("scores", [])]
+        out.samples = dict(res.get("samples") or {})  # completion samples, for the candidate's run
         out.timings = {k: float(v) for k, v in res.get("timings", {}).items()}
         elapsed = time.monotonic() - start
         if not is_finite(out.fitness):
@@ -588,6 +590,9 @@ def _process(evaluator: Evaluator, workers: int = 1, cpus_per_worker: float = 1.
 def _ray(evaluator: Evaluator, workers: int = 1, ray_address: str | None = None, cpus_per_worker: float = 1.0,
          gpus_per_worker: float = 0.0, num_cpus: int | None = None, **settings: Any) -> Executor:
     """`workers` Ray actors (a local instance, or the cluster at `ray_address`)."""
+    if importlib.util.find_spec("ray") is None:
+        raise ModuleNotFoundError("search.executor.kind=ray needs the ray extra: pip install -e '.[ray]' "
+                                  "(or pip install 'ray[default]==2.60.0')")
     return RayExecutor(evaluator, workers, address=ray_address, cpus_per_worker=cpus_per_worker,
                        gpus_per_worker=gpus_per_worker, num_cpus=num_cpus)
 

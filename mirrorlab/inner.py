@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from mirrorlab.evaluators import DeadlineCallback, nonfinite_loss, val_subset
-from mirrorlab.gbmpo import Regulariser, build_trainer
+from mirrorlab.gbmpo import Regulariser, build_trainer, sample_tables
 from mirrorlab.maps import build_divergence, regulariser
 from mirrorlab.records import Job, check_deadline
 from mirrorlab.spaces import make_space
@@ -26,7 +26,8 @@ class GBMPOEvaluator:
     coefficient, or the paired baseline's for `role == "baseline"`), trains, and evaluates on the
     seed's val subset of `job.eval_size` problems. fitness = metric - length_penalty * mean
     completion length; stderr = the metric's sampling standard error; `scores` = per-problem
-    scores (for paired standard errors).
+    scores (for paired standard errors); `samples` = a few completions of the first and last inner
+    step and of the evaluation (`train.log_completions`; logged on the candidate's MLflow run).
     """
 
     def __init__(self, cfg: Any) -> None:
@@ -85,4 +86,5 @@ class GBMPOEvaluator:
             "scores": [float(s) for s in res.scores],
             "curves": [{k: float(v) for k, v in row.items() if isinstance(v, int | float)} for row in curves],
             "timings": {"reset_s": t1 - t0, "train_s": t2 - t1, "eval_s": t3 - t2},
+            "samples": sample_tables(curves, res, "val"),  # bounded by train.log_completions
         }

@@ -6,7 +6,8 @@ a `models:/NAME@ALIAS`, `models:/NAME/VERSION` or `runs:/RUN_ID/PATH` URI (downl
 file (any registered search space's format, through `spaces.load_space_map`); otherwise
 `divergences.get(name, **params)`. It then applies the coefficient a saved map carries (a
 `mixture` map searches lambda too; the config's `coef` otherwise) and `compile`, and returns a
-`Regulariser` (divergence, lambda, estimator, chunk size) the trainer takes as one object.
+`Regulariser` (divergence, lambda, estimator, chunk size, placement) the trainer takes as one
+object.
 `train`, `eval`, `compare`, the search's evaluator (`regulariser` for a candidate's divergence),
 the preflight checks and the `maps` commands all call these functions.
 
@@ -40,10 +41,11 @@ def load_map(ref: str | Path, tracking_uri: str | None = None) -> SavedMap:
 
 def regulariser(div: Any, dcfg: DivergenceConfig, coef: float | None = None) -> Regulariser:
     """`div` with the settings of `dcfg`: lambda (`coef` when given, e.g. a searched one, else
-    `dcfg.coef`), estimator, chunk size, and `compile`."""
+    `dcfg.coef`), estimator, chunk size, placement (loss or reward), and `compile`."""
     if dcfg.compile and div is not None:
         div.compile()
-    return Regulariser(div, float(dcfg.coef if coef is None else coef), dcfg.estimator, dcfg.chunk_size)
+    return Regulariser(div, float(dcfg.coef if coef is None else coef), dcfg.estimator, dcfg.chunk_size,
+                       dcfg.placement)
 
 
 def resolve(dcfg: DivergenceConfig, *, map_refs: dict[str, str] | None = None,

@@ -65,15 +65,31 @@ class Outcome:
     worker: str = ""
     label: str = ""  # the job's role
     scores: list[float] = field(default_factory=list)  # per validation problem (paired errors)
+    # completion samples by table name (`step_0001`, `eval_val`: lists of row dicts, bounded by
+    # train.log_completions); logged on the candidate's MLflow run, kept out of `to_dict`
+    samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict (used by the resume journal)."""
-        return dict(self.__dict__)
+        """JSON-able dict (used by the resume journal and the baseline cache), without `samples`:
+        the journal stays small, and a job reused from it after a resume has none."""
+        d = dict(self.__dict__)
+        d.pop("samples", None)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Outcome:
         """Inverse of `to_dict`."""
         return cls(**d)
+
+
+def merge_samples(outs: list[Outcome], seeds: list[int]) -> dict[str, list[dict[str, Any]]]:
+    """The completion samples of one candidate's per-seed outcomes, table by table, each row
+    tagged with its seed (what the candidate's child run logs)."""
+    merged: dict[str, list[dict[str, Any]]] = {}
+    for o, s in zip(outs, seeds, strict=True):
+        for name, rows in (o.samples or {}).items():
+            merged.setdefault(name, []).extend({"seed": int(s), **r} for r in rows)
+    return merged
 
 
 def check_deadline(job: Job) -> None:

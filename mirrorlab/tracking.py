@@ -2,7 +2,8 @@
 
 One experiment per search name; a parent run per search (config YAML, strategy, seeds, run
 record) and a child run per candidate (tags `mirrorlab.*`, fitness with its standard error, inner
-training curves, completion length, the map as safetensors + JSON and a plot). The best map is
+training curves, completion length, a few completions as tables under `completions/`, the map as
+safetensors + JSON and a plot). The best map is
 registered in the model registry as a plain model version whose source is the child run's `map`
 artifact directory, with an alias, so `maps.load_map("models:/NAME@ALIAS")` (or a file path) gives the
 divergence back anywhere. Everything is logged from the search process; workers only return data.
@@ -158,6 +159,34 @@ class MlflowSession:
             if Path(f).is_file():
                 self.client.log_artifact(run_id, str(f), "plots" if str(f).endswith(".png") else None)
 
+    #: rows per logged table at most (the trainer's `train.log_completions` bounds them first)
+    max_table_rows: int = 512
+
+    def log_table(self, run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        """Rows (dicts; missing keys become null) as an MLflow table artifact at `artifact_file`
+        (e.g. `completions/step_0001.json`), read back by `mlflow.load_table(artifact_file,
+        run_ids=[...])` across runs; at most `max_table_rows` rows."""
+        rows = list(rows)[: self.max_table_rows]
+        if not rows:
+            return
+        cols = list(dict.fromkeys(k for r in rows for k in r))
+        self.client.log_table(run_id, data={c: [r.get(c) for r in rows] for c in cols},
+                              artifact_file=artifact_file)
+
+    def log_samples(self, run_id: str, samples: dict[str, list[dict[str, Any]]] | None) -> list[str]:
+        """Completion samples (`{table name: rows}`, as `gbmpo.sample_tables` makes them) as tables
+        `completions/<name>.json`; returns the artifact paths. A failure is recorded as the tag
+        `mirrorlab.samples_error` and never fails the run."""
+        paths = []
+        try:
+            for name, rows in (samples or {}).items():
+                path = f"completions/{name}.json"
+                self.log_table(run_id, rows, path)
+                paths.append(path)
+        except Exception as e:  # noqa: BLE001 - samples are diagnostics; a run must not fail on them
+            self.client.set_tag(run_id, TAG + "samples_error", str(e)[:500])
+        return paths
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         """Close a run with `status`."""
         self.client.set_terminated(run_id, status=status)
@@ -284,6 +313,7 @@ class MLflowTracker:
             "n_eval": None if outcome.n_eval is None else float(outcome.n_eval),
             **(extra or {}), **{f"time_{k}": v for k, v in outcome.timings.items()}}
         self.session.log_metrics(rid, metrics, curve=outcome.curves)
+        self.session.log_samples(rid, outcome.samples)  # per-seed rows, tagged with their seed
         theta = np.asarray(job.theta, dtype=np.float64)
         self.client.log_batch(rid, tags=[RunTag(TAG + "params", json.dumps(self.space.describe(theta)))])
         with tempfile.TemporaryDirectory() as d:

@@ -153,8 +153,16 @@ def test_train_then_eval(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     ev = json.loads((tmp_path / "runs" / "t" / "eval" / "results.json").read_text())
     assert ev["n"] == 8 and ev["split"] == "test"
-    kinds = sorted(run.data.tags.get("mirrorlab.kind", "") for run in _mlflow_runs(tmp_path, "t"))
+    runs = _mlflow_runs(tmp_path, "t")
+    kinds = sorted(run.data.tags.get("mirrorlab.kind", "") for run in runs)
     assert kinds == ["eval", "train"]
+    assert res["regulariser"]["placement"] == "loss"
+    from mlflow import MlflowClient
+
+    train_run = next(run for run in runs if run.data.tags["mirrorlab.kind"] == "train")
+    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tables = {f.path for f in c.list_artifacts(train_run.info.run_id, "completions")}
+    assert tables == {"completions/step_0001.json", "completions/step_0002.json", "completions/eval_val.json"}
 
 
 @pytest.mark.slow

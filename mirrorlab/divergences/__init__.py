@@ -17,7 +17,7 @@ from typing import Any
 from mirrorlab.registry import Registry
 
 from .base import Divergence, PotentialMixin, compute_dtype
-from .builtin import KLK1, KLK2, KLK3, NegEntropy, ProbL2
+from .builtin import KLK1, KLK2, KLK3, KLK1Plus, KLK3Plus, NegEntropy, ProbL2, StraightThrough
 from .mixture import MixtureDivergence
 from .neural import DIM, N_UNITS, NeuralMirrorMap, make_neural, theta_sha
 from .plot import plot_maps
@@ -27,6 +27,8 @@ registry: Registry[Divergence] = Registry("divergence")
 registry.register("kl_k1", KLK1)
 registry.register("kl_k2", KLK2)
 registry.register("kl_k3", KLK3)
+registry.register("kl_k1+", KLK1Plus)
+registry.register("kl_k3+", KLK3Plus)
 registry.register("prob_l2", ProbL2)
 registry.register("neg_entropy", NegEntropy)
 registry.register("neural", make_neural)
@@ -63,6 +65,8 @@ __all__ = [
     "KLK1",
     "KLK2",
     "KLK3",
+    "KLK1Plus",
+    "KLK3Plus",
     "N_UNITS",
     "Divergence",
     "NegEntropy",
@@ -70,6 +74,7 @@ __all__ = [
     "PotentialDivergence",
     "PotentialMixin",
     "ProbL2",
+    "StraightThrough",
     "MixtureDivergence",
     "compute_dtype",
     "get",

@@ -11,12 +11,20 @@ from mirrorlab.gbmpo.losses import (
     advantages,
     aggregate,
     gbmpo_loss,
+    penalised_rewards,
     policy_loss,
 )
-from mirrorlab.gbmpo.trainer import EvalResult, GBMPOTrainer, Regulariser, Rollout, build_trainer
+from mirrorlab.gbmpo.trainer import (
+    EvalResult,
+    GBMPOTrainer,
+    Regulariser,
+    Rollout,
+    build_trainer,
+    sample_tables,
+)
 
 __all__ = [
     "BatchTotals", "EvalResult", "GBMPOTrainer", "LossOutput", "LossSpec", "Regulariser", "Rollout",
     "advantages", "aggregate",
-    "build_trainer", "gbmpo_loss", "policy_loss",
+    "build_trainer", "gbmpo_loss", "penalised_rewards", "policy_loss", "sample_tables",
 ]

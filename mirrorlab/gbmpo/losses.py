@@ -8,7 +8,8 @@ share a loss type (see `tests/test_gbmpo_parity.py`):
   `max_completion_length`), not by the longest completion in the batch;
 - `bnpo` is a token mean per micro-batch (averaged over micro-batches), `dapo` a token mean
   over the whole generated batch (they coincide without micro-batching);
-- the regulariser is lambda * D as in DESIGN section 3. TRL 1.16 defaults to
+- the regulariser is lambda * D as in DESIGN section 3 (in the loss; `penalised_rewards` places it
+  in the reward instead, before the advantage). TRL 1.16 defaults to
   `use_bias_correction_kl=True` (D multiplied by the differentiable ratio rho, which changes the
   gradient even on-policy); `LossSpec(reg_times_ratio=True)` reproduces that, the default False
   is the classic GRPO / GBMPO form (TRL with `use_bias_correction_kl=False`).
@@ -41,6 +42,20 @@ def advantages(rewards: Tensor, group_size: int, kind: AdvantageKind = "dr_grpo"
     elif kind != "dr_grpo":
         raise ValueError(f"unknown advantage kind {kind!r}; allowed: grpo, dr_grpo")
     return centred.reshape(-1)
+
+
+def penalised_rewards(rewards: Tensor, d_tok: Tensor, mask: Tensor, coef: float) -> tuple[Tensor, Tensor]:
+    """The regulariser placed in the reward (`divergence.placement: reward`, verl's use_kl_in_reward):
+    each sequence's reward minus lambda times its per-token D summed over the completion.
+
+    `d_tok` [B, T] is the divergence of the sampled tokens (`divergence.sampled(logp, ref_logp,
+    mask)`), detached here so no gradient flows through it; `mask` [B, T] the completion mask.
+    Returns (penalised rewards [B], penalty [B] = coef * sum_t mask * D), both float32; the group
+    advantage is then computed from the penalised rewards.
+    """
+    d = d_tok.detach().float() * mask.to(torch.float32)
+    penalty = coef * d.sum(-1)
+    return rewards.float() - penalty, penalty
 
 
 def policy_loss(
@@ -141,16 +156,20 @@ def gbmpo_loss(
     totals: BatchTotals = BatchTotals(),
     logits: Tensor | None = None,
     ref_logits: Tensor | None = None,
+    is_weight: Tensor | None = None,
 ) -> LossOutput:
     """Per-token GBMPO loss l = PG + lambda * D, aggregated; returns parts and diagnostics.
 
     `old_logp=None` means on-policy (mu = 1): old = detached current, so rho = 1. The
     divergence is evaluated in float32 on log-probs (`sampled`) or on `logits` and `ref_logits`
-    (`full`).
+    (`full`). `is_weight` [B, T] (detached; e.g. the vLLM backend's truncated importance weight
+    trainer / sampler) multiplies every token's loss, PG and regulariser alike.
     """
     logp32 = logp.float()
     old = logp32.detach() if old_logp is None else old_logp.float()
     pg_tok, clipped = policy_loss(logp32, old, adv.float(), spec.eps_low, spec.eps_high)
+    if is_weight is not None:
+        pg_tok = pg_tok * is_weight.detach().float()
     agg = dict(kind=spec.loss_type, max_len=spec.max_len, num_seqs=totals.num_seqs,
                num_tokens=totals.num_tokens, num_micro=totals.num_micro)
     pg = aggregate(pg_tok, mask, **agg)
@@ -173,7 +192,8 @@ def gbmpo_loss(
         d_tok = d_tok.float()
         if spec.reg_times_ratio:  # TRL's use_bias_correction_kl: D * rho (rho differentiable)
             d_tok = d_tok * torch.exp(logp32 - old)
-        reg = coef * aggregate(d_tok, mask, **agg)
+        d_w = d_tok if is_weight is None else d_tok * is_weight.detach().float()
+        reg = coef * aggregate(d_w, mask, **agg)
         metrics["div_mean"] = (d_tok.detach().float() * maskf).sum() / ntok
     else:
         reg = pg.new_zeros(())

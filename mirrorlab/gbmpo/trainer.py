@@ -83,6 +83,7 @@ class Rollout:
     rewards: Tensor  # [B]
     scores: Tensor  # [B]
     old_logps: Tensor | None = None  # [B, T] sampling-time log-probs (only when mu > 1)
+    engine_logps: Tensor | None = None  # [B, T] the vLLM engine's log-probs of the drawn tokens
 
 
 def _is_peft(model: Any) -> bool:
@@ -224,11 +225,21 @@ class GBMPOTrainer:
             return 0.5 * (1.0 + math.cos(math.pi * frac))
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        # a new optimiser comes with new weights (reset, checkpoint load); every step changes them:
+        # the vLLM engine is re-synced before the next generation
+        self._weights_changed()
+        self.optimizer.register_step_post_hook(lambda *_: self._weights_changed())
+
+    def _weights_changed(self) -> None:
+        """Mark the policy's weights as changed (a generation through the vLLM engine pushes them
+        first). Call it after modifying `self.model`'s weights from outside the trainer."""
+        self._weights_token = object()
 
     def reset(self, seed: int | None = None) -> None:
         """Back to the starting weights (from memory), a fresh optimiser, step 0, re-seeded RNGs."""
         seed = self.cfg.seed if seed is None else seed
         self.seed = seed
+        self._setup_backend()  # first call: resolve `auto`, build (or reuse) the vLLM engine
         seed_everything(seed)
         with torch.no_grad():
             if self.is_peft:
@@ -310,7 +321,9 @@ class GBMPOTrainer:
         token), so with mu > 1 the "old" log-probs cost no extra forward pass.
         """
         max_new = max_new_tokens or self.cfg.generation.max_new_tokens
-        if self.cfg.generation.backend == "fast":
+        if self.backend == "vllm":
+            return self._generate_vllm(examples, repeats, greedy, max_new)
+        if self.backend == "fast":
             return self._generate_fast(examples, repeats, greedy, max_new, with_logps)
         seqs = [self._prompt_ids(ex) for ex in examples for _ in range(repeats)]
         ids, att = self._left_pad(seqs)
@@ -360,6 +373,71 @@ class GBMPOTrainer:
         cmask, _ = completion_mask_from(comp, stop)
         return ids, att, comp, cmask, old
 
+    def _setup_backend(self) -> None:
+        """Resolve `generation.backend` (auto: vllm or fast) and, for vllm, get the process's engine
+        for this model (built once, reused by every reset and candidate). Runs once per trainer."""
+        if getattr(self, "backend", None) is not None:
+            return
+        from mirrorlab.gbmpo import vllm_engine
+
+        g = self.cfg.generation
+        backend = vllm_engine.resolve_backend(g.backend, self.model)
+        self.engine: Any = None
+        self._engine_logps: Tensor | None = None
+        self._engine_sync_s = 0.0
+        if backend == "vllm":
+            try:
+                self.engine = vllm_engine.VLLMEngine.for_model(
+                    self.model, self.tokenizer, dtype=g.vllm_dtype, seed=self.cfg.seed,
+                    kv_cache_mb=g.vllm_kv_cache_mb, device=self.device.type)
+            except vllm_engine.VLLMUnavailableError as e:
+                if g.backend != "auto":
+                    raise
+                import logging
+
+                logging.getLogger(__name__).warning("generation backend auto: %s; using fast", e)
+                backend = "fast"
+        self.backend = backend
+
+    def _sync_engine(self) -> None:
+        """Push the policy's weights into the vLLM engine unless it already holds them."""
+        if self.engine.loaded is not self._weights_token:
+            self._engine_sync_s += self.engine.load_weights(self.model, self._weights_token)
+
+    def _generate_vllm(self, examples: Sequence[Any], repeats: int, greedy: bool, max_new: int) -> tuple:
+        """`_generate` through the colocated vLLM engine (`generation.backend: vllm`). The engine's
+        log-probs of the drawn tokens are kept for the rollout (`engine_logps`); the old log-probs
+        slot stays None (the trainer's own log-probs are recomputed for the loss)."""
+        from mirrorlab.gbmpo.vllm_engine import EngineParams
+
+        g = self.cfg.generation
+        self._sync_engine()
+        prompts = [self._prompt_ids(ex) for ex in examples]
+        params = EngineParams(max_new_tokens=max_new, greedy=greedy, temperature=g.temperature, top_k=g.top_k,
+                              top_p=g.top_p, min_new_tokens=0 if greedy else min(g.min_new_tokens, max_new))
+        # per-request seeds from the trainer's seeded RNG: a fixed engine and seed reproduce
+        seed = None if greedy else int(torch.randint(0, 2**30, (1,)).item())
+        toks, lps = self.engine.generate(prompts, params, self.stop_ids, repeats=repeats, seed=seed)
+        T = max(1, max(len(t) for t in toks))
+        comp = torch.full((len(toks), T), self.pad_id, dtype=torch.long)
+        elp = torch.zeros((len(toks), T), dtype=torch.float32)
+        for i, (t, lp) in enumerate(zip(toks, lps, strict=True)):
+            if t:
+                comp[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+                elp[i, :len(t)] = torch.tensor(lp, dtype=torch.float32)
+        comp, self._engine_logps = comp.to(self.device), elp.to(self.device)
+        ids, att = self._left_pad(prompts)
+        if repeats > 1:
+            ids, att = ids.repeat_interleave(repeats, dim=0), att.repeat_interleave(repeats, dim=0)
+        stop = torch.tensor(self.stop_ids, device=self.device)
+        cmask, _ = completion_mask_from(comp, stop)
+        return ids, att, comp, cmask, None
+
+    def _pop_engine_logps(self) -> Tensor | None:
+        """The engine log-probs of the last vLLM generation (None for the other backends), once."""
+        out, self._engine_logps = self._engine_logps, None
+        return out
+
     def _decode(self, comp: Tensor, cmask: Tensor) -> list[str]:
         ids = comp.masked_fill(cmask == 0, self.pad_id).tolist()
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
@@ -381,6 +459,7 @@ class GBMPOTrainer:
             input_ids=torch.cat([p_ids, comp], dim=1), attention_mask=att,
             position_ids=_position_ids(att), completion_ids=comp, completion_mask=cmask,
             truncated=truncated, texts=texts, rewards=rewards, scores=scores, old_logps=old,
+            engine_logps=self._pop_engine_logps(),
         )
 
     # ------------------------------------------------------------------ log-probs
@@ -448,7 +527,8 @@ class GBMPOTrainer:
         totals = BatchTotals(num_seqs=B, num_tokens=mask.sum(), num_micro=len(slices))
         # --- reference pass (no grad) and the old policy (mu > 1: the sampling log-probs)
         refs = [self._reference(ro, s) if need_ref else (None, None) for s in slices]
-        olds = [ro.old_logps[s] for s in slices] if cfg.mu > 1 else [None] * len(slices)
+        olds = [ro.old_logps[s] for s in slices] if cfg.mu > 1 and ro.old_logps is not None \
+            else [None] * len(slices)  # None with mu > 1 (vllm): the first pass's log-probs
         # --- the regulariser in the reward (before the group advantage) or in the loss
         rewards, penalty, div_mean = ro.rewards, None, None
         if in_reward:
@@ -485,15 +565,21 @@ class GBMPOTrainer:
         ntok = totals.num_tokens.clamp(min=1.0)
         acc: dict[str, Tensor] = {}
         grad_norm = ratio = torch.zeros((), device=self.device)
+        is_w: list[Tensor | None] = [None] * len(slices)  # vllm: truncated IS weights, from pass 0
         for it in range(cfg.mu):
             reg_grads: list[Tensor] | None = None
             for k, s in enumerate(slices):
                 logits = self._logits(self.model, ro.input_ids[s], ro.attention_mask[s], ro.position_ids[s],
                                       T)
                 lp = token_logps(logits, ro.completion_ids[s])
+                if it == 0 and cfg.mu > 1 and olds[k] is None:
+                    olds[k] = lp.detach()  # the sampling weights' own log-probs (pass 0 is at them)
+                if it == 0 and ro.engine_logps is not None:
+                    is_w[k] = self._engine_correction(ro, s, lp, acc)
                 ref_lp, ref_logits = refs[k]
                 out = gbmpo_loss(lp, olds[k], ref_lp, adv[s], mask[s], divergence=div, coef=self.coef,
-                                 spec=spec, totals=totals, logits=logits, ref_logits=ref_logits)
+                                 spec=spec, totals=totals, logits=logits, ref_logits=ref_logits,
+                                 is_weight=is_w[k])
                 if want_ratio and it == 0:
                     g = torch.autograd.grad(out.reg_loss, params, retain_graph=True, allow_unused=True)
                     g = [torch.zeros_like(p) if x is None else x for p, x in zip(params, g, strict=True)]
@@ -521,6 +607,23 @@ class GBMPOTrainer:
             self.optimizer.zero_grad(set_to_none=True)
         return acc, grad_norm, ratio
 
+    @torch.no_grad()
+    def _engine_correction(self, ro: Rollout, rows: slice, lp: Tensor, acc: dict[str, Tensor]) -> Tensor:
+        """vllm backend: the truncated importance weight min(exp(trainer - engine), C) of a micro-batch
+        (`lp`: the trainer's log-probs under the sampling weights), and into `acc` its share of the
+        batch's mean |trainer - engine| log-prob per token and mean weight."""
+        from mirrorlab.gbmpo.vllm_engine import truncated_is_weight
+
+        cmask = ro.completion_mask[rows].float()
+        eng = ro.engine_logps[rows]
+        w = truncated_is_weight(lp, eng, self.cfg.generation.vllm_is_cap, cmask)
+        n_all = ro.completion_mask.float().sum().clamp(min=1.0)
+        diff = ((lp.detach().float() - eng.float()).abs() * cmask).nan_to_num(0.0)
+        for key, v in (("engine_logp_mismatch", diff.sum() / n_all),
+                       ("is_weight_mean", (w * cmask).sum() / n_all)):
+            acc[key] = acc.get(key, 0.0) + v
+        return w
+
     def _step_metrics(self, ro: Rollout, adv: Tensor, mask: Tensor, totals: BatchTotals,
                       acc: dict[str, Tensor], grad_norm: Tensor, ratio: Tensor, want_ratio: bool,
                       dt: float, t_gen: float, penalty: Tensor | None = None,
@@ -547,8 +650,8 @@ class GBMPOTrainer:
             penalty.mean() if penalty is not None else zero,
         ])
         rows = self._sample_rows(B) if examples is not None else []
-        if rows:
-            idx = torch.as_tensor(rows, device=self.device)
+        if rows:  # a strided slice of the batch: no index tensor to copy to the device
+            idx = slice(rows[0], rows[-1] + 1, rows[1] - rows[0] if len(rows) > 1 else 1)
             pen = penalty if penalty is not None else torch.zeros_like(ro.rewards)
             vec = torch.cat([vec, ro.rewards[idx].float(), ro.scores[idx].float(), lengths[idx],
                              pen[idx].float()])
@@ -569,6 +672,10 @@ class GBMPOTrainer:
             m.pop("clip_frac_last")
         m.update(step=self.step, lr=self.scheduler.get_last_lr()[0], step_time=dt, gen_time=t_gen,
                  tokens_per_s=m["gen_tokens"] / dt if dt > 0 else float("nan"))
+        if "engine_logp_mismatch" in acc:  # vllm backend: sampler vs trainer, and the weight push
+            m["engine_logp_mismatch"], m["is_weight_mean"] = torch.stack(
+                [acc["engine_logp_mismatch"], acc["is_weight_mean"]]).tolist()
+            m["engine_sync_s"], self._engine_sync_s = self._engine_sync_s, 0.0
         if not math.isfinite(m["loss"]):
             raise FloatingPointError(f"non-finite loss at step {self.step}: {m['loss']}")
         return m
@@ -632,9 +739,10 @@ class GBMPOTrainer:
 
     # ------------------------------------------------------------------ completion samples
     def _sample_rows(self, B: int) -> list[int]:
-        """Rows of a batch of B whose completions are logged: `log_completions.n`, evenly spaced."""
+        """Rows of a batch of B whose completions are logged: `log_completions.n`, evenly strided
+        (0, B // n, 2 B // n, ...: with n <= prompts per step, one completion of each of n prompts)."""
         n = min(self.cfg.log_completions.n, B)
-        return [i * B // n for i in range(n)] if n > 0 else []
+        return [i * (B // n) for i in range(n)] if n > 0 else []
 
     def _sample_row(self, step: int, split: str, ex: Any, text: str, reward: float | None, score: float,
                     length: float, penalty: float | None = None) -> dict[str, Any]:
