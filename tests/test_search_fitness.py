@@ -290,3 +290,24 @@ def test_kill9_during_confirmation_resumes_to_the_same_registered_map(tmp_path):
                               filter_string=f"tags.mlflow.parentRunId = '{res.parent_run_id}'")
     stages = sorted(r.data.tags["mirrorlab.stage"] for r in kids)
     assert stages == ["confirm"] * 3 + ["search"] * 12  # partial confirm children replaced, none doubled
+
+
+def test_a_candidate_after_a_baseline_job_trains_with_its_own_coefficient(tmp_path):
+    """Regression: a worker that trained the paired baseline (kl_k3 @ 0.04) kept that lambda for the
+    next candidate, because a neural space has no coefficient of its own and the trainer kept its
+    last one. Every job now gets its full regulariser (map, lambda, estimator) from the builder."""
+    from test_search import tiny_cfg
+
+    from mirrorlab.inner import GBMPOEvaluator
+    from mirrorlab.records import Job
+
+    cfg = tiny_cfg(tmp_path, "coef-after-baseline", evaluator={"inner_steps": 1, "val_size": 4,
+                                                                "baseline": {"name": "kl_k3", "coef": 0.04}})
+    ev = GBMPOEvaluator(cfg)
+    ev.setup()
+    theta = ev.space.initial(1)
+    seen = []
+    for role in ("baseline", "candidate", "baseline", "candidate"):
+        ev.evaluate(Job(0, 0, theta, seed=3, role=role))
+        seen.append((role, type(ev.trainer.divergence).__name__, ev.trainer.coef))
+    assert seen == [("baseline", "KLK3", 0.04), ("candidate", "NeuralMirrorMap", 1.0)] * 2
