@@ -63,3 +63,27 @@ def wait_group_gone(pgid: int, timeout_s: float = 60.0) -> bool:
     while _group_alive(pgid) and time.monotonic() < end:
         time.sleep(0.1)
     return not _group_alive(pgid)
+
+
+class StartsWithOne:
+    """Arithmetic prompts; reward 1 when the completion starts with '1' (a reward the tiny model can
+    learn in a few steps, shared by the learning tests of every generation backend)."""
+
+    def __init__(self) -> None:
+        from mirrorlab.tasks import get as get_task
+
+        self._task = get_task("arithmetic", n_train=300, n_val=50, n_test=50)
+        self.train, self.val, self.test = self._task.train, self._task.val, self._task.test
+        self.stop_strings = self._task.stop_strings
+        self.metric_name = self._task.metric_name
+
+    def prompt(self, ex, tokenizer=None):  # noqa: ANN001, ANN201 - the Task interface
+        return self._task.prompt(ex, tokenizer)
+
+    def split(self, name: str) -> list:
+        return getattr(self, name)
+
+    def rewards(self, completions: list[str], examples: list) -> list[float]:
+        return [1.0 if c.startswith("1") else 0.0 for c in completions]
+
+    scores = rewards

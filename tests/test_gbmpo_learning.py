@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+from _helpers import StartsWithOne
 
 from mirrorlab import divergences
 from mirrorlab.config import GenerationConfig, OptimConfig, TrainConfig
@@ -32,24 +33,6 @@ IDS = [a[0] for a in ARMS]
 
 
 
-class _StartsWithOne:
-    """Arithmetic prompts, reward 1 when the completion starts with '1' (learnable in a few steps)."""
-
-    def __init__(self):
-        self._task = get_task("arithmetic", n_train=300, n_val=50, n_test=50)
-        self.train, self.val, self.test = self._task.train, self._task.val, self._task.test
-        self.stop_strings = self._task.stop_strings
-
-    def prompt(self, ex, tokenizer=None):
-        return self._task.prompt(ex, tokenizer)
-
-    def split(self, name):
-        return getattr(self, name)
-
-    def rewards(self, completions, examples):
-        return [1.0 if c.startswith("1") else 0.0 for c in completions]
-
-    scores = rewards
 
 
 @pytest.mark.parametrize("name,params,coef", ARMS, ids=IDS)
@@ -58,7 +41,7 @@ def test_loop_learns_a_learnable_reward(tiny, name, params, coef):
     cfg = TrainConfig(steps=8, prompts_per_step=16, seed=0, grad_ratio_every=0,
                       generation=GenerationConfig(num_generations=8, max_new_tokens=6),
                       optim=OptimConfig(lr=1e-3))
-    tr = GBMPOTrainer(copy.deepcopy(model), tok, _StartsWithOne(), divergences.get(name, **params), cfg,
+    tr = GBMPOTrainer(copy.deepcopy(model), tok, StartsWithOne(), divergences.get(name, **params), cfg,
                       coef=coef)
     r = [m["reward_mean"] for m in tr.train()]
     assert sum(r[-2:]) / 2 > r[0] + 0.2, r

@@ -18,6 +18,7 @@ import math
 
 import pytest
 import torch
+from _helpers import StartsWithOne
 
 from mirrorlab import divergences
 from mirrorlab.config import GenerationConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig
@@ -247,26 +248,6 @@ def test_greedy_eval_agrees_with_fast(tiny, task):
     assert agree >= 0.9, agree  # bf16 engine vs fp32 fast sampler: a few near-ties may flip
 
 
-class _StartsWithOne:
-    """Arithmetic prompts; reward 1 when the completion starts with '1' (learnable in a few steps)."""
-
-    def __init__(self):
-        from mirrorlab.tasks import get as get_task
-
-        self._task = get_task("arithmetic", n_train=300, n_val=50, n_test=50)
-        self.train, self.val, self.test = self._task.train, self._task.val, self._task.test
-        self.stop_strings = self._task.stop_strings
-
-    def prompt(self, ex, tokenizer=None):
-        return self._task.prompt(ex, tokenizer)
-
-    def split(self, name):
-        return getattr(self, name)
-
-    def rewards(self, completions, examples):
-        return [1.0 if c.startswith("1") else 0.0 for c in completions]
-
-    scores = rewards
 
 
 @needs_vllm
@@ -277,7 +258,7 @@ def test_short_run_learns_like_fast(tiny, mu, lr):
     both 0.48 -> 0.87; mu 2 at lr 3e-4 0.548 / 0.533 (neither learns this reward with mu 2; at lr
     1e-3 both runs turn chaotic and drift apart by ~0.1)."""
     model, tok = tiny
-    task = _StartsWithOne()
+    task = StartsWithOne()
     curves = {}
     for backend in ("fast", "vllm"):
         cfg = TrainConfig(steps=8, prompts_per_step=16, seed=0, mu=mu, grad_ratio_every=0,

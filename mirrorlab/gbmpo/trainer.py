@@ -408,13 +408,14 @@ class GBMPOTrainer:
         """`_generate` through the colocated vLLM engine (`generation.backend: vllm`). The engine's
         log-probs of the drawn tokens are kept for the rollout (`engine_logps`); the old log-probs
         slot stays None (the trainer's own log-probs are recomputed for the loss)."""
-        from mirrorlab.gbmpo.vllm_engine import EngineParams
+        from mirrorlab.gbmpo.sampling import SamplingParams
 
         g = self.cfg.generation
         self._sync_engine()
         prompts = [self._prompt_ids(ex) for ex in examples]
-        params = EngineParams(max_new_tokens=max_new, greedy=greedy, temperature=g.temperature, top_k=g.top_k,
-                              top_p=g.top_p, min_new_tokens=0 if greedy else min(g.min_new_tokens, max_new))
+        params = SamplingParams(max_new_tokens=max_new, greedy=greedy, temperature=g.temperature,
+                                top_k=g.top_k, top_p=g.top_p,
+                                min_new_tokens=0 if greedy else min(g.min_new_tokens, max_new))
         # per-request seeds from the trainer's seeded RNG: a fixed engine and seed reproduce
         seed = None if greedy else int(torch.randint(0, 2**30, (1,)).item())
         toks, lps = self.engine.generate(prompts, params, self.stop_ids, repeats=repeats, seed=seed)

