@@ -544,10 +544,11 @@ def load_model(cfg: ModelConfig) -> tuple[Any, Any]:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(cfg.dtype))
     except Exception as e:
         if cached:
+            fix = ("reinstall mirrorlab (its shipped preset)" if Path(path).parent == SHIPPED
+                   else f"delete it (rm -rf '{path}') and it will be rebuilt")
             raise RuntimeError(
-                f"the cached {cfg.name} model at {path} does not load ({type(e).__name__}: {e}); "
-                f"it is corrupt: delete it (rm -rf '{path}') and it will be rebuilt"
-            ) from e
+                f"the {cfg.name} model at {path} does not load ({type(e).__name__}: {e}); it is corrupt: "
+                f"{fix}") from e
         raise
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -559,6 +560,11 @@ def load_model(cfg: ModelConfig) -> tuple[Any, Any]:
     if cfg.lora is not None:
         model = apply_lora(model, cfg)
     return model, tokenizer
+
+
+def is_peft(model: Any) -> bool:
+    """Whether `model` is a peft (LoRA) model: its base is the reference with the adapter off."""
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
 def apply_lora(model: Any, cfg: ModelConfig) -> Any:

@@ -20,6 +20,7 @@ backward per pass.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import random
 import time
@@ -37,9 +38,11 @@ from mirrorlab.config import Config, TrainConfig
 from mirrorlab.divergences import Divergence
 from mirrorlab.gbmpo.losses import BatchTotals, LossSpec, gbmpo_loss, penalised_rewards
 from mirrorlab.gbmpo.losses import advantages as compute_advantages
-from mirrorlab.models import load_model
+from mirrorlab.models import is_peft, load_model
 from mirrorlab.repro import seed_everything
 from mirrorlab.tasks import Task
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -84,10 +87,6 @@ class Rollout:
     scores: Tensor  # [B]
     old_logps: Tensor | None = None  # [B, T] sampling-time log-probs (only when mu > 1)
     engine_logps: Tensor | None = None  # [B, T] the vLLM engine's log-probs of the drawn tokens
-
-
-def _is_peft(model: Any) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
 def _position_ids(attention_mask: Tensor) -> Tensor:
@@ -157,7 +156,7 @@ class GBMPOTrainer:
         self.chunk_size = chunk_size
         self.placement = _check_placement(placement, estimator)
         self.device = next(model.parameters()).device
-        self.is_peft = _is_peft(model)
+        self.is_peft = is_peft(model)
         if self.is_peft:
             self.ref_model = None
         else:
@@ -393,9 +392,7 @@ class GBMPOTrainer:
             except vllm_engine.VLLMUnavailableError as e:
                 if g.backend != "auto":
                     raise
-                import logging
-
-                logging.getLogger(__name__).warning("generation backend auto: %s; using fast", e)
+                log.warning("generation backend auto: %s; using fast", e)
                 backend = "fast"
         self.backend = backend
 

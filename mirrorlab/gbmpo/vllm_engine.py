@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from mirrorlab.gbmpo.sampling import SamplingParams
+from mirrorlab.models import is_peft
 
 INSTALL_HINT = (
     "install vLLM beside torch in its own virtual environment, e.g. `python3 -m venv .venv-vllm && "
@@ -84,10 +85,6 @@ def truncated_is_weight(trainer_logp: Tensor, engine_logp: Tensor, cap: float | 
     return w
 
 
-def _is_peft(model: Any) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-
-
 @torch.no_grad()
 def hf_state_dict(model: Any) -> dict[str, Tensor]:
     """The model's weights by Hugging Face checkpoint names, as vLLM loads them.
@@ -95,7 +92,7 @@ def hf_state_dict(model: Any) -> dict[str, Tensor]:
     LoRA (peft) models: the base weights with every active adapter's delta merged in
     (W + scale * B A, computed, the model is not modified) and no `lora_*` / `base_layer` names.
     Tied-embedding models always carry `lm_head.weight` (= the input embedding)."""
-    if _is_peft(model):
+    if is_peft(model):
         from peft.tuners.lora import LoraLayer
 
         base = model.get_base_model()
@@ -123,7 +120,7 @@ def hf_state_dict(model: Any) -> dict[str, Tensor]:
 
 def model_dir(model: Any) -> Path | None:
     """The local checkpoint directory the (base) model was loaded from, if it is one."""
-    base = model.get_base_model() if _is_peft(model) else model
+    base = model.get_base_model() if is_peft(model) else model
     p = getattr(getattr(base, "config", None), "_name_or_path", None) or getattr(base, "name_or_path", None)
     if p and (Path(p) / "config.json").is_file():
         return Path(p)
@@ -227,7 +224,7 @@ class VLLMEngine:
         model or one built in memory) a copy saved once to a temporary directory."""
         path = model_dir(model)
         if path is None:
-            base = model.get_base_model() if _is_peft(model) else model
+            base = model.get_base_model() if is_peft(model) else model
             key = ("saved", id(base))
             path = cls._saved.get(key)
             if path is None:
