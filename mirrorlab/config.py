@@ -233,6 +233,11 @@ class TrainConfig(Section):
     mu: int = Field(
         1, ge=1, description="optimisation passes per generated batch (TRL's num_iterations, GRPO's mu); > "
         "1 uses the sampling log-probs as the old policy")
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="matmul precision of the inner loop: bfloat16 runs the policy and reference "
+        "forwards/backward under bf16 autocast (fp32 weights, optimiser state, log-softmax and loss) and "
+        "decodes with prepacked bf16 weights; auto: bfloat16 on a CPU with AMX or AVX512-BF16 (2-5x "
+        "faster matmuls there), float32 elsewhere (AVX2-only CPUs, where bf16 is slower, and CUDA)")
     micro_batch_size: int | None = Field(
         None, ge=1, description="completions per forward/backward (None: the whole batch); the loss is the "
         "same")

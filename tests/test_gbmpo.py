@@ -227,15 +227,20 @@ def test_metrics_and_callbacks(tiny, task):
         def on_eval(self, step, m):
             seen["eval"].append((step, m["metric"]))
 
-    cfg = _cfg(steps=2, eval_every=2, eval_size=10, grad_ratio_every=1)
+    cfg = _cfg(steps=3, eval_every=3, eval_size=10, grad_ratio_every=1)
     tr = GBMPOTrainer(copy.deepcopy(model), tok, task, divergences.get("kl_k3"), cfg, coef=0.5)
     hist = tr.train(callbacks=[CB()])
-    assert seen["step"] == [1, 2] and seen["eval"][0][0] == 2
-    m = hist[-1]
-    for k in ("reward_mean", "reward_std", "accuracy", "completion_length", "loss", "div_mean", "reg_over_pg",
-              "grad_ratio", "clip_frac", "entropy", "tokens_per_s"):
-        assert k in m and math.isfinite(m[k]), k
-    assert m["div_mean"] > 0 and m["grad_ratio"] > 0 and m["entropy"] > 0
+    assert seen["step"] == [1, 2, 3] and seen["eval"][0][0] == 3
+    for m in hist:
+        for k in ("reward_mean", "reward_std", "accuracy", "completion_length", "loss", "div_mean", "reg_over_pg",
+                  "grad_ratio", "clip_frac", "entropy", "tokens_per_s"):
+            assert k in m and math.isfinite(m[k]), k
+        assert m["entropy"] > 0
+    assert hist[0]["div_mean"] == 0  # the policy is the reference before its first update
+    # once the policy has moved (a step whose groups were not uniform in reward), D > 0 and so is
+    # its gradient relative to the PG gradient
+    moved = [m for prev, m in zip(hist, hist[1:], strict=False) if prev["grad_norm"] > 0]
+    assert moved and all(m["div_mean"] > 0 and m["grad_ratio"] > 0 for m in moved), hist
     r = tr.evaluate("val", n=20)
     assert r.n == 20 and 0 <= r.metric <= 1 and r.mean_length >= 1 and len(r.scores) == 20
 

@@ -62,7 +62,7 @@ def env(tmp_path_factory):
     if not hasattr(trl_trainer, "current_gradient_accumulation_steps"):
         trl_trainer.current_gradient_accumulation_steps = 1
     gen = GenerationConfig(num_generations=2, temperature=TEMP, max_new_tokens=MAX_LEN)
-    cfg = TrainConfig(generation=gen)
+    cfg = TrainConfig(generation=gen, compute_dtype="float32")  # TRL's side runs fp32
     ours = GBMPOTrainer(model, tok, task, divergences.get("kl_k3"), cfg, coef=0.04)
 
     g = torch.Generator().manual_seed(1)

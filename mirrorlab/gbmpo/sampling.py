@@ -11,6 +11,7 @@ its `repeats` completions. With the same seed and logits it draws the same token
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from mirrorlab.gbmpo.precision import PackedDecoder, autocast
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +87,7 @@ class LeanDecoder:
     TYPES = ("qwen2", "llama")
 
     def __init__(self, model: Any, cache: Any, attention_mask: Tensor, total_len: int,
-                 static: bool = False) -> None:
+                 static: bool = False, packed: PackedDecoder | None = None) -> None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.inner = base.model
         self.lm_head = base.lm_head
@@ -95,6 +98,13 @@ class LeanDecoder:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         B, P = attention_mask.shape
         self.len = P
+        if packed is not None and static:
+            raise ValueError("the packed bf16 decode step is dynamic-shape only (CPU); static=False")
+        self.packed = packed
+        self.hidden = cfg.hidden_size
+        # the residual stream's dtype (the model's; a bf16-autocast prefill leaves bf16 values), or
+        # bf16 for the packed step (its attention runs in bf16: 2.2x faster than fp32 SDPA on the CPU)
+        dtype = torch.bfloat16 if packed is not None else self.inner.embed_tokens.weight.dtype
         self.keys: list[Tensor] = []
         self.values: list[Tensor] = []
         # static: the slots beyond the current length are attended under a mask, so they must
@@ -102,8 +112,8 @@ class LeanDecoder:
         alloc = torch.Tensor.new_zeros if static else torch.Tensor.new_empty
         for i in range(len(self.layers)):
             k, v = cache.layers[i].keys, cache.layers[i].values
-            kb = alloc(k, (B, k.shape[1], total_len, k.shape[3]))
-            vb = alloc(v, (B, v.shape[1], total_len, v.shape[3]))
+            kb = alloc(k, (B, k.shape[1], total_len, k.shape[3]), dtype=dtype)
+            vb = alloc(v, (B, v.shape[1], total_len, v.shape[3]), dtype=dtype)
             kb[:, :, :P] = k
             vb[:, :, :P] = v
             self.keys.append(kb)
@@ -114,6 +124,10 @@ class LeanDecoder:
             m[:, 0, 0, :P] = attention_mask.bool()
             self.mask = m
         self.gqa = self.n_kv != self.n_heads
+        if packed is not None:  # rotary cos / sin of every position, looked up per step
+            slots = torch.arange(total_len, device=attention_mask.device)[None]
+            cos, sin = self.inner.rotary_emb(self.inner.embed_tokens.weight[:1], slots)
+            self._cos, self._sin = cos[0], sin[0]
         self.static = static
         self.graph: Any = None
         if static:  # fixed shapes: the length lives on the device, the mask covers the buffer
@@ -147,6 +161,8 @@ class LeanDecoder:
             self._pos.copy_(pos)
             self.graph.replay()
             return self._out
+        if self.packed is not None:
+            return self._decode_packed(tok, pos)
         return self._decode(tok, pos)
 
     def _decode(self, tok: Tensor, pos: Tensor) -> Tensor:
@@ -166,9 +182,10 @@ class LeanDecoder:
         for i, layer in enumerate(self.layers):
             att = layer.self_attn
             x = layer.input_layernorm(h)
-            q = att.q_proj(x).view(B, 1, self.n_heads, self.head_dim).transpose(1, 2)
-            k = att.k_proj(x).view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)
-            v = att.v_proj(x).view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)
+            q, k, v = att.q_proj(x), att.k_proj(x), att.v_proj(x)
+            q = q.view(B, 1, self.n_heads, self.head_dim).transpose(1, 2)
+            k = k.view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)
+            v = v.view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             if self.static:
@@ -189,6 +206,39 @@ class LeanDecoder:
             self.len = L + 1
         h = self.inner.norm(h)
         return self.lm_head(h[:, -1]).float()
+
+    def _decode_packed(self, tok: Tensor, pos: Tensor) -> Tensor:
+        """One decode step with the bf16 prepacked matmuls (`precision.pack_decoder`): 4 matmuls a
+        layer, fused RMSNorm, rotary as two multiplies with the rotation folded into the weights,
+        bf16 KV cache and attention, residual stream in the model's dtype. Same maths as `_decode` up to bf16
+        rounding of the matmuls (the test checks the logits against the fp32 step)."""
+        P, H, bf16 = self.packed, self.hidden, torch.bfloat16
+        rms = torch.nn.functional.rms_norm
+        h = self.inner.embed_tokens(tok)  # [B, H]
+        B = h.shape[0]
+        p = pos[:, 0]
+        cos, sin = self._cos[p].unsqueeze(1), self._sin[p].unsqueeze(1)  # [B, 1, d]
+        L = self.len
+        mask = None if self.mask is None else self.mask[..., : L + 1]
+        nq, nh, d = self.n_heads + self.n_kv, self.n_heads, self.head_dim
+        A = nq * d
+        for i, layer in enumerate(self.layers):
+            pl = P.layers[i]
+            ln = layer.input_layernorm
+            y = pl.qkv(rms(h, (H,), ln.weight, ln.variance_epsilon).to(bf16))
+            qk = y[:, :A].view(B, nq, d) * cos + y[:, A:2 * A].view(B, nq, d) * sin
+            self.keys[i][:, :, L] = qk[:, nh:]
+            self.values[i][:, :, L] = y[:, 2 * A:].view(B, self.n_kv, d)
+            o = torch.nn.functional.scaled_dot_product_attention(
+                qk[:, :nh].unsqueeze(2).to(bf16), self.keys[i][:, :, :L + 1], self.values[i][:, :, :L + 1],
+                attn_mask=mask, scale=layer.self_attn.scaling, enable_gqa=self.gqa)
+            h = h + pl.o(o.reshape(B, nh * d))
+            ln = layer.post_attention_layernorm
+            gate, up = pl.gate_up(rms(h, (H,), ln.weight, ln.variance_epsilon).to(bf16)).chunk(2, dim=-1)
+            h = h + pl.down(layer.mlp.act_fn(gate) * up)
+        self.len = L + 1
+        norm = self.inner.norm
+        return P.lm_head(rms(h, (H,), norm.weight, norm.variance_epsilon).to(bf16)).float()
 
     def capture(self) -> None:
         """Record one static step as a CUDA graph; `step` then replays it (CUDA, static only).
@@ -230,6 +280,8 @@ def sample(
     check_every: int | None = None,
     cuda_graph: bool = False,
     static: bool | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+    packed: PackedDecoder | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Complete each left-padded prompt row `repeats` times (rows repeat-interleaved).
 
@@ -241,13 +293,18 @@ def sample(
     `cuda_graph`: on CUDA, replay the lean decode step as a captured CUDA graph (static shapes).
     `static`: use the fixed-shape decode step without a graph (default: when a graph is used;
     on the CPU it exists to test the graph's arithmetic against the dynamic step).
+    `compute_dtype` bf16: the prefill (and any decode step through the model's own modules) under
+    bf16 autocast; `packed` (`precision.pack_decoder`): the lean decode step's matmuls with those
+    prepacked bf16 weights (they must be the model's current weights).
     """
     dev = input_ids.device
     stop = torch.as_tensor(list(stop_ids), dtype=torch.long, device=dev)
     pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     padded = bool((attention_mask == 0).any())
-    out = model(input_ids=input_ids, attention_mask=attention_mask if padded else None,
-                position_ids=pos, use_cache=True, logits_to_keep=1)
+    amp = autocast(dev, compute_dtype)
+    with amp:
+        out = model(input_ids=input_ids, attention_mask=attention_mask if padded else None,
+                    position_ids=pos, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
     logits = _last_logits(out)
     del out
@@ -265,9 +322,12 @@ def sample(
     lps: list[Tensor] = []
     ones = torch.ones((B, 1), dtype=att.dtype, device=dev)
     graph = cuda_graph and dev.type == "cuda" and params.max_new_tokens > 1
-    lean = LeanDecoder(model, cache, att, att.shape[1] + params.max_new_tokens,
-                       static=graph if static is None else static) \
+    static = graph if static is None else static
+    packed = None if static else packed  # the packed step is dynamic-shape (CPU) only
+    lean = LeanDecoder(model, cache, att, att.shape[1] + params.max_new_tokens, static=static, packed=packed) \
         if use_lean and hasattr(cache, "layers") and LeanDecoder.supports(model) else None
+    if lean is not None and packed is not None:
+        amp = contextlib.nullcontext()  # the packed step is bf16 by construction
     if lean is not None and graph:
         try:
             lean.capture()
@@ -289,12 +349,14 @@ def sample(
             break
         cur = cur + 1
         if lean is not None:
-            logits = lean.step(tok, cur)
+            with amp:
+                logits = lean.step(tok, cur)
             continue
         if padded:
             att = torch.cat([att, ones], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=att if padded else None, position_ids=cur,
-                    past_key_values=cache, use_cache=True)
+        with amp:
+            out = model(input_ids=tok[:, None], attention_mask=att if padded else None, position_ids=cur,
+                        past_key_values=cache, use_cache=True)
         logits = _last_logits(out)
         del out
     comp = torch.stack(toks, dim=1)

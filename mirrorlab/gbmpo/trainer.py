@@ -36,6 +36,7 @@ from torch import Tensor
 from mirrorlab import tasks
 from mirrorlab.config import Config, TrainConfig
 from mirrorlab.divergences import Divergence
+from mirrorlab.gbmpo import allocator, precision
 from mirrorlab.gbmpo.losses import BatchTotals, LossSpec, gbmpo_loss, penalised_rewards
 from mirrorlab.gbmpo.losses import advantages as compute_advantages
 from mirrorlab.models import is_peft, load_model
@@ -156,6 +157,10 @@ class GBMPOTrainer:
         self.chunk_size = chunk_size
         self.placement = _check_placement(placement, estimator)
         self.device = next(model.parameters()).device
+        if self.device.type == "cpu":
+            allocator.tune_malloc()
+        self.compute_dtype = precision.resolve_compute_dtype(self.cfg.compute_dtype, self.device)
+        self._packed: tuple[object, Any] | None = None  # (weights token, bf16 decode weights)
         self.is_peft = is_peft(model)
         if self.is_peft:
             self.ref_model = None
@@ -164,6 +169,10 @@ class GBMPOTrainer:
             self.ref_model.eval()
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
+        if self.compute_dtype == torch.bfloat16 and self.device.type == "cpu":
+            for m in (self.model, self.ref_model):
+                if m is not None:
+                    precision.use_eager_attention(m)
         self.divergence = None
         self.coef = 0.0
         self.set_divergence(divergence, coef)
@@ -332,7 +341,8 @@ class GBMPOTrainer:
         if with_logps:
             gc.output_logits = True
             gc.return_dict_in_generate = True
-        out = self.model.generate(input_ids=ids, attention_mask=att, generation_config=gc)
+        with precision.autocast(self.device, self.compute_dtype):
+            out = self.model.generate(input_ids=ids, attention_mask=att, generation_config=gc)
         if was_training:
             self.model.train()
         seq = out.sequences if with_logps else out
@@ -362,7 +372,8 @@ class GBMPOTrainer:
         self.model.eval()
         try:
             comp, old = sample(self.model, ids, att, params, self.stop_ids, self.pad_id,
-                               repeats=repeats, with_logps=with_logps, cuda_graph=g.cuda_graph)
+                               repeats=repeats, with_logps=with_logps, cuda_graph=g.cuda_graph,
+                               compute_dtype=self.compute_dtype, packed=self._packed_decoder(len(examples) * repeats))
         finally:
             if was_training:
                 self.model.train()
@@ -371,6 +382,18 @@ class GBMPOTrainer:
         stop = torch.tensor(self.stop_ids, device=self.device)
         cmask, _ = completion_mask_from(comp, stop)
         return ids, att, comp, cmask, old
+
+    def _packed_decoder(self, batch: int) -> Any:
+        """bf16 prepacked decode weights of the current policy (CPU, compute_dtype bf16), packed
+        again after each weight change; None where they do not apply (fp32, CUDA, LoRA)."""
+        from mirrorlab.gbmpo.sampling import LeanDecoder
+
+        if self.compute_dtype != torch.bfloat16 or self.device.type != "cpu" or self.is_peft \
+                or not LeanDecoder.supports(self.model):
+            return None
+        if self._packed is None or self._packed[0] is not self._weights_token:
+            self._packed = (self._weights_token, precision.pack_decoder(self.model, batch))
+        return self._packed[1]
 
     def _setup_backend(self) -> None:
         """Resolve `generation.backend` (auto: vllm or fast) and, for vllm, get the process's engine
@@ -462,10 +485,12 @@ class GBMPOTrainer:
 
     # ------------------------------------------------------------------ log-probs
     def _logits(self, model: Any, ids: Tensor, att: Tensor, pos: Tensor, T: int) -> Tensor:
-        """Temperature-scaled logits at the T completion positions only ([B, T, V])."""
-        out = model(input_ids=ids, attention_mask=att, position_ids=pos, logits_to_keep=T + 1,
-                    use_cache=False)
-        logits = out.logits[:, :-1]
+        """Temperature-scaled float32 logits at the T completion positions only ([B, T, V]); the
+        forward under bf16 autocast when `compute_dtype` is bf16."""
+        with precision.autocast(self.device, self.compute_dtype):
+            out = model(input_ids=ids, attention_mask=att, position_ids=pos, logits_to_keep=T + 1,
+                        use_cache=False)
+        logits = out.logits[:, :-1].float()
         t = self.cfg.generation.temperature
         return logits / t if t != 1.0 else logits
 
