@@ -232,8 +232,8 @@ def test_metrics_and_callbacks(tiny, task):
     hist = tr.train(callbacks=[CB()])
     assert seen["step"] == [1, 2, 3] and seen["eval"][0][0] == 3
     for m in hist:
-        for k in ("reward_mean", "reward_std", "accuracy", "completion_length", "loss", "div_mean", "reg_over_pg",
-                  "grad_ratio", "clip_frac", "entropy", "tokens_per_s"):
+        for k in ("reward_mean", "reward_std", "accuracy", "completion_length", "loss", "div_mean",
+                  "reg_over_pg", "grad_ratio", "clip_frac", "entropy", "tokens_per_s"):
             assert k in m and math.isfinite(m[k]), k
         assert m["entropy"] > 0
     assert hist[0]["div_mean"] == 0  # the policy is the reference before its first update

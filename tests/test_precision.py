@@ -30,7 +30,8 @@ def _cfg(dtype: str, **kw) -> TrainConfig:
     g = dict(num_generations=4, max_new_tokens=12)
     g.update(kw.pop("gen", {}))
     return TrainConfig(steps=kw.pop("steps", 2), prompts_per_step=kw.pop("prompts", 3), compute_dtype=dtype,
-                       generation=GenerationConfig(**g), optim=OptimConfig(lr=kw.pop("lr", 1e-3)), seed=0, **kw)
+                       generation=GenerationConfig(**g), optim=OptimConfig(lr=kw.pop("lr", 1e-3)), seed=0,
+                       **kw)
 
 
 def _random_model(kind: str) -> torch.nn.Module:
@@ -69,7 +70,8 @@ def test_invalid_compute_dtype_names_the_field_and_the_choices():
 @pytest.mark.parametrize("heads", [1, 4])
 def test_rotated_weights_equal_rotate_half_of_the_projection(heads):
     g = torch.Generator().manual_seed(1)
-    w, b, x = torch.randn(heads * 8, 5, generator=g), torch.randn(heads * 8, generator=g), torch.randn(3, 5, generator=g)
+    w, b = torch.randn(heads * 8, 5, generator=g), torch.randn(heads * 8, generator=g)
+    x = torch.randn(3, 5, generator=g)
     y = (x @ w.T + b).view(3, heads, 8)
     got = (x @ _rotated(w, heads).T + _rotated(b, heads)).view(3, heads, 8)
     torch.testing.assert_close(got, _rotate_half(y), rtol=0, atol=1e-6)
@@ -204,11 +206,13 @@ def test_bf16_log_probs_loss_and_gradient_match_fp32_on_one_rollout(tiny, task):
     assert (a["lp"] - b["lp"])[m].abs().max() > 0  # the bf16 trainer really computed in bf16
     assert (a["lp"] - b["lp"])[m].abs().mean() < 0.02
     assert (a["lp"] - b["lp"])[m].abs().max() < 0.25
-    assert (a["lp"] - a["ref"]).abs().max() < 1e-5 and (b["lp"] - b["ref"]).abs().max() < 1e-5  # KL 0 at start
+    for x in (a, b):  # KL 0 at the start: policy and reference compute alike
+        assert (x["lp"] - x["ref"]).abs().max() < 1e-5
     assert abs(float(a["loss"] - b["loss"])) <= 0.02 * abs(float(a["loss"])) + 1e-3
     cos = torch.nn.functional.cosine_similarity(a["grad"], b["grad"], dim=0)
     assert cos > 0.99, float(cos)
-    assert trs["bfloat16"].model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32  # master weights
+    q_proj = trs["bfloat16"].model.model.layers[0].self_attn.q_proj
+    assert q_proj.weight.dtype == torch.float32  # fp32 master weights
 
 
 def test_bf16_learns_the_learnable_reward_like_fp32(tiny):
@@ -220,7 +224,8 @@ def test_bf16_learns_the_learnable_reward_like_fp32(tiny):
         cfg = TrainConfig(steps=8, prompts_per_step=16, seed=0, grad_ratio_every=0, compute_dtype=d,
                           generation=GenerationConfig(num_generations=8, max_new_tokens=6),
                           optim=OptimConfig(lr=1e-3))
-        tr = GBMPOTrainer(copy.deepcopy(model), tok, StartsWithOne(), divergences.get("kl_k3"), cfg, coef=0.04)
+        tr = GBMPOTrainer(copy.deepcopy(model), tok, StartsWithOne(), divergences.get("kl_k3"), cfg,
+                          coef=0.04)
         r = [m["reward_mean"] for m in tr.train()]
         res[d] = (r[0], sum(r[-2:]) / 2)
     for d, (start, end) in res.items():

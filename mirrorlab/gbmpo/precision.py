@@ -177,4 +177,5 @@ def pack_decoder(model: Any, batch_hint: int) -> PackedDecoder | None:
             down=Packed.of([down.weight], [down.bias], batch_hint)))
     if not _plain_linear(base.lm_head):
         return None
-    return PackedDecoder(layers=layers, lm_head=Packed.of([base.lm_head.weight], [base.lm_head.bias], batch_hint))
+    head = Packed.of([base.lm_head.weight], [base.lm_head.bias], batch_hint)
+    return PackedDecoder(layers=layers, lm_head=head)

@@ -324,7 +324,8 @@ def sample(
     graph = cuda_graph and dev.type == "cuda" and params.max_new_tokens > 1
     static = graph if static is None else static
     packed = None if static else packed  # the packed step is dynamic-shape (CPU) only
-    lean = LeanDecoder(model, cache, att, att.shape[1] + params.max_new_tokens, static=static, packed=packed) \
+    total = att.shape[1] + params.max_new_tokens
+    lean = LeanDecoder(model, cache, att, total, static=static, packed=packed) \
         if use_lean and hasattr(cache, "layers") and LeanDecoder.supports(model) else None
     if lean is not None and packed is not None:
         amp = contextlib.nullcontext()  # the packed step is bf16 by construction

@@ -373,7 +373,8 @@ class GBMPOTrainer:
         try:
             comp, old = sample(self.model, ids, att, params, self.stop_ids, self.pad_id,
                                repeats=repeats, with_logps=with_logps, cuda_graph=g.cuda_graph,
-                               compute_dtype=self.compute_dtype, packed=self._packed_decoder(len(examples) * repeats))
+                               compute_dtype=self.compute_dtype,
+                               packed=self._packed_decoder(len(examples) * repeats))
         finally:
             if was_training:
                 self.model.train()
