@@ -60,9 +60,14 @@ def make_tiny4m(path: Path, seed: int = 0) -> None:
 
 
 def run_pair(model_dir: Path, n_gen: int, max_new: int, warmup: int, steps: int, device: str,
-             label: str, backend: str = "fast", cuda_graph: bool = True) -> list[dict[str, Any]]:
+             label: str, backend: str = "fast", cuda_graph: bool = True, prompts: int = 1,
+             micro: int | None = None, compute_dtype: str = "auto",
+             trl_bf16: bool = False) -> list[dict[str, Any]]:
     """Alternate TRL and mirrorlab steps on the model in `model_dir` (one mirrorlab trainer per
-    comma-separated backend, each stepping after every TRL step); one timing row per backend."""
+    comma-separated backend, each stepping after every TRL step); one timing row per backend.
+    `prompts` x `n_gen` completions per step, in micro-batches of `micro` completions on both sides
+    (TRL: per-device batch `micro`, gradient accumulation over the generated batch, one generation
+    and one optimiser step per batch)."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -83,7 +88,9 @@ def run_pair(model_dir: Path, n_gen: int, max_new: int, warmup: int, steps: int,
     for b in backends:
         model, tok = load_model(ModelConfig(name=str(model_dir), device=device))
         cfg = TrainConfig(
-            steps=total, prompts_per_step=1, advantage="grpo", loss_type="dr_grpo", reg_times_ratio=True,
+            steps=total, prompts_per_step=prompts, advantage="grpo", loss_type="dr_grpo",
+            reg_times_ratio=True,
+            micro_batch_size=micro, compute_dtype=compute_dtype,
             generation=GenerationConfig(num_generations=n_gen, max_new_tokens=max_new, min_new_tokens=max_new,
                                         backend=b, cuda_graph=cuda_graph),
             optim=OptimConfig(lr=1e-6), seed=0,
@@ -100,10 +107,13 @@ def run_pair(model_dir: Path, n_gen: int, max_new: int, warmup: int, steps: int,
 
     ds = Dataset.from_list([{"prompt": task.prompt(e)} for e in task.train[:500]])
     tmp = tempfile.mkdtemp(prefix="trl-bench-")
+    batch = prompts * n_gen
+    mb = micro or batch
     args = GRPOConfig(
-        output_dir=tmp, per_device_train_batch_size=n_gen, num_generations=n_gen,
+        output_dir=tmp, per_device_train_batch_size=mb, num_generations=n_gen,
+        gradient_accumulation_steps=batch // mb, steps_per_generation=batch // mb,
         max_completion_length=max_new, generation_kwargs={"min_new_tokens": max_new}, beta=0.04,
-        loss_type="dr_grpo", learning_rate=1e-6, max_steps=total, bf16=False, use_cpu=not cuda,
+        loss_type="dr_grpo", learning_rate=1e-6, max_steps=total, bf16=trl_bf16, use_cpu=not cuda,
         report_to="none", save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True,
     )
     trl_tok = type(tok).from_pretrained(model_dir) if label == "tiny4m" else tok
@@ -149,7 +159,7 @@ def run_pair(model_dir: Path, n_gen: int, max_new: int, warmup: int, steps: int,
                 "min": min(xs), "n": len(xs)}
 
     tr = summ(rec["trl"])
-    gen_tokens = n_gen * max_new
+    gen_tokens = batch * max_new
     rows = []
     for b, trainer in ours.items():
         r = rec[b]
@@ -157,7 +167,9 @@ def run_pair(model_dir: Path, n_gen: int, max_new: int, warmup: int, steps: int,
         out = {
             "model": label, "params": sum(p.numel() for p in trainer.model.parameters()), "device": device,
             "backend": b, "cuda_graph": cuda_graph and cuda and b == "fast",
-            "completions": n_gen, "max_new_tokens": max_new, "warmup": warmup,
+            "compute_dtype": str(trainer.compute_dtype).removeprefix("torch."), "trl_bf16": trl_bf16,
+            "prompts": prompts, "completions": batch, "group": n_gen, "micro_batch": mb,
+            "max_new_tokens": max_new, "warmup": warmup,
             "trl_s_per_step": tr, "mirrorlab_s_per_step": ml,
             "trl_tokens_per_s": gen_tokens / tr["median"],
             "mirrorlab_tokens_per_s":
@@ -192,6 +204,14 @@ def main() -> None:
     ap.add_argument("--no-cuda-graph", action="store_true",
                     help="fast backend on CUDA: decode step by step instead of replaying a CUDA graph")
     ap.add_argument("--smollm-steps", type=int, default=1)
+    ap.add_argument("--smollm-prompts", default="1",
+                    help="comma-separated prompts per step for the SmolLM2 rows (x 8 completions), e.g. 1,32")
+    ap.add_argument("--smollm-micro", type=int, default=32,
+                    help="SmolLM2 micro-batch (completions per forward/backward, both sides)")
+    ap.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="mirrorlab's train.compute_dtype (auto: bf16 on CPUs with AMX / AVX512-BF16)")
+    ap.add_argument("--trl-bf16", action="store_true",
+                    help="TRL with bf16=True (mixed precision) instead of its fp32 default")
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args()
     load_start = list(os.getloadavg())
@@ -202,7 +222,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         make_tiny4m(Path(d))
         rows += run_pair(Path(d), 16, 64, a.warmup, a.steps, a.device, "tiny4m", a.backend,
-                         not a.no_cuda_graph)
+                         not a.no_cuda_graph, compute_dtype=a.compute_dtype, trl_bf16=a.trl_bf16)
     if not a.skip_smollm:
         from mirrorlab.models import smollm2_path
 
@@ -211,8 +231,10 @@ def main() -> None:
         except (FileNotFoundError, ImportError) as e:
             print(f"skipping smollm2-135m: {e}")
         else:
-            rows += run_pair(p, 8, 64, 1, a.smollm_steps, a.device, "smollm2-135m", a.backend,
-                             not a.no_cuda_graph)
+            for n in (int(x) for x in a.smollm_prompts.split(",")):
+                rows += run_pair(p, 8, 64, 1, a.smollm_steps, a.device, "smollm2-135m", a.backend,
+                                 not a.no_cuda_graph, prompts=n, micro=min(a.smollm_micro, 8 * n),
+                                 compute_dtype=a.compute_dtype, trl_bf16=a.trl_bf16)
 
     dev = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else platform.processor() or "cpu"
     result = {
@@ -223,14 +245,16 @@ def main() -> None:
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1))
-    hdr = (f"{'model':14} {'backend':8} {'G x T':8} {'TRL s/step':>11} {'ml s/step':>10} {'ratio':>6} "
+    hdr = (f"{'model':14} {'backend':8} {'dtype':8} {'P x G x T':10} {'TRL s/step':>11} "
+           f"{'ml s/step':>10} {'ratio':>6} "
            f"{'TRL tok/s':>10} {'ml tok/s':>9} {'ml gen s':>8}")
     graph = " (CUDA graph decode)" if rows and rows[0]["cuda_graph"] else ""
     print(f"device: {a.device} ({dev}), threads {torch.get_num_threads()}, "
-          f"mirrorlab backend {a.backend}{graph}")
+          f"mirrorlab backend {a.backend}{graph}, TRL {'bf16' if a.trl_bf16 else 'fp32'}")
     print(hdr)
     for r in rows:
-        print(f"{r['model']:14} {r['backend']:8} {r['completions']}x{r['max_new_tokens']:<5} "
+        shape = f"{r['prompts']}x{r['group']}x{r['max_new_tokens']}"
+        print(f"{r['model']:14} {r['backend']:8} {r['compute_dtype']:8} {shape:10} "
               f"{r['trl_s_per_step']['median']:11.3f} "
               f"{r['mirrorlab_s_per_step']['median']:10.3f} {r['ratio_median']:6.2f} "
               f"{r['trl_tokens_per_s']:10.0f} {r['mirrorlab_tokens_per_s']:9.0f} "

@@ -264,3 +264,42 @@ def test_cuda_graph_decode_matches_step_by_step(caplog):
     assert rows[0].shape == rows[1].shape
     assert (rows[0] == rows[1]).all(dim=1).float().mean() >= 0.9  # near-ties may round apart
     assert "capture failed" not in caplog.text  # the sampler really replayed a graph
+
+
+class _StopAt:
+    """The arithmetic task with an extra multi-token stop string (GSM8K's "\\n\\nQuestion:" kind)."""
+
+    def __init__(self, task, stop: str) -> None:
+        self._t = task
+        self.train, self.val, self.test = task.train, task.val, task.test
+        self.stop_strings = (*task.stop_strings, stop)
+        self.metric_name = task.metric_name
+
+    def __getattr__(self, name):  # prompt, split, rewards, scores: the wrapped task's
+        return getattr(self._t, name)
+
+
+@pytest.mark.parametrize("backend", ["fast", "hf"])
+def test_multi_token_stop_strings_end_completions_in_every_backend(tiny, task, backend):
+    """Rows whose text reaches the stop string end with the token that completes it: later tokens
+    are padding outside the mask, the row is not 'truncated', and no row's text holds the string
+    anywhere but at its end. The check bites: some rows are cut."""
+    model, tok = tiny
+    stop = "12"
+    tr = _trainer(model, tok, _StopAt(task, stop), backend, max_new_tokens=12, min_new_tokens=12,
+                  num_generations=8)
+    assert tr.stop_strings == [stop]
+    torch.manual_seed(0)
+    ro = tr.rollout(task.train[:4])
+    lengths = ro.completion_mask.sum(1)
+    cut = [i for i, t in enumerate(ro.texts) if stop in t]
+    assert cut and len(cut) < len(ro.texts), ro.texts
+    for i, text in enumerate(ro.texts):
+        n = int(lengths[i])
+        assert (ro.completion_ids[i, n:] == tr.pad_id).all() and not ro.completion_mask[i, n:].any()
+        if i in cut:
+            assert text.endswith(stop) and text.count(stop) == 1 and n < 12
+            assert not bool(ro.truncated[i])
+            assert stop not in tok.decode(ro.completion_ids[i, : n - 1].tolist(), skip_special_tokens=True)
+        else:
+            assert n == 12 and bool(ro.truncated[i])

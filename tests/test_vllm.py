@@ -198,7 +198,10 @@ def test_weights_sync_smollm2(smollm2, monkeypatch):
     cfg = TrainConfig(steps=2, prompts_per_step=2, seed=0, grad_ratio_every=0,
                       generation=GenerationConfig(num_generations=4, max_new_tokens=8, backend="vllm",
                                                   vllm_kv_cache_mb=512),
-                      optim=OptimConfig(lr=1e-4))
+                      optim=OptimConfig(lr=1e-4),
+                      # the fp32 trainer: the thresholds measure the bf16 engine against fp32 log-probs
+                      # (a bf16 trainer adds its own rounding: 0.102 measured)
+                      compute_dtype="float32")
     tr = GBMPOTrainer(model, tok, task, None, cfg)
     exs = task.val[:4]
     start = copy.deepcopy(model).eval()

@@ -14,7 +14,8 @@ sampling logits, kept from generation); step metrics stay on the device until on
 at the end of the step. Generation uses `mirrorlab.gbmpo.sampling` (`generation.backend: fast`:
 no per-token HF machinery, prompt prefilled once per group, fused AdamW) or HF generate (`hf`).
 What remains is compute: the decode matmuls, one reference forward, one policy forward and
-backward per pass.
+backward per pass; on CPUs with native bf16 (`train.compute_dtype: auto`) those run as bf16
+matmuls with the loss in fp32 (`mirrorlab.gbmpo.precision`).
 """
 
 from __future__ import annotations
@@ -180,6 +181,9 @@ class GBMPOTrainer:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad)
         self.stop_ids = self._stop_token_ids()
+        # stop strings longer than one token: applied after decoding (`_cut_at_stop_strings`)
+        self.stop_strings = [st for st in self.task.stop_strings
+                             if len(self.tokenizer(st, add_special_tokens=False)["input_ids"]) > 1]
         self.reset(self.cfg.seed)
 
     # ------------------------------------------------------------------ setup
@@ -330,9 +334,18 @@ class GBMPOTrainer:
         """
         max_new = max_new_tokens or self.cfg.generation.max_new_tokens
         if self.backend == "vllm":
-            return self._generate_vllm(examples, repeats, greedy, max_new)
-        if self.backend == "fast":
-            return self._generate_fast(examples, repeats, greedy, max_new, with_logps)
+            out = self._generate_vllm(examples, repeats, greedy, max_new)
+        elif self.backend == "fast":
+            out = self._generate_fast(examples, repeats, greedy, max_new, with_logps)
+        else:
+            out = self._generate_hf(examples, repeats, greedy, max_new, with_logps)
+        ids, att, comp, cmask, old = out
+        comp, cmask = self._cut_at_stop_strings(comp, cmask)
+        return ids, att, comp, cmask, old
+
+    def _generate_hf(self, examples: Sequence[Any], repeats: int, greedy: bool, max_new: int,
+                     with_logps: bool) -> tuple:
+        """`_generate` through transformers' `model.generate` (`generation.backend: hf`)."""
         seqs = [self._prompt_ids(ex) for ex in examples for _ in range(repeats)]
         ids, att = self._left_pad(seqs)
         was_training = self.model.training
@@ -383,6 +396,41 @@ class GBMPOTrainer:
         stop = torch.tensor(self.stop_ids, device=self.device)
         cmask, _ = completion_mask_from(comp, stop)
         return ids, att, comp, cmask, old
+
+    def _cut_at_stop_strings(self, comp: Tensor, cmask: Tensor) -> tuple[Tensor, Tensor]:
+        """End each completion at the token that completes the first multi-token stop string of the
+        task (GSM8K's "\n\nQuestion:"), as HF `stop_strings` would: later tokens become padding,
+        outside the mask (no loss, no reward text, no length). The decoders stop on one-token stops
+        only, so a row runs on to its budget and the extra tokens are discarded here."""
+        if not self.stop_strings:
+            return comp, cmask
+        rows = comp.masked_fill(cmask == 0, self.pad_id).tolist()
+        lengths = cmask.sum(1).tolist()
+        cut: dict[int, int] = {}
+        for i, (row, n) in enumerate(zip(rows, lengths, strict=True)):
+            n = int(n)
+            if not self._has_stop_string(row[:n]):
+                continue
+            lo, hi = 1, n  # the shortest prefix whose text holds a stop string (monotone in length)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if self._has_stop_string(row[:mid]):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            if lo < n:
+                cut[i] = lo
+        if not cut:
+            return comp, cmask
+        comp, cmask = comp.clone(), cmask.clone()
+        for i, n in cut.items():
+            comp[i, n:] = self.pad_id
+            cmask[i, n:] = 0
+        return comp, cmask
+
+    def _has_stop_string(self, ids: list[int]) -> bool:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return any(st in text for st in self.stop_strings)
 
     def _packed_decoder(self, batch: int) -> Any:
         """bf16 prepacked decode weights of the current policy (CPU, compute_dtype bf16), packed
@@ -473,6 +521,9 @@ class GBMPOTrainer:
         stop = torch.tensor(self.stop_ids, device=self.device)
         _, truncated = completion_mask_from(comp, stop)
         texts = self._decode(comp, cmask)
+        if self.stop_strings:  # a row cut at a stop string ended, it was not truncated
+            ended = [any(st in t for st in self.stop_strings) for t in texts]
+            truncated = truncated & ~torch.tensor(ended, device=self.device)
         rep = [ex for ex in examples for _ in range(G)]
         rewards = torch.tensor(self.task.rewards(texts, rep), dtype=torch.float32, device=self.device)
         scores = torch.tensor(self.task.scores(texts, rep), dtype=torch.float32, device=self.device)
