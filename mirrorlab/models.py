@@ -567,6 +567,11 @@ def is_peft(model: Any) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+def base_model(model: Any) -> Any:
+    """The transformers model under a peft wrapper (`get_base_model`), or `model` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def apply_lora(model: Any, cfg: ModelConfig) -> Any:
     """Wrap `model` with a fresh peft LoRA adapter from `cfg.lora`."""
     from peft import LoraConfig as PeftLoraConfig

@@ -8,7 +8,8 @@ What bf16 changes, and what it does not: the policy's forward and backward and t
 run under `torch.autocast` (bf16 matmuls, fp32 master weights, gradients and AdamW state); the logits
 are cast to fp32 before every log-softmax, so log-probs, the loss and the divergence stay fp32. The
 decode step multiplies by bf16 copies of the weights prepacked in oneDNN's blocked layout (`Packed`),
-re-packed after each optimiser step; its residual stream, norms, rotary and attention stay fp32.
+re-packed after each optimiser step; its KV cache and attention are bf16, its residual stream,
+norms and rotary fp32.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from mirrorlab.models import base_model
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ def use_eager_attention(model: Any) -> bool:
     """Switch `model` to HF's eager (matmul-softmax-matmul) attention, where it can be switched:
     under bf16 autocast on the CPU it measured 1.4x faster forward+backward than SDPA's CPU flash
     kernel (tiny4m, 16 x 72 tokens: 0.157 s vs 0.220 s; fp32 and no-grad forwards: equal)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     if not hasattr(base, "set_attn_implementation"):
         return False
     try:
@@ -155,7 +158,7 @@ def _rotated(t: Tensor | None, heads: int) -> Tensor | None:
 def pack_decoder(model: Any, batch_hint: int) -> PackedDecoder | None:
     """Pack `model`'s decoder matmuls in bf16, or None where a layer is not a plain `nn.Linear`
     (LoRA-wrapped, quantised: those decode through their own modules) or the MLP is not gate/up/down."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     cfg = base.config
     n_q, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     layers = []

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from mirrorlab.gbmpo.precision import PackedDecoder, autocast
+from mirrorlab.models import base_model
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class LeanDecoder:
 
     def __init__(self, model: Any, cache: Any, attention_mask: Tensor, total_len: int,
                  static: bool = False, packed: PackedDecoder | None = None) -> None:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model(model)
         self.inner = base.model
         self.lm_head = base.lm_head
         self.layers = list(self.inner.layers)
@@ -140,7 +141,7 @@ class LeanDecoder:
     @classmethod
     def supports(cls, model: Any) -> bool:
         """Llama-family decoder with plain full attention and no active dropout."""
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model(model)
         cfg = getattr(base, "config", None)
         if cfg is None or getattr(cfg, "model_type", None) not in cls.TYPES:
             return False
@@ -182,10 +183,9 @@ class LeanDecoder:
         for i, layer in enumerate(self.layers):
             att = layer.self_attn
             x = layer.input_layernorm(h)
-            q, k, v = att.q_proj(x), att.k_proj(x), att.v_proj(x)
-            q = q.view(B, 1, self.n_heads, self.head_dim).transpose(1, 2)
-            k = k.view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)
-            v = v.view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)
+            q = att.q_proj(x).view(B, 1, self.n_heads, self.head_dim).transpose(1, 2)
+            k = att.k_proj(x).view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)
+            v = att.v_proj(x).view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             if self.static:
