@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One short device session: GPU-only tests of the CUDA-graph decoder, then the decode and
-# inner-step benchmarks on the card. Results go to $OUT (default benchmarks/results/gpu).
+# inner-step benchmarks on the card (tiny4m, then a random-init Qwen2.5-0.5B-shaped model; about
+# 6-9 minutes in all). Results go to $OUT (default benchmarks/results/gpu).
 # Usage on a GPU machine without internet (wheels carried in .whl, see benchmarks/README.md):
 #   bash benchmarks/gpu_checks.sh
 set -u
@@ -33,3 +34,14 @@ stamp "decode bf16 done"
 timeout 120 python3 benchmarks/inner_step.py --device cuda --steps 8 --warmup 2 --skip-smollm --no-cuda-graph \
   --out "$OUT/inner_step_cuda_${CARD}_fast_nograph.json" 2>&1 | grep -v "it/s" | tail -8 | tee "$OUT/inner_step_nograph.txt"
 stamp "inner step (no graph) done"
+# A random-init model of Qwen2.5-0.5B's shape (494M parameters, no weights needed), fast backend vs
+# TRL 1.16: both in fp32 (their defaults on CUDA), then both in bf16 (TRL bf16=True, mirrorlab
+# compute_dtype bfloat16); 1 and 8 prompts x 8 completions x 64 tokens, 3 timed steps after 1 warm-up.
+timeout 240 python3 benchmarks/inner_step.py --device cuda --skip-tiny --skip-smollm --qwen-prompts 1,8 \
+  --smollm-steps 3 --out "$OUT/inner_step_cuda_${CARD}_qwen05b_fp32.json" 2>&1 | grep -v "it/s" | tail -6 \
+  | tee "$OUT/inner_step_qwen05b_fp32.txt"
+stamp "inner step qwen2.5-0.5b shape fp32 done"
+timeout 240 python3 benchmarks/inner_step.py --device cuda --skip-tiny --skip-smollm --qwen-prompts 1,8 \
+  --smollm-steps 3 --compute-dtype bfloat16 --trl-bf16 --out "$OUT/inner_step_cuda_${CARD}_qwen05b_bf16.json" \
+  2>&1 | grep -v "it/s" | tail -6 | tee "$OUT/inner_step_qwen05b_bf16.txt"
+stamp "inner step qwen2.5-0.5b shape bf16 done"

@@ -6,7 +6,8 @@ per step (stop tokens suppressed until 64 so both sides do identical work), kl_k
 0.04 (TRL's default bias-corrected form on both sides), Dr. GRPO aggregation, fp32. The two
 trainers alternate step by step (a TRL callback runs one mirrorlab step after each TRL step),
 so machine noise hits both alike; the first `--warmup` steps of each are discarded.
-Optionally one step of each on smollm2-135m (8 x 64).
+Optionally one step of each on smollm2-135m (8 x 64), and (`--qwen-prompts`) on a random-init
+model of Qwen2.5-0.5B's shape, for a GPU machine without the weights.
 
     python benchmarks/inner_step.py [--steps 10] [--warmup 2] [--device cpu|cuda] [--skip-smollm]
                                     [--backend fast|hf|vllm|fast,vllm]
@@ -59,10 +60,39 @@ def make_tiny4m(path: Path, seed: int = 0) -> None:
     tok.save_pretrained(path)
 
 
+# Qwen2.5-0.5B's shape (its config.json), for a random-init model on a machine without the weights
+QWEN25_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                  intermediate_size=4864, vocab_size=151936, max_position_embeddings=32768,
+                  rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+
+
+def make_qwen25_05b_shape(path: Path, seed: int = 0, **override: Any) -> None:
+    """A random-init Qwen2 of Qwen2.5-0.5B's shape (494M parameters, 151,936-token vocabulary,
+    tied head) saved to `path`, with the character tokenizer padded by placeholder tokens to the
+    vocabulary, so every sampled id decodes. No weights are needed (the GPU machine has no hub);
+    `override` changes config fields (a CPU smoke test uses fewer layers)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from mirrorlab.models import build_char_tokenizer
+    from mirrorlab.tasks import get as get_task
+
+    task = get_task("arithmetic")
+    tok = build_char_tokenizer([task.charset], extra_chars=task.charset)
+    shape = {**QWEN25_05B, **override}
+    tok.add_tokens([f"<x{i}>" for i in range(shape["vocab_size"] - len(tok))])
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        **shape, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.eos_token_id,
+    ))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+
+
 def run_pair(model_dir: Path, n_gen: int, max_new: int, warmup: int, steps: int, device: str,
              label: str, backend: str = "fast", cuda_graph: bool = True, prompts: int = 1,
              micro: int | None = None, compute_dtype: str = "auto",
-             trl_bf16: bool = False) -> list[dict[str, Any]]:
+             trl_bf16: bool = False, kv_cache_mb: int = 256) -> list[dict[str, Any]]:
     """Alternate TRL and mirrorlab steps on the model in `model_dir` (one mirrorlab trainer per
     comma-separated backend, each stepping after every TRL step); one timing row per backend.
     `prompts` x `n_gen` completions per step, in micro-batches of `micro` completions on both sides
@@ -92,7 +122,7 @@ def run_pair(model_dir: Path, n_gen: int, max_new: int, warmup: int, steps: int,
             reg_times_ratio=True,
             micro_batch_size=micro, compute_dtype=compute_dtype,
             generation=GenerationConfig(num_generations=n_gen, max_new_tokens=max_new, min_new_tokens=max_new,
-                                        backend=b, cuda_graph=cuda_graph),
+                                        backend=b, cuda_graph=cuda_graph, vllm_kv_cache_mb=kv_cache_mb),
             optim=OptimConfig(lr=1e-6), seed=0,
         )
         t = time.perf_counter()
@@ -116,7 +146,7 @@ def run_pair(model_dir: Path, n_gen: int, max_new: int, warmup: int, steps: int,
         loss_type="dr_grpo", learning_rate=1e-6, max_steps=total, bf16=trl_bf16, use_cpu=not cuda,
         report_to="none", save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True,
     )
-    trl_tok = type(tok).from_pretrained(model_dir) if label == "tiny4m" else tok
+    trl_tok = type(tok).from_pretrained(model_dir) if label != "smollm2-135m" else tok
     trl_tok.padding_side = "left"
     trl = GRPOTrainer(model=str(model_dir), reward_funcs=reward, args=args, train_dataset=ds,
                       processing_class=trl_tok)
@@ -181,6 +211,7 @@ def run_pair(model_dir: Path, n_gen: int, max_new: int, warmup: int, steps: int,
         }
         if trainer.engine is not None:  # vllm: engine start-up and the weight push before each generation
             out["engine_startup_s"] = trainer.engine.stats.startup_s
+            out["vllm_kv_cache_mb"] = kv_cache_mb
             out["engine_sync_s_per_step"] = statistics.median(r["sync"][warmup:] or r["sync"])
             out["raw"]["engine_sync_s"] = r["sync"]
         if cuda:
@@ -203,11 +234,20 @@ def main() -> None:
                     "step (fast: lean sampler, hf: model.generate, vllm: colocated vLLM engine)")
     ap.add_argument("--no-cuda-graph", action="store_true",
                     help="fast backend on CUDA: decode step by step instead of replaying a CUDA graph")
-    ap.add_argument("--smollm-steps", type=int, default=1)
+    ap.add_argument("--smollm-steps", type=int, default=1,
+                    help="timed steps (after 1 warm-up) of the SmolLM2 and Qwen2.5-0.5B-shaped rows")
     ap.add_argument("--smollm-prompts", default="1",
                     help="comma-separated prompts per step for the SmolLM2 rows (x 8 completions), e.g. 1,32")
     ap.add_argument("--smollm-micro", type=int, default=32,
                     help="SmolLM2 micro-batch (completions per forward/backward, both sides)")
+    ap.add_argument("--qwen-prompts", default="",
+                    help="also run a random-init Qwen2.5-0.5B-shaped model (no weights needed) at these "
+                    "comma-separated prompts per step (x 8 completions x 64 tokens), e.g. 1,8; GPU-sized")
+    ap.add_argument("--qwen-layers", type=int, default=QWEN25_05B["num_hidden_layers"],
+                    help="layers of the Qwen2.5-0.5B-shaped model (fewer for a CPU smoke run)")
+    ap.add_argument("--vllm-kv-cache-mb", type=int, default=256,
+                    help="train.generation.vllm_kv_cache_mb (default 256; 32 x 8 x 64 on SmolLM2 needs ~430)")
+    ap.add_argument("--skip-tiny", action="store_true", help="skip the tiny4m row")
     ap.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="mirrorlab's train.compute_dtype (auto: bf16 on CPUs with AMX / AVX512-BF16)")
     ap.add_argument("--trl-bf16", action="store_true",
@@ -219,10 +259,22 @@ def main() -> None:
         torch.set_num_threads(a.threads)
 
     rows = []
-    with tempfile.TemporaryDirectory() as d:
-        make_tiny4m(Path(d))
-        rows += run_pair(Path(d), 16, 64, a.warmup, a.steps, a.device, "tiny4m", a.backend,
-                         not a.no_cuda_graph, compute_dtype=a.compute_dtype, trl_bf16=a.trl_bf16)
+    if not a.skip_tiny:
+        with tempfile.TemporaryDirectory() as d:
+            make_tiny4m(Path(d))
+            rows += run_pair(Path(d), 16, 64, a.warmup, a.steps, a.device, "tiny4m", a.backend,
+                             not a.no_cuda_graph, compute_dtype=a.compute_dtype, trl_bf16=a.trl_bf16,
+                             kv_cache_mb=a.vllm_kv_cache_mb)
+    if a.qwen_prompts:
+        label = "qwen2.5-0.5b-shape" + ("" if a.qwen_layers == QWEN25_05B["num_hidden_layers"]
+                                        else f"-{a.qwen_layers}l")
+        with tempfile.TemporaryDirectory() as d:
+            make_qwen25_05b_shape(Path(d), num_hidden_layers=a.qwen_layers)
+            for n in (int(x) for x in a.qwen_prompts.split(",")):
+                rows += run_pair(Path(d), 8, 64, 1, a.smollm_steps, a.device, label, a.backend,
+                                 not a.no_cuda_graph, prompts=n, micro=min(a.smollm_micro, 8 * n),
+                                 compute_dtype=a.compute_dtype, trl_bf16=a.trl_bf16,
+                                 kv_cache_mb=a.vllm_kv_cache_mb)
     if not a.skip_smollm:
         from mirrorlab.models import smollm2_path
 
@@ -234,7 +286,8 @@ def main() -> None:
             for n in (int(x) for x in a.smollm_prompts.split(",")):
                 rows += run_pair(p, 8, 64, 1, a.smollm_steps, a.device, "smollm2-135m", a.backend,
                                  not a.no_cuda_graph, prompts=n, micro=min(a.smollm_micro, 8 * n),
-                                 compute_dtype=a.compute_dtype, trl_bf16=a.trl_bf16)
+                                 compute_dtype=a.compute_dtype, trl_bf16=a.trl_bf16,
+                                 kv_cache_mb=a.vllm_kv_cache_mb)
 
     dev = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else platform.processor() or "cpu"
     result = {
@@ -245,7 +298,7 @@ def main() -> None:
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1))
-    hdr = (f"{'model':14} {'backend':8} {'dtype':8} {'P x G x T':10} {'TRL s/step':>11} "
+    hdr = (f"{'model':20} {'backend':8} {'dtype':8} {'P x G x T':10} {'TRL s/step':>11} "
            f"{'ml s/step':>10} {'ratio':>6} "
            f"{'TRL tok/s':>10} {'ml tok/s':>9} {'ml gen s':>8}")
     graph = " (CUDA graph decode)" if rows and rows[0]["cuda_graph"] else ""
@@ -254,7 +307,7 @@ def main() -> None:
     print(hdr)
     for r in rows:
         shape = f"{r['prompts']}x{r['group']}x{r['max_new_tokens']}"
-        print(f"{r['model']:14} {r['backend']:8} {r['compute_dtype']:8} {shape:10} "
+        print(f"{r['model']:20} {r['backend']:8} {r['compute_dtype']:8} {shape:10} "
               f"{r['trl_s_per_step']['median']:11.3f} "
               f"{r['mirrorlab_s_per_step']['median']:10.3f} {r['ratio_median']:6.2f} "
               f"{r['trl_tokens_per_s']:10.0f} {r['mirrorlab_tokens_per_s']:9.0f} "

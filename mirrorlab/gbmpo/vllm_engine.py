@@ -51,8 +51,9 @@ INSTALL_HINT = (
     "train.generation.backend: fast"
 )
 # measured on the 2-core development CPU (benchmarks/README.md): on the 1.7M and 4.2M tiny models
-# the fast sampler is as fast or faster (16 x 64: 0.25 s vs 0.28 s), on SmolLM2-135M vLLM (bf16,
-# AMX kernels) generates 2.2x faster (8 x 64: 3.4 s vs 7.5 s); `auto` picks vLLM from this size up
+# the fast sampler is faster (16 x 64: 0.19 s vs 0.29 s); on SmolLM2-135M vLLM generates faster:
+# 2.2x against the fp32 lean sampler, 1.1x (8 x 64) to 1.5x (32 x 8 x 64) against the bf16 one;
+# `auto` picks vLLM from this size up
 AUTO_MIN_PARAMS = 50_000_000
 
 
