@@ -146,7 +146,7 @@ def run_pair(model_dir: Path, n_gen: int, max_new: int, warmup: int, steps: int,
         loss_type="dr_grpo", learning_rate=1e-6, max_steps=total, bf16=trl_bf16, use_cpu=not cuda,
         report_to="none", save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True,
     )
-    trl_tok = type(tok).from_pretrained(model_dir) if label != "smollm2-135m" else tok
+    trl_tok = type(tok).from_pretrained(model_dir)  # TRL's own copy: padding_side is set on it
     trl_tok.padding_side = "left"
     trl = GRPOTrainer(model=str(model_dir), reward_funcs=reward, args=args, train_dataset=ds,
                       processing_class=trl_tok)
@@ -265,16 +265,20 @@ def main() -> None:
             rows += run_pair(Path(d), 16, 64, a.warmup, a.steps, a.device, "tiny4m", a.backend,
                              not a.no_cuda_graph, compute_dtype=a.compute_dtype, trl_bf16=a.trl_bf16,
                              kv_cache_mb=a.vllm_kv_cache_mb)
+    def group_rows(path: Path, label: str, prompt_list: str) -> list[dict[str, Any]]:
+        """The 8 x 64 rows (1 warm-up, `--smollm-steps` timed) at each comma-separated prompt count."""
+        return [r for n in (int(x) for x in prompt_list.split(","))
+                for r in run_pair(path, 8, 64, 1, a.smollm_steps, a.device, label, a.backend,
+                                  not a.no_cuda_graph, prompts=n, micro=min(a.smollm_micro, 8 * n),
+                                  compute_dtype=a.compute_dtype, trl_bf16=a.trl_bf16,
+                                  kv_cache_mb=a.vllm_kv_cache_mb)]
+
     if a.qwen_prompts:
         label = "qwen2.5-0.5b-shape" + ("" if a.qwen_layers == QWEN25_05B["num_hidden_layers"]
                                         else f"-{a.qwen_layers}l")
         with tempfile.TemporaryDirectory() as d:
             make_qwen25_05b_shape(Path(d), num_hidden_layers=a.qwen_layers)
-            for n in (int(x) for x in a.qwen_prompts.split(",")):
-                rows += run_pair(Path(d), 8, 64, 1, a.smollm_steps, a.device, label, a.backend,
-                                 not a.no_cuda_graph, prompts=n, micro=min(a.smollm_micro, 8 * n),
-                                 compute_dtype=a.compute_dtype, trl_bf16=a.trl_bf16,
-                                 kv_cache_mb=a.vllm_kv_cache_mb)
+            rows += group_rows(Path(d), label, a.qwen_prompts)
     if not a.skip_smollm:
         from mirrorlab.models import smollm2_path
 
@@ -283,11 +287,7 @@ def main() -> None:
         except (FileNotFoundError, ImportError) as e:
             print(f"skipping smollm2-135m: {e}")
         else:
-            for n in (int(x) for x in a.smollm_prompts.split(",")):
-                rows += run_pair(p, 8, 64, 1, a.smollm_steps, a.device, "smollm2-135m", a.backend,
-                                 not a.no_cuda_graph, prompts=n, micro=min(a.smollm_micro, 8 * n),
-                                 compute_dtype=a.compute_dtype, trl_bf16=a.trl_bf16,
-                                 kv_cache_mb=a.vllm_kv_cache_mb)
+            rows += group_rows(p, "smollm2-135m", a.smollm_prompts)
 
     dev = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else platform.processor() or "cpu"
     result = {
