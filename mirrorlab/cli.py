@@ -31,6 +31,7 @@ from rich.table import Table
 from mirrorlab import compare, divergences, maps, plots, tasks
 from mirrorlab.config import Config, ConfigError, config_reference, dump_config, field_rows, load_config
 from mirrorlab.gbmpo import build_trainer, sample_tables
+from mirrorlab.probe import Probe
 from mirrorlab.progress import SearchProgress, TrainProgress
 from mirrorlab.repro import run_record
 from mirrorlab.search import CheckpointError, Search
@@ -227,6 +228,25 @@ def cmd_eval(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _ui_hint(cfg: Config) -> None:
+    """Where to see the runs: the `mlflow ui` command for the store and the link that opens the
+    experiment's runs view (MLflow 3 opens experiments in its GenAI view, which looks empty)."""
+    if not cfg.tracking.enabled:
+        return
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    try:
+        from mlflow import MlflowClient
+
+        exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(cfg.tracking.experiment or cfg.name)
+    except Exception:  # noqa: BLE001 - a hint must never fail a finished command
+        return
+    if exp is None:
+        return
+    serve = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"(server: {uri})"
+    out.print(f"MLflow: {serve}, then http://127.0.0.1:5000/#/experiments/{exp.experiment_id}"
+              "?workflowType=machine_learning")
+
+
 # --------------------------------------------------------------------------- search
 def cmd_search(cfg: Config, args: argparse.Namespace) -> int:
     """Run (or resume) a search over mirror maps; print the best, save it, plot."""
@@ -234,6 +254,7 @@ def cmd_search(cfg: Config, args: argparse.Namespace) -> int:
     res = _search(cfg, resume=args.resume)
     out.print(res["table"])
     out.print(f"best map: {res['best_ref']} (file: {res['best_map']})\nresults: {res['dir']}")
+    _ui_hint(cfg)
     return 0
 
 
@@ -293,6 +314,71 @@ def search_report(cfg: Config, result: Any, d: Path, wall: float) -> dict[str, A
             "wall_s": wall, "result": result}
 
 
+# --------------------------------------------------------------------------- probe
+def cmd_probe(cfg: Config, args: argparse.Namespace) -> int:
+    """Score points of the search space on shared seeds; print signal, noise and the plan."""
+    preflight(cfg, "search")
+    d = run_dir(cfg, "probe")
+    if cfg.probe.checkpoint_dir is None:
+        cfg.probe.checkpoint_dir = str(d)
+    (d / "config.yaml").write_text(dump_config(cfg))
+    probe = Probe(cfg)
+    n = len(probe.points) * len(probe.seeds)
+    with TrainProgress(n, description="probe jobs", console=err, keys=("fitness",)) as prog:
+        probe.progress = _ProbeProgress(prog)
+        res = probe.run(resume=args.resume)
+    out.print(probe_tables(cfg, res))
+    out.print(f"results: {d / 'probe.json'} (plot: {d / 'probe.png'})")
+    _ui_hint(cfg)
+    return 0
+
+
+class _ProbeProgress:
+    """Adapts the probe's job hook to a progress bar (one tick per finished job)."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+
+    def on_job_end(self, done: int, total: int, label: str, fitness: float | None) -> None:
+        self.bar.on_step(done, {"fitness": float("nan") if fitness is None else fitness})
+
+
+def probe_tables(cfg: Config, res: dict[str, Any]) -> Group:
+    """The probe's components per measure and its plan, as terminal tables."""
+    ec = cfg.search.evaluator
+    t = Table(title=f"probe {cfg.name}: {cfg.search.space.kind} space, {res['n_points']} points x "
+                    f"{res['n_seeds']} seeds, {ec.inner_steps} inner steps, {res['val_size'] or 'all'} val "
+                    f"problems ({res['wall_s']:.0f} s)\nsd of one evaluation; CI at "
+                    f"{100 * (1 - cfg.probe.alpha):.0f}%")
+    cols = ("measure", "signal sd [CI]", "seed sd", "eval sd", "noise sd", "icc [CI]", "p(all equal)",
+            "s / eval", "seeds to resolve signal", "rho vs test (other seeds)")
+    for c in cols:
+        t.add_column(c, justify="right")
+    for name, c in res["components"].items():
+        lo, hi = c["signal_sd_ci"]
+        rho = c.get("spearman_vs_test_other_seeds")
+        t.add_row(name, f"{fmt(c['signal_sd'])} [{fmt(lo)}, {fmt(hi)}]", fmt(c["seed_sd"]), fmt(c["eval_sd"]),
+                  fmt(c["noise_sd"]), f"{c['icc']:.2f} [{max(c['icc_ci'][0], 0):.2f}, {c['icc_ci'][1]:.2f}]",
+                  f"{c['p_points']:.3f}", f"{c.get('cost_s', float('nan')):.1f}",
+                  str(c.get("seeds_to_resolve_signal") or "-"), "-" if rho is None else f"{rho:+.2f}")
+    p = res["plan"]
+    a = Table(title=f"plan (from {p['from']}): seeds per candidate to detect a difference with "
+                    f"{100 * p['power']:.0f}% power")
+    for c in ("difference", "val problems x", "noise sd", "seeds per candidate"):
+        a.add_column(c, justify="right")
+    for r in p["seeds_for_difference"]:
+        a.add_row(fmt(r["difference"]), f"{r['val_multiplier']:g}", fmt(r["noise_sd"]),
+                  str(r["seeds_per_candidate"]))
+    b = Table(title=f"best of n random draws; the confirmation stage ({p['confirm_seeds']} seeds) detects "
+                    f"{fmt(p['confirm_detectable_difference'])}\n{p['verdict']}")
+    for c in ("budget (inner runs)", "draws x seeds", "expected gain", "oracle gain (noise-free)"):
+        b.add_column(c, justify="right")
+    for r in p["best_of_n"]:
+        b.add_row(str(r["budget_runs"]), f"{r['draws']} x {r['seeds_per_draw']}", fmt(r["expected_gain"]),
+                  fmt(r["oracle_gain"]))
+    return Group(t, a, b)
+
+
 # --------------------------------------------------------------------------- compare
 def cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
     """Methods x seeds: train each, evaluate on the split, print the table and paired tests."""
@@ -301,6 +387,7 @@ def cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
     result = compare.run_compare(cfg, out_dir=d, console=err)
     out.print(compare.results_table(result))
     out.print(f"wall time {result.wall_s:.0f} s; results: {d}")
+    _ui_hint(cfg)
     return 0
 
 
@@ -318,6 +405,7 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     out.print(compare.results_table(result))
     out.print(f"total wall time {wall:.0f} s (search {res['wall_s']:.0f} s, compare {result.wall_s:.0f} s)")
     out.print(f"results: {Path(cfg.output_dir) / cfg.name}")
+    _ui_hint(cfg)
     _save_json(Path(cfg.output_dir) / cfg.name / "run.json",
                {"wall_s": wall, "search_wall_s": res["wall_s"], "compare_wall_s": result.wall_s,
                 "best_map": res["best_map"]})
@@ -499,6 +587,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--resume", action="store_true", help="resume from the last complete generation")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("probe", help="the fitness landscape's signal and noise, and a budget plan, "
+                                     "before searching")
+    _common(p)
+    p.add_argument("--resume", action="store_true", help="reuse the jobs a killed probe finished")
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("eval", help="evaluate a model or checkpoint on a task split")
     _common(p)

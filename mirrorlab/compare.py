@@ -19,14 +19,17 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import scipy.stats
 
 from mirrorlab import divergences, plots
 from mirrorlab.config import STANDARD_BASELINES, START_LABEL, MethodConfig, standard_baselines
 from mirrorlab.divergences import PotentialMixin
+from mirrorlab.executors import make_executor
 from mirrorlab.gbmpo import build_trainer, sample_tables
 from mirrorlab.maps import build_divergence
 from mirrorlab.progress import TrainProgress, progress_bars
+from mirrorlab.records import FINISHED, Job, Outcome
 from mirrorlab.tracking import MlflowSession
 from mirrorlab.values import fmt, jsonable
 
@@ -295,6 +298,25 @@ def results_table(result: CompareResult) -> Any:
     return t
 
 
+def results_markdown(result: CompareResult) -> str:
+    """The results table with its verdicts in Markdown (the compare parent run's description in
+    MLflow's UI, where a text artifact is cut off)."""
+    comps = {c.method: c for c in result.comparisons}
+    lines = [f"**{result.metric_name} on {result.split}**, mean +- std over seeds; paired vs "
+             f"`{result.baseline}` (same seed = same pair)", "",
+             f"| method | regulariser | seeds | {result.metric_name} | diff vs base | p (t) | p (sign-flip) "
+             "| verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m in result.methods:
+        c = comps.get(m.label)
+        tail = ("(baseline) | | | |" if c is None else
+                f"{c.mean_diff:+.3f} +- {fmt(c.stderr)} | {fmt(c.t_pvalue)} | {fmt(c.perm_pvalue)} | "
+                f"{c.verdict} |")
+        lines.append(f"| {m.label} | {regulariser_text(m.divergence)} | {len(m.seeds)} | "
+                     f"{fmt(m.metric_mean)} +- {fmt(m.metric_std)} | {tail}")
+    return "\n".join(lines)
+
+
 def results_text(result: CompareResult, width: int = 220) -> str:
     """The results table rendered as plain text (for logs, MLflow and files)."""
     import io
@@ -383,6 +405,7 @@ class CompareTracker:
                 ms.update({f"{c.method}/diff_vs_best_baseline": c.mean_diff,
                            f"{c.method}/p_t_vs_best": c.t_pvalue})
             self.session.log_metrics(self.parent_run_id, ms)
+            self.session.client.set_tag(self.parent_run_id, "mlflow.note.content", results_markdown(result))
         if self.samples_index:  # where each (method, seed)'s completion tables are (its child run)
             with tempfile.TemporaryDirectory() as d:
                 f = Path(d) / "completions_index.json"
@@ -439,6 +462,86 @@ def write_plots(result: CompareResult, out_dir: str | Path) -> list[Path]:
     return paths
 
 
+class CompareEvaluator:
+    """One (method, seed) run of a comparison in a worker process (`compare.workers` > 1): the same
+    reset -> regulariser -> train -> evaluate as the in-process loop, on a trainer built once per
+    worker. `job.candidate` is the method's index, `job.seed` the seed; `job.measure["start"]` also
+    evaluates the untrained start first (returned in `extra`)."""
+
+    def __init__(self, cfg: Any, map_refs: dict[str, str] | None = None) -> None:
+        self.cfg, self.map_refs = cfg, map_refs
+        self.trainer: Any = None
+        self.regs: dict[str, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"cfg": self.cfg, "map_refs": self.map_refs, "trainer": None, "regs": {}}
+
+    def setup(self) -> None:
+        """Build every method's regulariser and the trainer (heavy; once per worker)."""
+        uri = self.cfg.tracking.tracking_uri
+        self.methods = compare_methods(self.cfg)
+        self.regs = {m.label: build_divergence(m.divergence, map_refs=self.map_refs, tracking_uri=uri)
+                     for m in self.methods}
+        self.trainer = build_trainer(self.cfg, self.regs[self.methods[0].label])
+
+    def evaluate(self, job: Job) -> dict[str, Any]:
+        """Train method `job.candidate` on seed `job.seed`; evaluate on `compare.split`."""
+        c = self.cfg.compare
+        m = self.methods[job.candidate]
+        t0 = time.perf_counter()
+        self.trainer.reset(seed=job.seed)
+        extra: dict[str, Any] = {}
+        if job.measure.get("start"):
+            ev = self.trainer.evaluate(c.split, n=c.eval_size)
+            extra["start"] = {"metric": float(ev.metric), "stderr": float(ev.stderr),
+                              "mean_length": float(ev.mean_length), "n": int(ev.n),
+                              "wall_s": time.perf_counter() - t0, "samples": sample_tables([], ev, c.split)}
+            t0 = time.perf_counter()
+        self.trainer.set_regulariser(self.regs[m.label])
+        curve = self.trainer.train()
+        ev = self.trainer.evaluate(c.split, n=c.eval_size)
+        extra.update(metric_name=self.trainer.task.metric_name, wall_s=time.perf_counter() - t0)
+        return {"fitness": float(ev.metric), "stderr": float(ev.stderr), "mean_length": float(ev.mean_length),
+                "n_eval": int(ev.n), "curves": plain_curve(curve),
+                "samples": sample_tables(curve, ev, c.split),
+                "extra": extra}
+
+
+def _run_in_workers(cfg: Any, methods: list[Any], arm_key: dict[str, str], map_refs: dict[str, str] | None,
+                    prog: Any) -> dict[tuple[str, int], Outcome]:
+    """Every distinct (arm, seed) run of the comparison on `compare.workers` worker processes; a
+    failed run raises (a comparison has no failure policy: a missing cell would bias the table)."""
+    jobs, seen = [], set()
+    for seed in cfg.compare.seeds:
+        for i, m in enumerate(methods):
+            if (arm_key[m.label], seed) in seen:
+                continue
+            seen.add((arm_key[m.label], seed))
+            jobs.append(Job(0, len(jobs), np.zeros(1), seed, candidate=i,
+                            measure={"start": cfg.compare.start_row and i == 0}))
+    w = cfg.compare.workers
+    task = prog.add_task("runs (workers)", total=len(jobs), info="") if prog is not None else None
+
+    def done(job: Job, out: Outcome) -> None:
+        if prog is not None:
+            info = f"last: {methods[job.candidate].label} s{job.seed}"
+            tail = f" {out.fitness:.3f}" if out.status == FINISHED else " FAILED"
+            prog.update(task, advance=1, info=info + tail)
+
+    ex = make_executor("process", CompareEvaluator(cfg, map_refs), workers=w,
+                       cpus_per_worker=max(1, cfg.threads // w))
+    ex.launch()
+    try:
+        outs = ex.map(jobs, on_result=done)
+    finally:
+        ex.close()
+    bad = [(methods[j.candidate].label, j.seed, o.error) for j, o in zip(jobs, outs, strict=True)
+           if o.status != FINISHED]
+    if bad:
+        raise RuntimeError(f"compare runs failed: {bad[:3]}")
+    return {(methods[j.candidate].label, j.seed): o for j, o in zip(jobs, outs, strict=True)}
+
+
 def run_compare(
     cfg: Any,
     out_dir: str | Path | None = None,
@@ -492,6 +595,8 @@ def run_compare(
     try:
         if prog is not None:
             prog.start()
+        pre = _run_in_workers(cfg, methods, arm_key, map_refs, prog) if cfg.compare.workers > 1 else {}
+        if prog is not None:
             runs_task = prog.add_task("runs", total=total, info="")
         for seed in cfg.compare.seeds:
             for m in methods:
@@ -504,6 +609,24 @@ def run_compare(
                     if prog is not None:
                         prog.update(runs_task, advance=1,
                                     info=f"last: {m.label} s{seed} (same as {prev[0].method})")
+                    continue
+                o = pre.get((m.label, seed))
+                if o is not None:  # trained in a worker: log it as the loop below would
+                    metric_name = o.extra["metric_name"]
+                    st = o.extra.get("start")
+                    if st is not None:
+                        r = RunResult(START_LABEL, seed, st["metric"], st["stderr"], st["mean_length"],
+                                      st["n"], st["wall_s"], [])
+                        r.run_id = tracker.log_run(r, div_info[START_LABEL], split, metric_name,
+                                                   st["samples"])
+                        runs.append(r)
+                    r = RunResult(m.label, seed, float(o.fitness), float(o.stderr), float(o.mean_length),
+                                  int(o.n_eval), o.extra["wall_s"], list(o.curves))
+                    r.run_id = tracker.log_run(r, div_info[m.label], split, metric_name, o.samples)
+                    done[(arm_key[m.label], seed)] = (r, o.samples)
+                    runs.append(r)
+                    if prog is not None:
+                        prog.update(runs_task, advance=1, info=f"logged: {m.label} s{seed}")
                     continue
                 t0 = time.perf_counter()
                 run_cfg = cfg.model_copy(deep=True)

@@ -268,7 +268,8 @@ class TrainConfig(Section):
 # --------------------------------------------------------------------------- search
 class SpaceConfig(Section):
     """What the search optimises: `neural` (380-dim softplus theta of NeuralMirrorMap),
-    `neural_raw` (the paper's raw parametrisation, map = |theta|) or `mixture`."""
+    `neural_raw` (the paper's raw parametrisation, map = |theta|), `neural_coef` (neural plus log
+    lambda as a coordinate), `mixture`, or `coef` (log lambda alone for one fixed divergence)."""
 
     kind: SpaceKind = Field(
         "neural", description="registered search space (neural, neural_raw, mixture or a plugin's)")
@@ -276,6 +277,12 @@ class SpaceConfig(Section):
         "random", description="random: the space's seeded random init (the paper's U[0, init_scale) for "
         "neural maps); zeros")
     init_scale: float = Field(0.01, gt=0, description="scale of the random init")
+    coef_scale: float = Field(
+        1.0, gt=0, description="spaces with a log-lambda coordinate (neural_coef, coef): sd of log lambda "
+        "around log(divergence.coef) in the random init")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="space-specific settings: coef takes divergence (a registered "
+        "name, default prob_l2) and divergence_params")
 
 
 class StrategyConfig(Section):
@@ -300,11 +307,17 @@ class StrategyConfig(Section):
 class RacingConfig(Section):
     """Successive halving over inner seeds: every candidate is first scored on `min_seeds` seeds,
     then the best 1/`eta` of the survivors get `eta` times as many, up to `search.evaluator.seeds`.
-    Candidates dropped at a rung keep the (noisier) fitness of the seeds they ran."""
+    Candidates dropped at a rung keep the (noisier) fitness of the seeds they ran. With `steps`,
+    the rungs are inner-run lengths instead (multi-fidelity: short runs first, on all seeds); the
+    probe's `horizons` measure whether short runs rank maps as full runs do."""
 
     enabled: bool = Field(False, description="race candidates instead of giving each the full seed budget")
     eta: int = Field(2, ge=2, description="keep the best 1/eta of the candidates at each rung")
     min_seeds: int = Field(1, ge=1, description="inner seeds every candidate gets at the first rung")
+    steps: list[int] = Field(
+        default_factory=list, description="multi-fidelity racing instead: inner-step rungs (increasing, the "
+        "last = search.evaluator.inner_steps); every candidate trains the first on all its seeds, the best "
+        "1/eta are trained anew for the next")
 
 
 class ConfirmConfig(Section):
@@ -352,7 +365,13 @@ class EvaluatorConfig(Section):
     @model_validator(mode="after")
     def _racing_fits(self) -> EvaluatorConfig:
         r = self.racing
-        if r.enabled and r.min_seeds >= self.seeds:
+        if r.steps:
+            if any(b <= a for a, b in zip(r.steps, r.steps[1:], strict=False)) or min(r.steps) < 1 \
+                    or r.steps[-1] != self.inner_steps:
+                raise ValueError(
+                    f"racing.steps ({r.steps}) must increase from >= 1 and end at inner_steps "
+                    f"({self.inner_steps})")
+        elif r.enabled and r.min_seeds >= self.seeds:
             raise ValueError(
                 f"racing.min_seeds ({r.min_seeds}) must be < seeds ({self.seeds}) when racing is enabled: "
                 "raise search.evaluator.seeds or set racing.enabled=false")
@@ -387,6 +406,52 @@ class SearchConfig(Section):
     checkpoint_dir: str | None = Field(
         None, description="checkpoint and journals (default <output_dir>/<name>/search/checkpoint); search "
         "--resume continues from it")
+
+
+# --------------------------------------------------------------------------- probe
+class ProbeConfig(Section):
+    """`mirrorlab probe`: the fitness landscape's signal and noise before any search. Points of the
+    search space are scored on the same inner seeds (common random numbers) with the search's
+    evaluator (`search.evaluator`: inner steps, baseline) and executor; see `mirrorlab.probe`."""
+
+    points: int = Field(6, ge=1, description="random draws of the search space (besides its init x0)")
+    draw: Literal["init", "perturb"] = Field(
+        "init", description="init: independent draws of the space's random init (what `random` search "
+        "tries); perturb: x0 + sigma * N(0, I) with the strategy's sigma (what one ES generation tries)")
+    sigma: float | None = Field(
+        None, gt=0, description="perturbation scale for draw: perturb (default: search.strategy.params."
+        "sigma, else 0.5)")
+    include_init: bool = Field(True, description="also score the space's init x0 (the search's start)")
+    include_baseline: bool = Field(
+        True, description="also score the paired baseline divergence (search.evaluator.baseline) as a point")
+    seeds: int = Field(3, ge=2, description="inner seeds per point (the same for every point)")
+    val_size: int | None = Field(
+        None, ge=2, description="validation problems per evaluation (None: search.evaluator.val_size)")
+    loglik: bool = Field(True, description="also measure the reference answer's mean log-likelihood")
+    sample_k: int = Field(
+        0, ge=0, description="also score k sampled completions per problem: expected reward and pass@k "
+        "(0: off)")
+    test_size: int = Field(
+        0, ge=0, description="also score greedy accuracy on this many test problems, for each proxy's rank "
+        "correlation with test accuracy on the other half of the seeds (0: off)")
+    horizons: list[int] = Field(
+        default_factory=list, description="also score val after these inner steps (< search.evaluator."
+        "inner_steps) of the same run: the short-horizon check")
+    differences: list[float] = Field(
+        default_factory=lambda: [0.01, 0.02, 0.05],
+        description="differences of fitness the plan sizes seeds for")
+    val_multipliers: list[float] = Field(
+        default_factory=lambda: [1.0, 5.0],
+        description="validation-set sizes (x val_size) the plan considers")
+    budgets: list[int] = Field(
+        default_factory=lambda: [8, 16, 32],
+        description="inner-run budgets the plan sizes best-of-n random for")
+    power: float = Field(0.8, gt=0, lt=1, description="power of the plan's tests")
+    alpha: float = Field(
+        0.05, gt=0, lt=1, description="two-sided level of the plan's tests and the intervals")
+    checkpoint_dir: str | None = Field(
+        None, description="journal of finished jobs (default <output_dir>/<name>/probe); probe --resume "
+        "continues from it")
 
 
 # --------------------------------------------------------------------------- tracking
@@ -459,6 +524,10 @@ class CompareConfig(Section):
     baseline_coef: float = Field(
         0.04, ge=0, description="lambda of the standard set's KL rows (0.04: DeepSeekMath's GRPO beta, TRL's "
         "old default and the quickstart's KL baseline)")
+    workers: int = Field(
+        1, ge=1, description="runs trained at once: 1 = in this process with `threads` threads; N > 1 = N "
+        "worker processes with max(1, threads // N) threads each (on the tiny model 2 x 1 thread is ~2x "
+        "faster than 1 x 2; the last bits may differ from the in-process run's)")
 
     @property
     def start_row(self) -> bool:
@@ -510,6 +579,7 @@ class Config(Section):
     search: SearchConfig = Field(default_factory=SearchConfig, description="the outer loop")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow")
     compare: CompareConfig = Field(default_factory=CompareConfig, description="methods x seeds comparisons")
+    probe: ProbeConfig = Field(default_factory=ProbeConfig, description="the landscape probe before a search")
 
     @model_validator(mode="after")
     def _tiny_format_matches_task(self) -> Config:

@@ -141,7 +141,8 @@ class AnalyticEvaluator:
         f = self.value(theta)
         if self.noise > 0:
             h = int.from_bytes(np.asarray(theta, "<f8").tobytes()[:8], "little") % 2**32
-            f += float(np.random.default_rng([job.seed, h]).normal(0.0, self.noise))
+            key = [job.seed, h] if job.inner_steps is None else [job.seed, h, job.inner_steps]
+            f += float(np.random.default_rng(key).normal(0.0, self.noise))
         return {"fitness": f, "stderr": self.noise, "metric": f,
                 "timings": {"train_s": time.monotonic() - t0, "eval_s": 0.0}}
 

@@ -59,6 +59,7 @@ def run_job(evaluator: Evaluator, job: Job, worker: str = "local") -> Outcome:
         out.curves = list(res.get("curves", []))
         out.scores = [float(x) for x in res.get("scores", [])]
         out.samples = dict(res.get("samples") or {})  # completion samples, for the candidate's run
+        out.extra = dict(res.get("extra") or {})  # the probe's extra measurements
         out.timings = {k: float(v) for k, v in res.get("timings", {}).items()}
         elapsed = time.monotonic() - start
         if not is_finite(out.fitness):

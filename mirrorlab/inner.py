@@ -17,6 +17,13 @@ from mirrorlab.maps import build_divergence, regulariser
 from mirrorlab.records import Job, check_deadline
 from mirrorlab.spaces import make_space
 
+# What `Job.measure` may ask of an inner run besides its fitness (the probe asks; a search does not):
+#   loglik: true       per val problem, mean log-prob per token of the reference completion
+#   sample_k: k        per val problem, k sampled completions scored: expected reward (mean), pass@k (max)
+#   test_size: n       per-problem scores of greedy decoding on the first n test problems
+#   horizons: [t, ..]  per-problem val scores after t < inner_steps steps (the same run, paused)
+MEASURES = ("loglik", "sample_k", "test_size", "horizons")
+
 
 class GBMPOEvaluator:
     """Scores a job by T inner GBMPO steps on task.train from the base weights, then task.val.
@@ -66,25 +73,65 @@ class GBMPOEvaluator:
         if self.trainer is None:
             self.setup()
         ec = self.cfg.search.evaluator
+        steps = job.inner_steps or ec.inner_steps  # a racing rung may train fewer
         t0 = time.monotonic()
         reg = self._regulariser_for(job)
         self.trainer.reset(seed=job.seed)
         self.trainer.set_regulariser(reg)
         t1 = time.monotonic()
-        curves = self.trainer.train(steps=ec.inner_steps, callbacks=[DeadlineCallback(job)])
+        indices = val_subset(job.seed, self.n_val, job.eval_size)
+        extra: dict[str, Any] = {}
+        horizons = sorted({int(h) for h in job.measure.get("horizons", ()) if 0 < int(h) < steps})
+        curves: list[dict[str, Any]] = []
+        paused_s = 0.0
+        for h in [*horizons, steps]:
+            curves += self.trainer.train(steps=h - len(curves), callbacks=[DeadlineCallback(job)])
+            if h < steps:  # greedy decoding only: no RNG drawn, the run goes on unchanged
+                tp = time.monotonic()
+                scores = self.trainer.evaluate("val", indices=indices).scores
+                extra[f"val_at_{h}"] = [float(x) for x in scores]
+                paused_s += time.monotonic() - tp
         t2 = time.monotonic()
         bad = nonfinite_loss(curves)
         if bad:
             raise FloatingPointError(bad)
         check_deadline(job)
-        res = self.trainer.evaluate("val", indices=val_subset(job.seed, self.n_val, job.eval_size))
+        res = self.trainer.evaluate("val", indices=indices)
         t3 = time.monotonic()
+        extra.update(self._measure(job, indices))
+        if horizons:
+            extra.setdefault("cost_s", {})["horizons"] = paused_s
         fitness = float(res.metric) - ec.length_penalty * float(res.mean_length)
-        return {
+        return {"extra": extra,
             "fitness": fitness, "stderr": float(res.stderr), "metric": float(res.metric),
             "mean_length": float(res.mean_length), "n_eval": int(res.n),
             "scores": [float(s) for s in res.scores],
             "curves": [{k: float(v) for k, v in row.items() if isinstance(v, int | float)} for row in curves],
-            "timings": {"reset_s": t1 - t0, "train_s": t2 - t1, "eval_s": t3 - t2},
+            "timings": {"reset_s": t1 - t0, "train_s": t2 - t1 - paused_s, "eval_s": t3 - t2},
             "samples": sample_tables(curves, res, "val"),  # bounded by train.log_completions
         }
+
+    def _measure(self, job: Job, indices: list[int] | None) -> dict[str, Any]:
+        """The extra measurements `job.measure` asks for (after training), each with its cost."""
+        m, out, cost = job.measure, {}, {}
+        val = self.trainer.task.split("val")
+        exs = [val[i] for i in indices] if indices is not None else list(val)
+        if m.get("loglik"):
+            t = time.monotonic()
+            out["loglik"] = self.trainer.reference_loglik(exs)
+            cost["loglik"] = time.monotonic() - t
+        k = int(m.get("sample_k") or 0)
+        if k > 0:
+            t = time.monotonic()
+            per = self.trainer.sampled_scores(exs, k)
+            out["expected_reward"] = [sum(r) / k for r in per]
+            out["pass_at_k"] = [max(r) for r in per]
+            cost["expected_reward"] = cost["pass_at_k"] = time.monotonic() - t
+        n_test = int(m.get("test_size") or 0)
+        if n_test > 0:
+            t = time.monotonic()
+            out["test"] = [float(x) for x in self.trainer.evaluate("test", n=n_test).scores]
+            cost["test"] = time.monotonic() - t
+        if cost:
+            out["cost_s"] = cost
+        return out

@@ -11,8 +11,10 @@ loads the same bytes (sha256 checked), the weights every published number was me
 They were built by recipe v4 before the build was pinned, on an AVX-512 CPU; rebuilding them
 elsewhere would give other weights, because SFT rounding differs per kernel ISA. A local build
 (`MIRRORLAB_BUILD_PRESETS=1`, or after the recipe or the task splits change) runs in a
-subprocess with pinned numerics (`BUILD_ENV`): the same bits on any x86-64 CPU and thread count,
-at about 2x (tiny) to 3.5x (tiny-scratchpad) the unpinned build time.
+subprocess with pinned numerics (`BUILD_ENV`): the same bits for any thread count and ISA level
+on one CPU, at about 2x (tiny) to 3.5x (tiny-scratchpad) the unpinned build time. Not across CPU
+vendors: an Intel Xeon and an AMD EPYC build different weights under the same pins (issue 23), so
+published numbers rest on the shipped files, not on a rebuild.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ TINY_VERSION = 5  # bump when the recipe or the build's numerics change: the cac
 # (v5: built in a subprocess with the numerics pinned below, weights' sha256 in the build record)
 
 # The tiny presets are built in a fresh subprocess whose numerics are pinned, so that every
-# x86-64 CPU and every thread count give bit-identical weights (issue 12: an AVX2-only machine
+# thread count and ISA level of one CPU give bit-identical weights (not every vendor: an AMD EPYC
+# and an Intel Xeon still differ under these pins, issue 23; issue 12: an AVX2-only machine
 # built a different `tiny`, 0.368 val accuracy instead of 0.402). The outer environment's values
 # of these variables are overridden. Each is read when the library loads, hence the subprocess.
 BUILD_ENV: dict[str, str] = {

@@ -234,3 +234,39 @@ def plot_metric_vs_length(
     if points:
         ax.legend(fontsize=7, loc="best")
     return _save(fig, path)
+
+
+def plot_probe(labels: Sequence[str], table: Sequence[Sequence[float]],
+               components: Mapping[str, Mapping[str, Any]], path: str | Path, title: str = "probe",
+               ylabel: str = "fitness") -> Path:
+    """Left: every evaluation of every probed point (one dot per seed, seeds coloured alike, points
+    sorted by mean, a bar at the mean); right: per fitness proxy, the signal and noise standard
+    deviations relative to the noise (so proxies in other units compare), with the ICC."""
+    fig = Figure(figsize=(11, 4.4))
+    ax, bx = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    rows = [list(r) for r in table]
+    order = sorted(range(len(rows)), key=lambda i: sum(rows[i]) / max(len(rows[i]), 1))
+    for x, i in enumerate(order):
+        for s, v in enumerate(rows[i]):
+            ax.scatter([x + (s - (len(rows[i]) - 1) / 2) * 0.08], [v], s=14, color=f"C{s % 10}", alpha=0.8,
+                       label=f"seed {s}" if x == 0 else None)
+        m = sum(rows[i]) / len(rows[i])
+        ax.plot([x - 0.3, x + 0.3], [m, m], color="k", lw=1.5)
+    ax.set_xticks(range(len(order)))
+    ax.set_xticklabels([labels[i] for i in order], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6, loc="best")
+    ax.grid(alpha=0.3)
+    names = list(components)
+    sig = [components[n]["signal_sd"] / max(components[n]["noise_sd"], 1e-12) for n in names]
+    bx.bar(range(len(names)), sig, color="C2", label="signal sd / noise sd")
+    bx.axhline(1.0, color="0.4", ls="--", lw=1, label="signal = noise of one evaluation")
+    for i, n in enumerate(names):
+        bx.text(i, sig[i], f"icc {components[n]['icc']:.2f}", ha="center", va="bottom", fontsize=7)
+    bx.set_xticks(range(len(names)))
+    bx.set_xticklabels(names, rotation=30, ha="right", fontsize=7)
+    bx.set_title("signal relative to one evaluation's noise, per fitness", fontsize=9)
+    bx.legend(fontsize=7)
+    bx.grid(alpha=0.3, axis="y")
+    return _save(fig, path)

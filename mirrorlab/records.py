@@ -38,6 +38,9 @@ class Job:
     role: str = "candidate"
     candidate: int = -1
     eval_size: int | None = None  # validation problems (a seeded subset); None = the whole split
+    # extra measurements beyond the fitness (the probe's): see `mirrorlab.inner.MEASURES`
+    measure: dict[str, Any] = field(default_factory=dict)
+    inner_steps: int | None = None  # this job's inner steps (None: search.evaluator.inner_steps)
     deadline: float | None = None  # set by the executor when the job starts (time.monotonic)
 
     def __post_init__(self) -> None:
@@ -68,6 +71,9 @@ class Outcome:
     # completion samples by table name (`step_0001`, `eval_val`: lists of row dicts, bounded by
     # train.log_completions); logged on the candidate's MLflow run, kept out of `to_dict`
     samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # what `Job.measure` asked for: per-problem lists by name (fitness proxies, test scores, scores
+    # at shorter horizons) and their cost in seconds (`cost_s`)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (used by the resume journal and the baseline cache), without `samples`:

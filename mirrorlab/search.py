@@ -42,7 +42,7 @@ import math
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,7 @@ class Score:
     curves: tuple[dict[str, float], ...] = ()  # inner training curves, mean over seeds per step
     samples: dict[str, list[dict[str, Any]]] | None = None  # completion tables, rows of every seed
     timings: tuple[tuple[str, float], ...] = ()  # summed over seeds
+    steps: int = 0  # inner steps this candidate trained (all seeds, all racing rungs)
 
     @property
     def ok(self) -> bool:
@@ -319,16 +320,24 @@ def read_journal(path: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _append_journal(path: Path, entry: dict[str, Any]) -> None:
+def append_journal(path: Path, entry: dict[str, Any]) -> None:
+    """Append one entry (with its own sha256) to a journal and fsync it (`read_journal` reads it)."""
     with open(path, "a") as f:
         f.write(json.dumps({**entry, "sha256": _digest(entry)}) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
-def job_key(role: str, slot: int, seed: int) -> str:
-    """Journal key of a job: what is trained (role and candidate slot) on which seed."""
-    return f"baseline:{seed}" if role == "baseline" else f"{role}:{slot}:{seed}"
+def job_key(role: str, slot: int, seed: int, fidelity: str = "") -> str:
+    """Journal key of a job: what is trained (role and candidate slot) on which seed, and for how
+    many inner steps when that is not `search.evaluator.inner_steps` (`fidelity` = "@T")."""
+    return f"baseline:{seed}{fidelity}" if role == "baseline" else f"{role}:{slot}:{seed}{fidelity}"
+
+
+def step_rungs(steps: list[int], inner_steps: int) -> list[int | None]:
+    """The inner-step rungs of multi-fidelity racing: the configured ones, the last being the full
+    `inner_steps` (None: the evaluator's default length)."""
+    return [None if t == inner_steps else int(t) for t in steps]
 
 
 def run_key(role: str, candidate_id: str) -> str:
@@ -367,7 +376,7 @@ class SearchRecorder:
     # -- journal (search thread)
     def journal(self, generation: int, key: str, sha: str, outcome: Outcome) -> None:
         """Append one finished job to its generation's journal (fsynced)."""
-        _append_journal(journal_path(self.dir, generation),
+        append_journal(journal_path(self.dir, generation),
                         {"key": key, "sha": sha, "outcome": outcome.to_dict()})
 
     def journalled(self, generation: int) -> dict[str, dict[str, Any]]:
@@ -579,6 +588,11 @@ class Search:
             summary = None
             if status == "FINISHED" and result is not None:
                 summary = {k: v for k, v in result.to_dict().items() if k != "history"}
+                fits = [f for g in result.history for f in g.fitness if f is not None]
+                summary.update(best_over_generations=max(fits) if fits else None,
+                               search_fitness=self._search_fitness(result.best_id),
+                               paired_against=(self.cfg.search.evaluator.baseline.name
+                                               if self.cfg.search.evaluator.baseline is not None else None))
             self.tracker.finish(status, summary)
 
     def _run_generation(self, gen: int) -> None:
@@ -608,7 +622,7 @@ class Search:
             notes=[c.note for c in cands], shas=[self.space.sha(c.theta) for c in cands],
             status=[s.status for s in scores], fitness=[s.fitness for s in scores],
             stderr=[s.stderr for s in scores], n_seeds=[len(s.seeds) for s in scores],
-            budget_steps=[len(s.seeds) * ec.inner_steps for s in scores], errors=[s.error for s in scores],
+            budget_steps=[s.steps for s in scores], errors=[s.error for s in scores],
             best_fitness=max(ok) if ok else None, mean_fitness=float(np.mean(ok)) if ok else None,
             incumbent_id=None if inc is None else inc["id"],
             incumbent_fitness=None if inc is None else inc["fitness"], incumbent_reevaluation=reeval,
@@ -632,8 +646,11 @@ class Search:
     # ------------------------------------------------------------------ scoring
     def _score(self, gen: int, role: str, thetas: list[np.ndarray], ids: list[str], seeds: list[int],
                racing: bool = False) -> list[Score]:
-        """Scores of `thetas` on `seeds` (all of them, or by successive halving with `racing`)."""
+        """Scores of `thetas` on `seeds` (all of them, or by successive halving with `racing`: over
+        seeds, or over inner steps when `racing.steps` is set)."""
         ec = self.cfg.search.evaluator
+        if racing and ec.racing.steps:
+            return self._score_steps(gen, role, thetas, ids, seeds)
         rungs = racing_rungs(len(seeds), ec.racing.min_seeds, ec.racing.eta) if racing else [len(seeds)]
         eval_size = ec.confirm.val_size if role == "confirm" else ec.val_size
         outs: dict[str, Outcome] = {}
@@ -649,7 +666,7 @@ class Search:
                 base = None
                 if ec.baseline is not None:
                     base = [self._baseline_outcome(s, eval_size) for s in ss]
-                scores[i] = aggregate(per, ss, base, rung=r)
+                scores[i] = replace(aggregate(per, ss, base, rung=r), steps=len(ss) * ec.inner_steps)
             done = upto
             if r + 1 < len(rungs):  # promote the best 1/eta of the survivors
                 alive = sorted((i for i in active if scores[i].ok), key=lambda i: -scores[i].fitness)
@@ -658,27 +675,57 @@ class Search:
                     break
         return [scores[i] for i in range(len(thetas))]
 
-    def _baseline_outcome(self, seed: int, eval_size: int | None) -> Outcome:
-        key = f"{seed}:{eval_size}"
+    def _score_steps(self, gen: int, role: str, thetas: list[np.ndarray], ids: list[str],
+                     seeds: list[int]) -> list[Score]:
+        """Multi-fidelity racing: every candidate trains the first rung's inner steps on all seeds;
+        the best 1/eta go on to the next rung, trained anew for its longer horizon, up to
+        `inner_steps`. A candidate dropped at a rung keeps that rung's (short-run) fitness."""
+        ec = self.cfg.search.evaluator
+        eval_size = ec.confirm.val_size if role == "confirm" else ec.val_size
+        active = list(range(len(thetas)))
+        scores: dict[int, Score] = {}
+        spent = dict.fromkeys(active, 0)
+        rungs = step_rungs(ec.racing.steps, ec.inner_steps)
+        for r, T in enumerate(rungs):
+            fid = "" if T is None else f"@{T}"
+            outs = self._run_jobs(gen, [(role, i, thetas[i], s, ids[i]) for i in active for s in seeds],
+                                  eval_size, T)
+            for i in active:
+                spent[i] += len(seeds) * (T or ec.inner_steps)
+                per = [outs[job_key(role, i, s, fid)] for s in seeds]
+                base = ([self._baseline_outcome(s, eval_size, fid) for s in seeds]
+                        if ec.baseline is not None else None)
+                scores[i] = replace(aggregate(per, seeds, base, rung=r), steps=spent[i])
+            if r + 1 < len(rungs):
+                alive = sorted((i for i in active if scores[i].ok), key=lambda i: -scores[i].fitness)
+                active = sorted(alive[: math.ceil(len(alive) / ec.racing.eta)])
+                if not active:
+                    break
+        return [scores[i] for i in range(len(thetas))]
+
+    def _baseline_outcome(self, seed: int, eval_size: int | None, fidelity: str = "") -> Outcome:
+        key = f"{seed}:{eval_size}{fidelity}"
         return Outcome.from_dict(self.baselines.get(key) or self._failed_baselines[key])
 
     def _run_jobs(self, gen: int, specs: list[tuple[str, int, np.ndarray, int, str]],
-                  eval_size: int | None) -> dict[str, Outcome]:
+                  eval_size: int | None, steps: int | None = None) -> dict[str, Outcome]:
         """Evaluate (role, slot, theta, seed, id) specs through the executor, plus the paired
-        baseline on any seed not cached yet; jobs in this generation's journal are reused."""
+        baseline on any seed not cached yet; jobs in this generation's journal are reused.
+        `steps`: inner steps of these jobs (None: `search.evaluator.inner_steps`)."""
         ec = self.cfg.search.evaluator
+        fid = "" if steps is None else f"@{steps}"
         journal = self.recorder.journalled(gen)
         need = []
         if ec.baseline is not None:
             for s in dict.fromkeys(sp[3] for sp in specs):
-                if f"{s}:{eval_size}" not in self.baselines:
+                if f"{s}:{eval_size}{fid}" not in self.baselines:
                     need.append(("baseline", -1, np.zeros(self.space.dim), s, "baseline"))
         self._hook("on_generation_start", gen, len(need) + len(specs))
         outs: dict[str, Outcome] = {}
         todo: list[Job] = []
         meta: dict[int, tuple[str, str, str]] = {}  # job index -> key, sha, id
         for role, slot, theta, seed, cid in need + specs:
-            key = job_key(role, slot, seed)
+            key = job_key(role, slot, seed, fid)
             sha = "baseline" if role == "baseline" else self.space.sha(theta)
             e = journal.get(key)
             if e is not None and e["sha"] == sha:  # finished before an interruption
@@ -688,7 +735,7 @@ class Search:
                 self._hook("on_candidate_end", gen, f"{cid}/s{seed}", _ok_fitness(o), o.status)
                 continue
             job = Job(gen, len(todo), np.asarray(theta, dtype=np.float64), seed, ec.timeout_s, role=role,
-                      candidate=max(slot, 0), eval_size=eval_size)
+                      candidate=max(slot, 0), eval_size=eval_size, inner_steps=steps)
             meta[job.index] = (key, sha, cid)
             todo.append(job)
 
@@ -709,10 +756,10 @@ class Search:
                     self.timings[k] += o.timings.get(k, 0.0)
                 self.timings["job_s"] += o.timings.get("total_s", 0.0)
             self._compute += o.timings.get("train_s", 0.0) + o.timings.get("eval_s", 0.0)
-            self.steps_spent += ec.inner_steps
+            self.steps_spent += steps or ec.inner_steps
             if key.startswith("baseline:"):  # cached when it finished; a failure fails this call's seed
                 cache = self.baselines if o.status == FINISHED else self._failed_baselines
-                cache[f"{key.split(':')[1]}:{eval_size}"] = o.to_dict()
+                cache[f"{key.split(':')[1].partition('@')[0]}:{eval_size}{fid}"] = o.to_dict()
         return outs
 
     # ------------------------------------------------------------------ incumbent
@@ -788,7 +835,8 @@ class Search:
                       mean_length=s.mean_length, error=s.error, label=role, curves=list(s.curves),
                       timings=dict(s.timings), worker=",".join(s.workers),
                       samples=dict(s.samples or {}))
-        extra = {"n_seeds": float(len(seeds)), "budget_inner_steps": float(len(seeds) * ec.inner_steps),
+        extra = {"n_seeds": float(len(seeds)),
+                 "budget_inner_steps": float(s.steps or len(seeds) * ec.inner_steps),
                  "rung": float(s.rung), "paired": float(ec.baseline is not None)}
         extra.update({f"fitness_seed_{j}": v for j, v in enumerate(s.values)})
         job = Job(gen, slot, np.asarray(theta, dtype=np.float64), seeds[0] if seeds else 0, role=role,

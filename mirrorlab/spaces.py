@@ -3,6 +3,8 @@
 - `neural`: the 380-dim theta of `NeuralMirrorMap` (convex for any theta by construction).
 - `neural_raw`: the same maps parametrised as the paper does (theta = raw >= 0, map = |theta|),
   for faithful `gbmpo_es` reproduction with the paper's sigma and step.
+- `neural_coef`: `neural` plus log lambda as the last coordinate (map and strength searched together).
+- `coef`: log lambda alone for one fixed divergence (the 1-D check: an interior optimum exists).
 - `mixture`: a 2-dim space showing that any parametrised potential can be searched:
   theta = [logit w, log lambda], the Bregman divergence of h = w h_probl2 + (1-w) h_negent
   (Bregman divergences are linear in h, so D = w D_probl2 + (1-w) D_negent) with coefficient
@@ -230,10 +232,136 @@ class MixtureSpace(SearchSpace):
         return d
 
 
+def _log_coef(theta: np.ndarray) -> float:
+    """lambda = exp(theta[-1]), clipped to [e^-30, e^10] so a wild proposal stays finite."""
+    return math.exp(float(np.clip(theta[-1], -30.0, 10.0)))
+
+
+class NeuralCoefSpace(NeuralSpace):
+    """theta = [the 380 `neural` coordinates, log lambda]: the map and its strength searched together.
+
+    Random init: the paper's random map and log lambda ~ N(log divergence.coef, coef_scale), so
+    random search explores strength as well as shape (at a fixed lambda, random-init maps were
+    found indistinguishable; strength moved test accuracy beyond seed noise, issue 22)."""
+
+    kind = "neural_coef"
+
+    def __init__(self, init: str = "random", init_scale: float = 0.01, base_coef: float = 10.0,
+                 coef_scale: float = 1.0) -> None:
+        super().__init__(init=init, init_scale=init_scale)
+        self.map_dim = self.dim
+        self.dim = self.map_dim + 1
+        self.base_coef = base_coef if base_coef > 0 else 1.0
+        self.coef_scale = coef_scale
+
+    @classmethod
+    def from_config(cls, space: Any, base_coef: float) -> NeuralCoefSpace:
+        return cls(init=space.init, init_scale=space.init_scale, base_coef=base_coef,
+                   coef_scale=getattr(space, "coef_scale", 1.0))
+
+    def initial(self, seed: int) -> np.ndarray:
+        log_c = math.log(self.base_coef)
+        if self.init == "random":
+            log_c += float(np.random.default_rng([int(seed), 0x10C0EF]).normal(0.0, self.coef_scale))
+        return np.concatenate([super().initial(seed), [log_c]])
+
+    def divergence(self, theta: np.ndarray) -> Any:
+        return super().divergence(np.asarray(theta, dtype=np.float64)[: self.map_dim])
+
+    def coef(self, theta: np.ndarray) -> float:
+        return _log_coef(theta)
+
+    def sha(self, theta: np.ndarray) -> str:
+        return vector_sha(theta)
+
+    def describe(self, theta: np.ndarray) -> dict[str, Any]:
+        t = np.asarray(theta, dtype=np.float64)[: self.map_dim]
+        return {"coef": self.coef(theta), "norm": float(np.linalg.norm(t)), "mean": float(t.mean()),
+                "dim": int(self.dim)}
+
+    def save(self, theta: np.ndarray, directory: str | Path) -> Path:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        m = self.divergence(theta)
+        m.save(d / "map.safetensors")
+        _write_json(d, {"kind": self.kind, "file": "map.safetensors", "theta_sha": self.sha(theta),
+                        "map_sha": str(m.sha), "coef": self.coef(theta)})
+        return d
+
+    @classmethod
+    def load(cls, directory: Path, meta: dict[str, Any]) -> SavedMap:
+        saved = NeuralSpace.load(directory, meta)
+        return SavedMap(saved.divergence, float(meta["coef"]), cls.kind)
+
+
+class CoefSpace(SearchSpace):
+    """theta = [log lambda] for one fixed divergence (`search.space.params.divergence`, default
+    prob_l2): the 1-D sanity check of a search (docs/testbed.md shows an interior optimum)."""
+
+    kind = "coef"
+    dim = 1
+
+    def __init__(self, init: str = "random", base_coef: float = 1.0, coef_scale: float = 1.0,
+                 divergence: str = "prob_l2", divergence_params: dict[str, Any] | None = None) -> None:
+        self.init, self.coef_scale = init, coef_scale
+        self.base_coef = base_coef if base_coef > 0 else 1.0
+        self.div_name, self.div_params = divergence, dict(divergence_params or {})
+        divergences.get(self.div_name, **self.div_params)  # fail early on a bad name or parameter
+
+    @classmethod
+    def from_config(cls, space: Any, base_coef: float) -> CoefSpace:
+        params = dict(getattr(space, "params", {}) or {})
+        unknown = set(params) - {"divergence", "divergence_params"}
+        if unknown:
+            raise ValueError(f"search.space.params: unknown keys {sorted(unknown)} for kind coef; allowed: "
+                             "divergence, divergence_params")
+        return cls(init=space.init, base_coef=base_coef, coef_scale=getattr(space, "coef_scale", 1.0),
+                   divergence=params.get("divergence", "prob_l2"),
+                   divergence_params=params.get("divergence_params"))
+
+    def initial(self, seed: int) -> np.ndarray:
+        x = np.array([math.log(self.base_coef)])
+        if self.init == "random":
+            x = x + np.random.default_rng([int(seed), 0x10C0EF]).normal(0.0, self.coef_scale, size=1)
+        return x
+
+    def divergence(self, theta: np.ndarray) -> Any:
+        return divergences.get(self.div_name, **self.div_params)
+
+    def coef(self, theta: np.ndarray) -> float:
+        return _log_coef(theta)
+
+    def describe(self, theta: np.ndarray) -> dict[str, Any]:
+        return {"coef": self.coef(theta), "divergence": self.div_name}
+
+    def plot(self, theta: np.ndarray, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        label = f"{self.div_name} @ {self.coef(theta):.3g}"
+        return divergences.plot_maps({label: self.divergence(theta)}, path, baselines=True)
+
+    def save(self, theta: np.ndarray, directory: str | Path) -> Path:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        t = np.asarray(theta, dtype=np.float64)
+        _write_json(d, {"kind": self.kind, "theta": t.tolist(), "theta_sha": self.sha(t),
+                        "divergence": self.div_name, "divergence_params": self.div_params,
+                        **self.describe(t)})
+        return d
+
+    @classmethod
+    def load(cls, directory: Path, meta: dict[str, Any]) -> SavedMap:
+        theta = np.asarray(meta["theta"], dtype=np.float64)
+        space = cls(divergence=meta["divergence"], divergence_params=meta.get("divergence_params"))
+        return SavedMap(space.divergence(theta), space.coef(theta), cls.kind)
+
+
 spaces: Registry[SearchSpace] = Registry("search space")
 spaces.register("neural", NeuralSpace)
 spaces.register("neural_raw", NeuralRawSpace)
 spaces.register("mixture", MixtureSpace)
+spaces.register("neural_coef", NeuralCoefSpace)
+spaces.register("coef", CoefSpace)
 
 
 def make_space(space: Any, base_coef: float) -> SearchSpace:

@@ -315,7 +315,19 @@ class MLflowTracker:
         self.session.log_metrics(rid, metrics, curve=outcome.curves)
         self.session.log_samples(rid, outcome.samples)  # per-seed rows, tagged with their seed
         theta = np.asarray(job.theta, dtype=np.float64)
-        self.client.log_batch(rid, tags=[RunTag(TAG + "params", json.dumps(self.space.describe(theta)))])
+        desc = self.space.describe(theta)
+        self.client.log_batch(rid, tags=[RunTag(TAG + "params", json.dumps(desc))])
+        # params and numeric theta descriptors, so MLflow's parallel-coordinates and scatter views
+        # have something to plot (lambda for spaces that search it, the map's norm and mean)
+        ec, sp = self.cfg.search.evaluator, self.cfg.search.strategy.params
+        self.session.log_params(rid, {"strategy": self.strategy, "space": self.space.kind,
+                                      "inner_steps": ec.inner_steps,
+                                      "seeds": len(seeds or [job.seed]),
+                                      "val_size": ec.val_size, "divergence.coef": self.cfg.divergence.coef,
+                                      **{f"strategy.{k}": v for k, v in sp.items()
+                                         if isinstance(v, int | float | str | bool)}})
+        self.session.log_metrics(rid, {f"theta/{k}": float(v) for k, v in desc.items()
+                                       if isinstance(v, int | float) and not isinstance(v, bool)})
         with tempfile.TemporaryDirectory() as d:
             self.space.save(theta, Path(d) / "map")
             self.client.log_artifacts(rid, str(Path(d) / "map"), "map")
@@ -367,15 +379,18 @@ class MLflowTracker:
         except MlflowException as e:
             if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code) and "already exists" not in str(e):
                 raise
-        tags = {TAG + "space": self.space.kind, TAG + "search_run": self.parent_run_id or ""}
+        tags = {TAG + "space": self.space.kind, TAG + "search_run": self.parent_run_id or "",
+                TAG + "candidate_run": run_id}
         if fitness is not None:
             tags[TAG + "fitness"] = repr(fitness)
         if stderr is not None:
             tags[TAG + "fitness_stderr"] = repr(stderr)
         for k, v in (info or {}).items():
             tags[TAG + k] = v if isinstance(v, str) else json.dumps(v)
+        desc = (f"Found by search run {self.parent_run_id} (experiment {self.experiment_name}); the map is "
+                f"candidate run {run_id}'s `map/` artifact; fitness {fitness!r} +- {stderr!r}.")
         mv = self.client.create_model_version(
-            name, source=f"runs:/{run_id}/map", run_id=run_id, tags=tags
+            name, source=f"runs:/{run_id}/map", run_id=run_id, tags=tags, description=desc
         )
         self.client.set_registered_model_alias(name, alias, mv.version)
         uri = f"models:/{name}@{alias}"
@@ -384,7 +399,10 @@ class MLflowTracker:
         return uri
 
     def finish(self, status: str = "FINISHED", summary: dict[str, Any] | None = None) -> None:
-        """Close the parent run with `status`, attaching a JSON summary artifact."""
+        """Close the parent run with `status`, attaching a JSON summary artifact; a finished search
+        also gets the answer where MLflow's UI shows it first: the run description (Markdown) and
+        metrics named for what they are (`confirmed_fitness` when the confirmation stage ran,
+        `best_fitness_all_generations`, `inner_steps_total`)."""
         if self.parent_run_id is None:
             return
         if summary is not None:
@@ -392,7 +410,45 @@ class MLflowTracker:
                 p = Path(d) / "search_result.json"
                 p.write_text(json.dumps(summary, indent=2))
                 self.client.log_artifact(self.parent_run_id, str(p))
+            confirmed = summary.get("confirmation") is not None
+            ms = {"inner_steps_total": summary.get("inner_steps_spent"),
+                  "best_fitness_all_generations": summary.get("best_over_generations")}
+            if confirmed:
+                ms.update(confirmed_fitness=summary.get("best_fitness"),
+                          confirmed_fitness_stderr=summary.get("best_stderr"))
+            self.session.log_metrics(self.parent_run_id, {k: v for k, v in ms.items() if v is not None})
+            note = search_description(self.cfg, summary)
+            self.client.set_tag(self.parent_run_id, "mlflow.note.content", note)
         self.client.set_terminated(self.parent_run_id, status=status)
+
+
+def _f(x: Any, digits: int = 4) -> str:
+    return "-" if x is None else f"{float(x):.{digits}g}"
+
+
+def search_description(cfg: Config, summary: dict[str, Any]) -> str:
+    """The search's answer in Markdown (the parent run's description in MLflow's UI)."""
+    ec, st = cfg.search.evaluator, cfg.search.strategy
+    base = summary.get("paired_against")
+    what = f"minus {base} trained on the same seeds" if base else "(val metric)"
+    c = summary.get("confirmation")
+    reg = f", registered as `{summary['registered_uri']}`" if summary.get("registered_uri") else ""
+    lines = [f"**Answer**: candidate `{summary.get('best_id')}`{reg}", ""]
+    if c is not None:
+        lines.append(f"Confirmed fitness {_f(summary.get('best_fitness'))} +- "
+                     f"{_f(summary.get('best_stderr'))} "
+                     f"{what}, on {len(c.get('seeds', []))} fresh seeds the search never used; its search "
+                     f"fitness was {_f(summary.get('search_fitness'))}.")
+    else:
+        lines.append(f"Incumbent fitness {_f(summary.get('best_fitness'))} +- "
+                     f"{_f(summary.get('best_stderr'))} "
+                     f"{what} (no confirmation stage: search fitness carries the winner's curse).")
+    lines += ["", f"Strategy `{st.name}` in the `{cfg.search.space.kind}` space: "
+              f"{st.generations} generations x "
+              f"{st.population} candidates, {ec.seeds} seed(s) each, {ec.inner_steps} inner steps, "
+              f"{summary.get('inner_steps_spent')} inner steps in all (baselines and confirmation included); "
+              f"best fitness over all generations {_f(summary.get('best_over_generations'))}."]
+    return "\n".join(lines)
 
 
 def make_tracker(cfg: Config, strategy: str, space: Any) -> MLflowTracker | NullTracker:

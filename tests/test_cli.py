@@ -184,6 +184,10 @@ def test_compare_two_methods_two_seeds(tmp_path: Path) -> None:
     runs = _mlflow_runs(tmp_path, "cmp")
     assert sum(run.data.tags.get("mirrorlab.kind") == "compare-run" for run in runs) == 4
     assert sum(run.data.tags.get("mirrorlab.kind") == "compare" for run in runs) == 1
+    parent = next(run for run in runs if run.data.tags.get("mirrorlab.kind") == "compare")
+    note = parent.data.tags["mlflow.note.content"]  # the table with its verdicts, on the first screen
+    assert "| KL |" in note and "| L2 |" in note and "seed noise" in note
+    assert "?workflowType=machine_learning" in r.stdout  # the link that opens MLflow's runs view
 
 
 @pytest.mark.slow

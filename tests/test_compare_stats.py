@@ -150,3 +150,41 @@ def test_metric_names_from_task_metrics_are_valid_in_mlflow(tmp_path) -> None:
     run = MlflowClient(tracking_uri=uri).get_run(rid)
     assert run.data.metrics["val_pass_at_1"] == 0.5
     assert run.data.metrics["train/pass_at_1"] == 0.25
+
+
+@pytest.mark.slow
+def test_compare_in_worker_processes_gives_the_in_process_numbers(tmp_path):
+    """compare.workers = 2 (two spawned workers, 1 thread each) against the in-process loop at
+    threads = 1: the same metric, length and curve for every (method, seed), the untrained start
+    row, and the duplicate arm reusing its twin's run (tagged same_as) in both modes."""
+    from mlflow import MlflowClient
+
+    from mirrorlab.compare import run_compare
+    from mirrorlab.config import config_from_dict
+
+    def cfg(workers: int):
+        return config_from_dict({
+            "name": f"w{workers}", "threads": 1, "output_dir": str(tmp_path / "runs"),
+            "task": {"name": "arithmetic", "params": {"n_train": 200, "n_val": 20, "n_test": 30}},
+            "train": {"steps": 2, "prompts_per_step": 2,
+                      "generation": {"num_generations": 2, "max_new_tokens": 6}},
+            "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+            "compare": {"seeds": [0, 1], "include_start": True, "workers": workers, "methods": [
+                {"label": "KL", "divergence": {"name": "kl_k3", "coef": 0.04}},
+                {"label": "L2", "divergence": {"name": "prob_l2", "coef": 1.0}},
+                {"label": "KL again", "divergence": {"name": "kl_k3", "coef": 0.04}}]},
+        })
+
+    one, two = run_compare(cfg(1), progress=False), run_compare(cfg(2), progress=False)
+
+    keep = ("loss", "pg_loss", "reg_loss", "reward_mean", "div_mean", "grad_norm")  # not the timings
+
+    def key(res):
+        return sorted((r.method, r.seed, r.metric, r.mean_length, [[row[k] for k in keep] for row in r.curve])
+                      for r in res.runs)
+
+    assert len(two.runs) == 8 and key(one) == key(two)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    kids = client.search_runs([client.get_experiment_by_name("w2").experiment_id],
+                              filter_string="tags.`mirrorlab.kind` = 'compare-run'")
+    assert len(kids) == 8 and sum(k.data.tags.get("mirrorlab.same_as") == "KL" for k in kids) == 2

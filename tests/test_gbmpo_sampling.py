@@ -168,7 +168,10 @@ def test_lora_model_fast_backend_matches_hf_and_trains(task):
     assert LeanDecoder.supports(model)
     tr = GBMPOTrainer(model, tok, task, divergences.get("kl_k3"),
                       TrainConfig(steps=2, prompts_per_step=2, optim=OptimConfig(lr=1e-2), seed=0,
-                                  generation=GenerationConfig(num_generations=4, max_new_tokens=8)),
+                                  generation=GenerationConfig(num_generations=4, max_new_tokens=8),
+                                  # exact tokens are asked of two kernel paths: fp32 on every CPU (auto
+                                  # would be bf16 on AMX / AVX512-BF16 CPUs, fp32 on AVX2 ones)
+                                  compute_dtype="float32"),
                       coef=0.04)
     assert tr.cfg.generation.backend == "fast"  # the default
     hist = tr.train(2)

@@ -21,7 +21,7 @@ from mirrorlab.divergences import MixtureDivergence
 from mirrorlab.evaluators import generation_seed, val_subset
 from mirrorlab.executors import FAILED, FINISHED
 from mirrorlab.maps import build_divergence, load_map
-from mirrorlab.search import Search, _append_journal, atomic_write_json, read_journal
+from mirrorlab.search import Search, append_journal, atomic_write_json, read_journal
 from mirrorlab.spaces import MixtureSpace, load_space_map, make_space
 from mirrorlab.spaces import spaces as spaces_registry
 
@@ -73,7 +73,7 @@ def test_val_subset_is_deterministic_sorted_and_unique(seed, n, size):
 
 def test_journal_ignores_a_torn_last_line_and_atomic_write(tmp_path):
     j = tmp_path / "g.jsonl"
-    _append_journal(j, {"key": "candidate:0:7", "sha": "a"})
+    append_journal(j, {"key": "candidate:0:7", "sha": "a"})
     with j.open("a") as f:
         f.write('{"key": "candidate:1:7", "sh')  # a kill during the second append
     assert list(read_journal(j)) == ["candidate:0:7"]
@@ -201,6 +201,9 @@ def test_tiny_search_is_fully_recorded_in_mlflow(tiny_searches, strategy):
         if strategy == "openai_es":
             assert pids == [f"mean@g{g}"]
         assert m["n_seeds"] == 1 and m["budget_inner_steps"] == 3
+        # params and theta descriptors for MLflow's parallel-coordinates view
+        assert r.data.params["strategy"] == strategy and r.data.params["inner_steps"] == "3"
+        assert m["theta/norm"] > 0 and "theta/mean" in m
         theta_sha = t["mirrorlab.theta_sha"]
         assert len(theta_sha) == 64
         assert 0.0 <= m["fitness"] <= 1.0 and m["fitness_stderr"] >= 0.0 and m["mean_length"] > 0

@@ -189,6 +189,28 @@ def test_racing_spends_less_than_flat_and_ranks_the_clearly_better_first(tmp_pat
     assert g.ids == [f"g0-{i}" for i in range(8)] and g.parent_ids == [[f"p{i}"] for i in range(8)]
 
 
+def test_step_racing_spends_less_than_flat_and_keeps_the_clearly_better(tmp_path):
+    """Multi-fidelity racing over inner steps (20 -> 60, eta 4) with a paired baseline: 8 short runs
+    and 2 full ones instead of 8 full ones, the baseline trained once per rung length, the clearly
+    better candidate promoted and kept, ids and lineage unchanged, budgets per candidate exact."""
+    target = [1.0, 1.0]
+    pts = [[-2.0 + 0.1 * i, -2.0] for i in range(7)] + [target]
+    ev = {"seeds": 2, "inner_steps": 60, "baseline": {"name": "kl_k3", "coef": 0.04},
+          "racing": {"enabled": True, "eta": 4, "steps": [20, 60]}}
+    cfg = analytic_cfg(tmp_path, "race-steps", pts, ev, generations=1, noise=0.3)
+    s, counter = counting_search(cfg)
+    res = s.run()
+    g = res.history[0]
+    full_equiv = sum(g.budget_steps) + 2 * (20 + 60)  # + the baseline on 2 seeds at both lengths
+    assert s.steps_spent == full_equiv < (len(pts) + 1) * 2 * 60  # flat: 8 candidates + baseline, 60 steps
+    assert sorted(g.budget_steps) == [40] * 6 + [160] * 2  # 2 seeds x 20, or x (20 + 60)
+    assert g.budget_steps[7] == 160 and int(np.argmax(g.fitness)) == 7 and res.best_id == "g0-7"
+    assert [r for r in counter.roles if r[0] == "baseline"] == [("baseline", x) for x in g.seeds] * 2
+    assert g.ids == [f"g0-{i}" for i in range(8)] and g.parent_ids == [[f"p{i}"] for i in range(8)]
+    with pytest.raises(ConfigError, match="racing.steps"):
+        config_from_dict({"search": {"evaluator": {"inner_steps": 60, "racing": {"steps": [20, 40]}}}})
+
+
 def test_lcb_incumbent_prefers_the_reliable_candidate(tmp_path):
     s = Search(analytic_cfg(tmp_path, "lcb", [[0.0, 0.0]], {"incumbent": "lcb", "lcb_z": 2.0}))
     from mirrorlab.search import Score
@@ -239,8 +261,20 @@ def test_confirmation_registers_the_confirmed_fitness(tmp_path):
     assert float(mv.tags["mirrorlab.fitness"]) == res.best_fitness
     assert float(mv.tags["mirrorlab.fitness_stderr"]) == res.best_stderr
     assert mv.tags["mirrorlab.confirmed"] == "true" and mv.run_id == res.best_run_id
+    assert mv.tags["mirrorlab.search_run"] == res.parent_run_id
+    assert mv.tags["mirrorlab.candidate_run"] == mv.run_id
+    assert res.parent_run_id in mv.description
     run = client.get_run(res.best_run_id)
     assert run.data.tags["mirrorlab.stage"] == "confirm" and run.data.metrics["fitness"] == res.best_fitness
+    # the search parent says the same on its first screen: description and consistent metrics
+    parent = client.get_run(res.parent_run_id)
+    m, note = parent.data.metrics, parent.data.tags["mlflow.note.content"]
+    assert m["confirmed_fitness"] == pytest.approx(res.best_fitness, abs=1e-12)
+    assert m["confirmed_fitness_stderr"] == pytest.approx(res.best_stderr, abs=1e-12)
+    assert m["inner_steps_total"] == res.inner_steps_spent
+    best = max(f for g in res.history for f in g.fitness if f is not None)
+    assert m["best_fitness_all_generations"] == best
+    assert f"`{res.best_id}`" in note and f"models:/{cfg.name}-map@best" in note and "fresh seeds" in note
 
 
 RUNNER = """

@@ -37,8 +37,15 @@ needs_vllm = pytest.mark.skipif(
     VLLM_ERROR is not None,
     reason=f"vLLM is not importable here ({VLLM_ERROR}); run in .venv-vllm (see .ci/vllm)")
 
-BF16_TOL = 0.03  # mean |trainer - engine| log-prob per token, fp32 trainer vs bf16 engine
-FAR = 0.3  # the same gap against weights 3 optimiser steps away (measured 1-2.4)
+# Tolerances between the fp32 trainer and the bf16 engine are measured in each test, not fixed
+# from one CPU's figure: `near0` = mean |trainer - engine| log-prob per token on the weights the
+# engine was just built from (its bf16 rounding on this CPU: 0.01 on tiny and 0.10 on SmolLM2 on
+# an Intel Xeon, 0.105 on SmolLM2 on an AMD EPYC). A synced engine must stay at that level
+# (ROUNDING_X times it); weights it did not get must be far above it.
+GROSS = 1.0  # a sanity bound only: a mean log-prob gap of 1 nat per token is a broken engine
+ROUNDING_X = 2.0
+FAR_X = 5.0  # a stale engine (weights not pushed) is this many times further than a synced one
+FAR = 0.3  # the gap against weights 3 optimiser steps away (a training effect: measured 1-2.4)
 
 
 # --------------------------------------------------------------------------- pure (no vLLM)
@@ -151,16 +158,17 @@ def _sync_checks(trainer: GBMPOTrainer, steps: int, monkeypatch) -> None:
     exs = trainer.task.val[:32]
     start = copy.deepcopy(trainer.model).eval()
     near0 = _mismatch(trainer, trainer.model, exs)
-    assert near0 < BF16_TOL
+    assert 0 < near0 < GROSS
+    tol = ROUNDING_X * near0
     trainer.train(steps=steps)
     trainer.model.eval()
     near = _mismatch(trainer, trainer.model, exs)
     far = _mismatch(trainer, start, exs)  # the engine's completions scored by the old weights
     # measured on tiny, lr 2e-3, 3 steps: near ~0.01, far ~2.4 (LoRA, lr 1e-2: 0.009, 2.2)
-    assert near < BF16_TOL and far > max(10 * near, FAR), (near0, near, far)
+    assert near < tol and far > max(10 * near, FAR), (near0, near, far)
     trained = copy.deepcopy(trainer.model).eval()
     trainer.reset()
-    assert _mismatch(trainer, trainer.model, exs) < BF16_TOL  # reset put the base weights back
+    assert _mismatch(trainer, trainer.model, exs) < tol  # reset put the base weights back
     assert _mismatch(trainer, trained, exs) > FAR
     # negative control: without the push the engine keeps the base weights and the gap shows
     trainer.train(steps=steps)
@@ -205,12 +213,16 @@ def test_weights_sync_smollm2(smollm2, monkeypatch):
     tr = GBMPOTrainer(model, tok, task, None, cfg)
     exs = task.val[:4]
     start = copy.deepcopy(model).eval()
-    assert _mismatch(tr, model, exs) < 0.1
+    near0 = _mismatch(tr, model, exs)  # the engine's own bf16 rounding of these weights, on this CPU
+    assert 0 < near0 < GROSS
     hist = tr.train(steps=2)
     assert all(math.isfinite(m["engine_logp_mismatch"]) for m in hist)
     model.eval()
     near, far = _mismatch(tr, model, exs), _mismatch(tr, start, exs)
-    assert near < 0.1 and far > 2 * near, (near, far)
+    # 4 prompts: training changes the greedy completions and with them the rounding level (AMD EPYC:
+    # 0.047 before, 0.098 after), so near is held to the gap a stale engine would show, measured
+    # here: 13-14x near on an Intel Xeon and an AMD EPYC
+    assert near < GROSS and far > FAR_X * near, (near0, near, far)
 
 
 @needs_vllm
@@ -268,10 +280,15 @@ def test_short_run_learns_like_fast(tiny, mu, lr):
                           generation=GenerationConfig(num_generations=8, max_new_tokens=6, backend=backend),
                           optim=OptimConfig(lr=lr))
         tr = GBMPOTrainer(copy.deepcopy(model), tok, task, divergences.get("kl_k3"), cfg, coef=0.04)
+        if backend == "vllm":  # the engine's rounding of the start weights, measured here
+            near0 = _mismatch(tr, tr.model, task.split("train")[:16])
+            tr.model.train()
+            tr.reset()
         hist = tr.train()
         curves[backend] = [m["reward_mean"] for m in hist]
         if backend == "vllm":
-            assert all(0 <= m["engine_logp_mismatch"] < BF16_TOL for m in hist)
+            tol = max(3 * ROUNDING_X * near0, 1e-6)
+            assert all(0 <= m["engine_logp_mismatch"] < tol for m in hist), near0
             assert all(abs(m["is_weight_mean"] - 1) < 0.05 for m in hist)
     f, v = curves["fast"], curves["vllm"]
     if mu == 1:

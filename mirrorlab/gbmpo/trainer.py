@@ -812,6 +812,49 @@ class GBMPOTrainer:
         se = float(arr.std() / math.sqrt(len(arr))) if len(arr) > 1 else float("nan")
         return EvalResult(float(arr.mean()), se, float(np.mean(lengths)), scores, len(scores), samples)
 
+    @torch.no_grad()
+    def reference_loglik(self, examples: Sequence[Any], batch_size: int = 256) -> list[float]:
+        """Per example, the mean log-probability per token (temperature 1, teacher-forced) of the
+        task's reference completion under the current policy: a continuous, forward-only fitness
+        proxy that moves before greedy accuracy flips."""
+        out: list[float] = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for i in range(0, len(examples), batch_size):
+                chunk = list(examples[i:i + batch_size])
+                ids, att = self._left_pad([self._prompt_ids(ex) for ex in chunk])
+                tok = self.tokenizer
+                refs = [tok(self.task.reference_completion(ex), add_special_tokens=False)["input_ids"]
+                        for ex in chunk]
+                T = max(1, max(len(r) for r in refs))
+                comp = torch.full((len(chunk), T), self.pad_id, dtype=torch.long)
+                cmask = torch.zeros((len(chunk), T), dtype=torch.long)
+                for j, r in enumerate(refs):
+                    comp[j, :len(r)] = torch.tensor(r, dtype=torch.long)
+                    cmask[j, :len(r)] = 1
+                comp, cmask = comp.to(self.device), cmask.to(self.device)
+                full, fatt = torch.cat([ids, comp], 1), torch.cat([att, cmask], 1)
+                pos = (fatt.cumsum(-1) - 1).clamp(min=0)
+                with precision.autocast(self.device, self.compute_dtype):
+                    logits = self.model(input_ids=full, attention_mask=fatt, position_ids=pos,
+                                        logits_to_keep=T + 1, use_cache=False).logits[:, :-1]
+                lp = token_logps(logits.float(), comp) * cmask
+                out += (lp.sum(1) / cmask.sum(1).clamp(min=1)).double().tolist()
+        finally:
+            if was_training:
+                self.model.train()
+        return out
+
+    @torch.no_grad()
+    def sampled_scores(self, examples: Sequence[Any], k: int) -> list[list[float]]:
+        """Per example, the task's score of k completions sampled at the training temperature (for
+        expected reward = their mean and pass@k = their max)."""
+        _, _, comp, cmask = self.generate(examples, repeats=k)
+        texts = self._decode(comp, cmask)
+        flat = self.task.scores(texts, [ex for ex in examples for _ in range(k)])
+        return [[float(x) for x in flat[i * k:(i + 1) * k]] for i in range(len(examples))]
+
     # ------------------------------------------------------------------ completion samples
     def _sample_rows(self, B: int) -> list[int]:
         """Rows of a batch of B whose completions are logged: `log_completions.n`, evenly strided
