@@ -25,6 +25,12 @@ from mirrorlab.spaces import make_space
 MEASURES = ("loglik", "sample_k", "test_size", "horizons")
 
 
+def sample_proxies(per_problem: list[list[float]]) -> tuple[list[float], list[float]]:
+    """From k scored samples per problem: the expected reward (their mean) and pass@k (1 when any
+    sample scores 1, i.e. their max for 0/1 scores; for fractional scores, the best sample)."""
+    return [sum(r) / len(r) for r in per_problem], [max(r) for r in per_problem]
+
+
 class GBMPOEvaluator:
     """Scores a job by T inner GBMPO steps on task.train from the base weights, then task.val.
 
@@ -123,9 +129,7 @@ class GBMPOEvaluator:
         k = int(m.get("sample_k") or 0)
         if k > 0:
             t = time.monotonic()
-            per = self.trainer.sampled_scores(exs, k)
-            out["expected_reward"] = [sum(r) / k for r in per]
-            out["pass_at_k"] = [max(r) for r in per]
+            out["expected_reward"], out["pass_at_k"] = sample_proxies(self.trainer.sampled_scores(exs, k))
             cost["expected_reward"] = cost["pass_at_k"] = time.monotonic() - t
         n_test = int(m.get("test_size") or 0)
         if n_test > 0:

@@ -838,7 +838,10 @@ class Search:
         extra = {"n_seeds": float(len(seeds)),
                  "budget_inner_steps": float(s.steps or len(seeds) * ec.inner_steps),
                  "rung": float(s.rung), "paired": float(ec.baseline is not None)}
-        extra.update({f"fitness_seed_{j}": v for j, v in enumerate(s.values)})
+        # per-seed fitness keyed by the seed itself (the same key means the same seed on every run)
+        extra.update({f"fitness_seed/{seed}": v for seed, v in zip(seeds, s.values, strict=False)})
+        if ec.baseline is not None and s.ok and ec.length_penalty == 0 and s.metric is not None:
+            extra["paired_baseline_metric"] = s.metric - s.fitness  # what this fitness was measured against
         job = Job(gen, slot, np.asarray(theta, dtype=np.float64), seeds[0] if seeds else 0, role=role,
                   candidate=slot)
         return ChildLog(job, out, cid, tuple(parent_ids), note, self.space.sha(theta), extra, seeds)

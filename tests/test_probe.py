@@ -256,3 +256,12 @@ def test_search_vs_random_prediction_by_hand():
     assert p["predicted_positive"] == (p["power_upper_bound"] >= 0.8)
     flat = variance.variance_components(np.array([[0.0, 0.1], [0.1, 0.0], [0.05, 0.05]]))
     assert variance.search_vs_random_prediction(flat, 8, 5, 2)["power_upper_bound"] == 0.0
+
+
+def test_sample_proxies_by_hand():
+    from mirrorlab.inner import sample_proxies
+
+    exp, pas = sample_proxies(
+        [[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.25, 0.5, 0.0, 0.0]]
+    )
+    assert exp == [0.5, 0.0, 1.0, 0.1875] and pas == [1.0, 0.0, 1.0, 0.5]

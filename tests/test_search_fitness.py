@@ -169,7 +169,9 @@ def test_paired_gbmpo_fitness_of_the_baseline_map_itself_is_zero(tmp_path):
                              filter_string=f"tags.mlflow.parentRunId = '{res.parent_run_id}'")
     m = {r.data.tags["mirrorlab.candidate_id"]: r.data.metrics for r in kid}
     assert m["g0-1"]["paired"] == 1.0 and m["g0-1"]["budget_inner_steps"] == 2 * 3
-    assert m["g0-1"]["fitness_seed_0"] + m["g0-1"]["fitness_seed_1"] == pytest.approx(2 * g.fitness[1])
+    per_seed = [m["g0-1"][f"fitness_seed/{seed}"] for seed in g.seeds]  # keyed by the seed itself
+    assert sum(per_seed) == pytest.approx(2 * g.fitness[1])
+    assert m["g0-1"]["metric"] - m["g0-1"]["paired_baseline_metric"] == pytest.approx(g.fitness[1])
 
 
 # --------------------------------------------------------------------------- racing
