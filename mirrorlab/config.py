@@ -366,6 +366,9 @@ class EvaluatorConfig(Section):
     def _racing_fits(self) -> EvaluatorConfig:
         r = self.racing
         if r.steps:
+            if not r.enabled:
+                raise ValueError("racing.steps is set but racing.enabled is false: set racing.enabled=true "
+                                 "(or remove racing.steps)")
             if any(b <= a for a, b in zip(r.steps, r.steps[1:], strict=False)) or min(r.steps) < 1 \
                     or r.steps[-1] != self.inner_steps:
                 raise ValueError(

@@ -18,8 +18,8 @@ and reaches the same numbers.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from mirrorlab import plots, variance
+from mirrorlab import plots, tasks, variance
 from mirrorlab.config import Config, dump_config
 from mirrorlab.evaluators import build_evaluator
 from mirrorlab.executors import make_executor
@@ -38,8 +38,6 @@ from mirrorlab.search import append_journal, read_journal
 from mirrorlab.spaces import SearchSpace, make_space
 from mirrorlab.tracking import MlflowSession
 from mirrorlab.values import jsonable
-
-log = logging.getLogger(__name__)
 
 _PROBE_SALT = 0x9B0BE
 JOURNAL = "journal.jsonl"
@@ -129,7 +127,9 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(stats.spearmanr(a, b).statistic)
 
 
-def analyse(points: list[Point], seeds: list[int], outs: dict[str, Outcome], cfg: Config) -> dict[str, Any]:
+def analyse(
+    points: list[Point], seeds: list[int], outs: dict[str, Outcome], cfg: Config, val_fixed: bool = False
+) -> dict[str, Any]:
     """The probe's result from its outcomes (`outs[f"{point id}:{seed}"]`): per measure the variance
     components of the space's points (the baseline is a reference, reported beside them, not a
     point of the landscape), cost per evaluation, seeds to resolve one signal sd, rank correlation
@@ -140,7 +140,11 @@ def analyse(points: list[Point], seeds: list[int], outs: dict[str, Outcome], cfg
     decomposition is unchanged by it (it only moves the seed main effect), so the noise that ranks
     candidates of one generation is `noise_sd` either way; pairing removes `seed_main_sd` from
     comparisons across generations, and the confirmation stage's candidate-minus-baseline
-    difference carries twice the noise variance (both runs' own noise)."""
+    difference carries twice the noise variance (both runs' own noise).
+
+    `val_fixed`: every seed scored the same validation problems (the whole split). Then what is
+    specific to those problems persists across seeds and sits in the signal, and the noise has no
+    separate validation-sampling part to estimate: `eval_sd` is None (unmeasured)."""
     pc = cfg.probe
     ok = [p for p in points if all(outs[f"{p.id}:{s}"].status == FINISHED for s in seeds)]
     failed = {
@@ -174,7 +178,8 @@ def analyse(points: list[Point], seeds: list[int], outs: dict[str, Outcome], cfg
         cells = [[_cell(o, name) for o in row] for row in grid]
         allvals = np.array([[c[0] for c in row] for row in cells])
         vals = allvals[space_rows]
-        c = _components(vals, [[c[1] for c in cells[i]] for i in space_rows], pc.alpha)
+        per_problem = [[None if val_fixed else c[1] for c in cells[i]] for i in space_rows]
+        c = _components(vals, per_problem, pc.alpha)
         if name == PRIMARY:
             cost = train_s + eval_s
         elif name.startswith("val_at_"):
@@ -293,8 +298,31 @@ class Probe:
             "horizons": list(pc.horizons),
         }
 
+    def _val_fixed(self, eval_size: int | None) -> bool:
+        """Whether every seed scores the whole validation split (no per-seed subset)."""
+        if eval_size is None:
+            return True
+        return eval_size >= len(tasks.get(self.cfg.task.name, **self.cfg.task.params).split("val"))
+
     def _sha(self, p: Point) -> str:
         return "baseline" if p.role == "baseline" else self.space.sha(p.theta)
+
+    def _settings(self, eval_size: int | None) -> str:
+        """Digest of what a job's outcome depends on besides its point and seed (measurements,
+        validation size, inner steps, the baseline, model, task, training settings): a journalled
+        job is reused on resume only under the same settings."""
+        cfg, ec = self.cfg, self.cfg.search.evaluator
+        key = {
+            "measure": self._measure(),
+            "eval_size": eval_size,
+            "inner_steps": ec.inner_steps,
+            "baseline": None if ec.baseline is None else ec.baseline.model_dump(mode="json"),
+            "model": cfg.model.model_dump(mode="json"),
+            "task": cfg.task.model_dump(mode="json"),
+            "train": cfg.train.model_dump(mode="json"),
+            "divergence": cfg.divergence.model_dump(mode="json"),
+        }
+        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Score every (point, seed) not in the journal, analyse, write probe.json, plot, MLflow."""
@@ -310,11 +338,19 @@ class Probe:
         todo: list[Job] = []
         keys: dict[int, tuple[str, str]] = {}
         eval_size = pc.val_size or cfg.search.evaluator.val_size
+        settings = self._settings(eval_size)
         for p in self.points:
             for s in self.seeds:
                 key, sha = f"{p.id}:{s}", self._sha(p)
                 e = done.get(key)
-                if e is not None and e["sha"] == sha:
+                # reused: the same point, finished, under the same settings (entries written before
+                # the settings digest existed carry none and are taken as they are)
+                if (
+                    e is not None
+                    and e["sha"] == sha
+                    and e["outcome"]["status"] == FINISHED
+                    and e.get("settings", settings) == settings
+                ):
                     outs[key] = Outcome.from_dict(e["outcome"])
                     continue
                 job = Job(
@@ -336,7 +372,7 @@ class Probe:
         def on_result(job: Job, out: Outcome) -> None:
             key, sha = keys[job.index]
             outs[key] = out
-            append_journal(jpath, {"key": key, "sha": sha, "outcome": out.to_dict()})
+            append_journal(jpath, {"key": key, "sha": sha, "settings": settings, "outcome": out.to_dict()})
             if self.progress is not None:
                 self.progress.on_job_end(
                     len(outs),
@@ -355,7 +391,7 @@ class Probe:
                     executor.map(todo, on_result=on_result)
                 finally:
                     executor.close()
-            res = analyse(self.points, self.seeds, outs, cfg)
+            res = analyse(self.points, self.seeds, outs, cfg, val_fixed=self._val_fixed(eval_size))
             theta = {p.id: p.theta for p in self.points if p.role != "baseline"}
             for row in res["points"]:  # what each point is (its lambda, for spaces that search it)
                 if row["id"] in theta:

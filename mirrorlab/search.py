@@ -149,6 +149,32 @@ def racing_rungs(seeds: int, min_seeds: int, eta: int) -> list[int]:
     return out + [int(seeds)]
 
 
+def full_length(scores: list[Score], ec: Any) -> list[bool]:
+    """Per score, whether it was measured at the full inner-run length (always, except candidates
+    dropped at a short rung of multi-fidelity racing, `racing.steps`)."""
+    if not (ec.racing.enabled and ec.racing.steps):
+        return [True] * len(scores)
+    last = len(ec.racing.steps) - 1
+    return [s.rung == last for s in scores]
+
+
+def tell_values(scores: list[Score], full: list[bool], failure_value: float) -> list[float]:
+    """What the strategy is told: the fitness; a failure's configured value; a candidate dropped at a
+    short racing rung, whose short-run fitness is another quantity, no more than the worst
+    full-length fitness of its generation (so every survivor ranks above every dropped one)."""
+    finals = [s.fitness for s, f in zip(scores, full, strict=True) if s.ok and f]
+    floor = min(finals) if finals else None
+    out = []
+    for s, f in zip(scores, full, strict=True):
+        if not s.ok:
+            out.append(failure_value)
+        elif f or floor is None:
+            out.append(float(s.fitness))
+        else:
+            out.append(min(float(s.fitness), floor))
+    return out
+
+
 def criterion(fitness: float, stderr: float | None, rule: str, z: float) -> float:
     """The incumbent rule: the mean, or its lower confidence bound mean - z * stderr."""
     if rule == "lcb":
@@ -606,17 +632,18 @@ class Search:
         seeds = generation_seeds(self.cfg.seed, gen, ec.seeds, ec.resample_each_generation)
         scores = self._score(gen, "candidate", [c.theta for c in cands], [c.id for c in cands], seeds,
                              racing=ec.racing.enabled)
-        fits = [s.fitness if s.ok else ec.failure_value for s in scores]
+        full = full_length(scores, ec)
+        fits = tell_values(scores, full, ec.failure_value)
         t = time.monotonic()
         self.strategy.tell(cands, fits)
         self.timings["strategy_s"] += time.monotonic() - t
         reeval = self._reevaluate_incumbent(gen, seeds)
         previous = None if self.incumbent is None else self.incumbent["id"]
-        for c, s in zip(cands, scores, strict=True):
-            if s.ok:
+        for c, s, f in zip(cands, scores, full, strict=True):
+            if s.ok and f:  # a map dropped at a short racing rung never becomes the answer
                 self._offer(gen, c, s)
         inc = self.incumbent
-        ok = [s.fitness for s in scores if s.ok]
+        ok = [s.fitness for s, f in zip(scores, full, strict=True) if s.ok and f]
         rec = GenerationRecord(
             generation=gen, ids=[c.id for c in cands], parent_ids=[list(c.parent_ids) for c in cands],
             notes=[c.note for c in cands], shas=[self.space.sha(c.theta) for c in cands],

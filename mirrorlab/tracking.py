@@ -323,7 +323,9 @@ class MLflowTracker:
         self.session.log_params(rid, {"strategy": self.strategy, "space": self.space.kind,
                                       "inner_steps": ec.inner_steps,
                                       "seeds": len(seeds or [job.seed]),
-                                      "val_size": ec.val_size, "divergence.coef": self.cfg.divergence.coef,
+                                      "val_size": (ec.confirm.val_size if job.role == "confirm"
+                                                   else ec.val_size),
+                                      "divergence.coef": self.cfg.divergence.coef,
                                       **{f"strategy.{k}": v for k, v in sp.items()
                                          if isinstance(v, int | float | str | bool)}})
         self.session.log_metrics(rid, {f"theta/{k}": float(v) for k, v in desc.items()
@@ -410,7 +412,8 @@ class MLflowTracker:
                 p = Path(d) / "search_result.json"
                 p.write_text(json.dumps(summary, indent=2))
                 self.client.log_artifact(self.parent_run_id, str(p))
-            confirmed = summary.get("confirmation") is not None
+            c = summary.get("confirmation")
+            confirmed = c is not None and c.get("best") is not None  # else the answer is the incumbent
             ms = {"inner_steps_total": summary.get("inner_steps_spent"),
                   "best_fitness_all_generations": summary.get("best_over_generations")}
             if confirmed:
@@ -432,6 +435,8 @@ def search_description(cfg: Config, summary: dict[str, Any]) -> str:
     base = summary.get("paired_against")
     what = f"minus {base} trained on the same seeds" if base else "(val metric)"
     c = summary.get("confirmation")
+    if c is not None and c.get("best") is None:
+        c = None  # the stage ran but no candidate finished it: the answer is the incumbent
     reg = f", registered as `{summary['registered_uri']}`" if summary.get("registered_uri") else ""
     lines = [f"**Answer**: candidate `{summary.get('best_id')}`{reg}", ""]
     if c is not None:

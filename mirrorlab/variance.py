@@ -172,6 +172,10 @@ def variance_components(y: np.ndarray, eval_var: float | None = None, alpha: flo
         a.df_resid * a.ms_resid / stats.chi2.ppf(1 - alpha / 2, a.df_resid),
         a.df_resid * a.ms_resid / stats.chi2.ppf(alpha / 2, a.df_resid),
     )
+    if a.ms_points == 0 and a.ms_resid == 0:  # a constant table: nothing to decompose
+        nan = float("nan")
+        return Components(P, S, a.grand_mean, 0.0, (nan, nan), 0.0, (0.0, 0.0),
+                          max(a.ms_seeds / P, 0.0), eval_var, 0.0, (nan, nan), nan, nan, alpha)
     F = a.ms_points / a.ms_resid if a.ms_resid > 0 else math.inf
     p = float(stats.f.sf(F, a.df_points, a.df_resid)) if math.isfinite(F) else 0.0
     if math.isfinite(F):  # exact F interval of the consistency ICC (McGraw and Wong 1996, case 3)
@@ -317,15 +321,20 @@ def search_vs_random_prediction(
     test_seeds: int,
     optimum_draws: int = 64,
     alpha: float = 0.05,
+    rank_noise_var: float | None = None,
 ) -> dict[str, Any]:
     """An optimistic bound on the power of `benchmarks/search_vs_random.py` to show a search beating
-    random: random keeps the best of `budget` single-seed draws (expected gain `selection_gain`);
-    the search is granted the space's optimum, taken as the noise-free best of `optimum_draws`
-    draws (a search cannot beat the optimum; 64 draws of a normal reach 2.4 sd); each answer is
-    scored on `test_seeds` fresh training seeds, so a paired difference carries at least
-    2 noise_var / test_seeds (the spread of random's own pick across search seeds is left out,
-    which flatters the search). Power below 80% here means no strategy can be predicted to win."""
-    rand = selection_gain(c.signal_var, c.noise_var, budget, 1)
+    random: random keeps the best of `budget` single-seed draws (expected gain `selection_gain`,
+    ranked under `rank_noise_var`: default 2 x noise_var, the worst case of draws spread over
+    generations on different seeds, each paired against its own seed's baseline run, which makes
+    random's pick as poor as it plausibly gets); the search is granted the space's optimum, taken as
+    the noise-free best of `optimum_draws` draws (a search cannot beat the optimum; 64 draws of a
+    normal reach 2.34 sd); each answer is scored on `test_seeds` fresh training seeds, so a paired
+    difference carries at least 2 noise_var / test_seeds (the spread of random's own pick across
+    search seeds is left out). Each choice flatters the search: power below 80% here means no
+    strategy can be predicted to win."""
+    rnv = 2 * max(c.noise_var, 0.0) if rank_noise_var is None else rank_noise_var
+    rand = selection_gain(c.signal_var, rnv, budget, 1)
     best = selection_gain(c.signal_var, 0.0, optimum_draws, 1)
     effect = max(best - rand, 0.0)
     sd = math.sqrt(2 * max(c.noise_var, 0.0) / max(test_seeds, 1))

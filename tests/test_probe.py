@@ -265,3 +265,33 @@ def test_sample_proxies_by_hand():
         [[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.25, 0.5, 0.0, 0.0]]
     )
     assert exp == [0.5, 0.0, 1.0, 0.1875] and pas == [1.0, 0.0, 1.0, 0.5]
+
+
+def test_perturbation_draws_are_what_one_es_generation_tries(tmp_path):
+    cfg = _analytic_cfg(tmp_path, points=5)
+    cfg.probe.draw, cfg.probe.sigma = "perturb", 0.3
+    space = make_space(cfg.search.space, cfg.divergence.coef)
+    pts = draw_points(space, cfg)
+    x0 = space.initial(cfg.seed)
+    assert [p.id for p in pts] == ["x0", "p0", "p1", "p2", "p3", "p4"]
+    steps = np.array([p.theta - x0 for p in pts[1:]]) / 0.3
+    assert np.all(np.abs(steps) < 6) and 0.3 < steps.std() < 3  # standard normal steps, scaled by sigma
+    assert [p.id for p in draw_points(space, cfg)] == [p.id for p in pts]  # seeded
+    np.testing.assert_array_equal(draw_points(space, cfg)[3].theta, pts[3].theta)
+
+
+def test_a_constant_table_decomposes_to_nothing_without_contradictions():
+    c = variance.variance_components(np.zeros((4, 3)))
+    assert c.signal_var == 0.0 and c.noise_var == 0.0 and c.icc == 0.0
+    assert math.isnan(c.p_points) and all(math.isnan(x) for x in c.icc_ci)
+
+
+def test_resume_reuses_only_jobs_run_under_the_same_settings(tmp_path):
+    cfg = _analytic_cfg(tmp_path, points=2, seeds=2)
+    first = Probe(cfg).run()
+    assert first["jobs_run"] == 6
+    again = Probe(cfg).run(resume=True)
+    assert again["jobs_run"] == 0 and again["tables"] == first["tables"]
+    cfg.search.evaluator.inner_steps = 2  # another setting: nothing journalled under it is reused
+    changed = Probe(cfg).run(resume=True)
+    assert changed["jobs_run"] == 6 and changed["jobs_reused"] == 0

@@ -209,8 +209,19 @@ def test_step_racing_spends_less_than_flat_and_keeps_the_clearly_better(tmp_path
     assert g.budget_steps[7] == 160 and int(np.argmax(g.fitness)) == 7 and res.best_id == "g0-7"
     assert [r for r in counter.roles if r[0] == "baseline"] == [("baseline", x) for x in g.seeds] * 2
     assert g.ids == [f"g0-{i}" for i in range(8)] and g.parent_ids == [[f"p{i}"] for i in range(8)]
+    # a map dropped after 20 steps is never the incumbent, and the strategy ranks it below survivors
+    full = [b == 160 for b in g.budget_steps]
+    assert g.best_fitness == max(f for f, ok in zip(g.fitness, full, strict=True) if ok)
+    from mirrorlab.search import Score, tell_values
+
+    sc = [Score(FINISHED, 0.9, 0.1, (0.9,), (1,), rung=0), Score(FINISHED, 0.2, 0.1, (0.2,), (1,), rung=1),
+          Score("FAILED", None, None, (), (1,), rung=0)]
+    assert tell_values(sc, [False, True, False], -1.0) == [0.2, 0.2, -1.0]
     with pytest.raises(ConfigError, match="racing.steps"):
-        config_from_dict({"search": {"evaluator": {"inner_steps": 60, "racing": {"steps": [20, 40]}}}})
+        config_from_dict({"search": {"evaluator": {"inner_steps": 60, "racing": {"steps": [20, 60]}}}})
+    with pytest.raises(ConfigError, match="racing.steps"):
+        config_from_dict({"search": {"evaluator": {"inner_steps": 60,
+                                                   "racing": {"enabled": True, "steps": [20, 40]}}}})
 
 
 def test_lcb_incumbent_prefers_the_reliable_candidate(tmp_path):
