@@ -1,7 +1,8 @@
 """Tasks (DESIGN section 7): registered by name, selectable from configs (`task.name`).
 
-`get("arithmetic")`, `get("gsm8k")`, `get("mbpp")` build the built-in tasks; users add their
-own with `register("name", factory)` (or `@register("name")`), and `TaskConfig` accepts them.
+`get("arithmetic")`, `get("chat_arithmetic")`, `get("gsm8k")`, `get("mbpp")` build the built-in
+tasks; users add their own with `register("name", factory)` (or `@register("name")`), and
+`TaskConfig` accepts them.
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ def names() -> list[str]:
     return registry.names()
 
 
-from .arithmetic import Arithmetic  # noqa: E402
+from .arithmetic import Arithmetic, ChatArithmetic  # noqa: E402
 from .gsm8k import GSM8K, extract_prediction  # noqa: E402
 from .mbpp import MBPP, extract_code, pass_at_k  # noqa: E402
 
 register("arithmetic", Arithmetic)
+register("chat_arithmetic", ChatArithmetic)
 register("gsm8k", GSM8K)
 register("mbpp", MBPP)
 

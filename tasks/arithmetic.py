@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .base import Example, Task
+from .gsm8k import first_number, last_number
 
 OPERATORS = "+-*"
 
@@ -288,3 +289,48 @@ class Arithmetic(Task):
         """1.0 when the extracted answer is exactly the gold integer, else 0.0."""
         got = self.extract_answer(completion)
         return 1.0 if got is not None and got == str(example.answer) else 0.0
+
+
+class ChatArithmetic(Arithmetic):
+    """Arithmetic phrased for a chat model (issue 19): "What is 37+48? Answer with the number only."
+    through the tokenizer's chat template, for pretrained instruct models (SmolLM2-135M-Instruct)
+    whose answers are free text, not the bare `85\\n` the `tiny` presets write.
+
+    The answer a user would accept, stated: the first number after the last "=" when the
+    completion has one ("37 + 48 = 85"), else the last number in it ("The answer is 85."), read
+    as GSM8K reads numbers (thousands commas, `$`, a trailing period, unicode minus), compared
+    numerically with the gold integer. Splits, levels and their disjointness are `arithmetic`'s.
+    """
+
+    name = "chat_arithmetic"
+    default_chat = True
+    stop_strings = ()  # a chat turn ends at the model's end-of-turn token
+
+    def __init__(self, template: str = "What is {problem}? Answer with the number only.", **kw: Any) -> None:
+        if "{problem}" not in template:
+            raise ValueError(f"template must contain '{{problem}}', got {template!r}")
+        if kw.get("scratchpad"):
+            raise ValueError("chat_arithmetic has no scratchpad format (the model writes its own steps)")
+        super().__init__(**kw)
+        self.template = template
+
+    def format_prompt(self, example: Example) -> str:
+        """`12+7=` -> "What is 12+7? Answer with the number only." (the template's wording)."""
+        return self.template.format(problem=example.question.rstrip("="))
+
+    def reference_completion(self, example: Example) -> str:
+        """The gold answer as a chat model would write it: the number alone."""
+        return f"{example.answer}"
+
+    def extract_number(self, completion: str) -> float | None:
+        """The first number after the last '=', else the last number; None when there is none."""
+        if "=" in completion:
+            v = first_number(completion.rsplit("=", 1)[1])
+            if v is not None:
+                return v
+        return last_number(completion)
+
+    def reward(self, completion: str, example: Example) -> float:
+        """1.0 when the extracted number equals the gold integer, else 0.0."""
+        got = self.extract_number(completion)
+        return 1.0 if got is not None and got == float(example.answer) else 0.0

@@ -79,6 +79,15 @@ def last_number(text: str) -> float | None:
     return max(spans, key=lambda s: s[0])[1]
 
 
+def first_number(text: str) -> float | None:
+    """The first plain number in `text` (read as `parse_number` reads one), or None."""
+    for m in _NUMBER.finditer(text):
+        v = parse_number(m.group(0))
+        if v is not None:
+            return v
+    return None
+
+
 def extract_prediction(completion: str) -> float | None:
     """The predicted answer: last `\\boxed{}`, else after the last `####`, else the last number."""
     boxed = _boxed_contents(completion)

@@ -108,3 +108,47 @@ def test_evaluate_tokens_matches_python(nums: list[int], data: st.DataObject) ->
     assert value == eval("".join(map(str, toks)))  # noqa: S307
     assert len(steps) == len(nums) - 1
     assert steps[-1].endswith(f"={value}")
+
+
+# --------------------------------------------------------------------------- chat arithmetic (issue 19)
+def test_chat_arithmetic_prompt_extraction_and_reward() -> None:
+    """The chat phrasing, and the stated extraction on hand-written completions: the number after the
+    last '=', else the last number; commas, a trailing period and $ read as numbers; no number -> 0."""
+    from mirrorlab.tasks import get
+
+    t = get("chat_arithmetic", n_train=50, n_val=20, n_test=20)
+    ex = next(e for e in t.test if e.question.count("+") == 1 and "-" not in e.question)
+    a, b = (int(x) for x in ex.question.rstrip("=").split("+"))
+    assert a + b == ex.answer
+    assert t.format_prompt(ex) == f"What is {a}+{b}? Answer with the number only."
+    assert t.chat and t.reference_completion(ex) == str(ex.answer)
+    ans = ex.answer
+    cases = {
+        f"{ans}": 1.0,                                    # correct, bare
+        f"{ans + 1}": 0.0,                                # wrong
+        f"The answer is {ans}.": 1.0,                     # extra text, trailing period
+        f"{a} + {b} = {ans}": 1.0,                        # several numbers: the one after '='
+        f"{a} + {b} = {ans + 2}, so {ans}": 0.0,          # after the last '=' comes the wrong one
+        f"{ans} (that is {a} plus {b})": 0.0,             # the last number is an operand: not accepted
+        "I cannot compute that.": 0.0,                    # no number
+        "": 0.0,
+    }
+    for completion, want in cases.items():
+        assert t.reward(completion, ex) == want, completion
+    assert t.extract_number("It is 1,085.") == 1085.0 and t.extract_number("= $42") == 42.0
+    assert t.extract_number("x = -7") == -7.0 and t.extract_number("none") is None
+    # splits are arithmetic's: disjoint by problem text
+    texts = [{e.question for e in t.split(s)} for s in ("train", "val", "test")]
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+    with pytest.raises(ValueError, match="problem"):
+        get("chat_arithmetic", template="What is it?")
+
+
+def test_chat_arithmetic_goes_through_the_chat_template(smollm2) -> None:
+    from mirrorlab.tasks import get
+
+    _, tok = smollm2
+    t = get("chat_arithmetic", n_train=10, n_val=5, n_test=5)
+    p = t.prompt(t.test[0], tok)
+    assert t.format_prompt(t.test[0]) in p and p != t.format_prompt(t.test[0])
+    assert p.rstrip().endswith("assistant")  # the generation prompt opens the assistant's turn
