@@ -108,13 +108,14 @@ class GBMPOEvaluator:
         if horizons:
             extra.setdefault("cost_s", {})["horizons"] = paused_s
         fitness = float(res.metric) - ec.length_penalty * float(res.mean_length)
-        return {"extra": extra,
+        return {
             "fitness": fitness, "stderr": float(res.stderr), "metric": float(res.metric),
             "mean_length": float(res.mean_length), "n_eval": int(res.n),
             "scores": [float(s) for s in res.scores],
             "curves": [{k: float(v) for k, v in row.items() if isinstance(v, int | float)} for row in curves],
             "timings": {"reset_s": t1 - t0, "train_s": t2 - t1 - paused_s, "eval_s": t3 - t2},
             "samples": sample_tables(curves, res, "val"),  # bounded by train.log_completions
+            "extra": extra,  # what job.measure asked for (the probe's proxies), per problem
         }
 
     def _measure(self, job: Job, indices: list[int] | None) -> dict[str, Any]:
