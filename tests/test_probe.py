@@ -143,9 +143,14 @@ def test_probe_recovers_injected_noise_and_the_true_signal(tmp_path):
     assert run.data.metrics["fitness/noise_sd"] == pytest.approx(res["noise_sd"], abs=1e-6)
 
 
-def test_probe_on_the_process_executor_gives_the_local_numbers(tmp_path):
+@pytest.mark.parametrize("executor", ["process", "ray"])
+def test_probe_on_the_worker_executors_gives_the_local_numbers(tmp_path, executor):
+    import importlib.util
+
+    if executor == "ray" and importlib.util.find_spec("ray") is None:
+        pytest.skip("the ray executor needs the ray extra: pip install -e '.[ray]'")
     a = Probe(_analytic_cfg(tmp_path / "a", points=3, seeds=2)).run()
-    b = Probe(_analytic_cfg(tmp_path / "b", points=3, seeds=2, executor="process")).run()
+    b = Probe(_analytic_cfg(tmp_path / "b", points=3, seeds=2, executor=executor)).run()
     assert a["tables"] == b["tables"]
 
 
