@@ -139,8 +139,12 @@ class NeuralSpace(SearchSpace):
         m = self.divergence(theta)
         m.save(d / "map.safetensors")
         _write_json(d, {"kind": self.kind, "file": "map.safetensors", "theta_sha": self.sha(theta),
-                        "map_sha": str(m.sha)})
+                        "map_sha": str(m.sha), **self._extra_meta(theta)})
         return d
+
+    def _extra_meta(self, theta: np.ndarray) -> dict[str, Any]:
+        """What a subclass adds to map.json (its searched coefficient)."""
+        return {}
 
     @classmethod
     def load(cls, directory: Path, meta: dict[str, Any]) -> SavedMap:
@@ -279,14 +283,8 @@ class NeuralCoefSpace(NeuralSpace):
         return {"coef": self.coef(theta), "norm": float(np.linalg.norm(t)), "mean": float(t.mean()),
                 "dim": int(self.dim)}
 
-    def save(self, theta: np.ndarray, directory: str | Path) -> Path:
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        m = self.divergence(theta)
-        m.save(d / "map.safetensors")
-        _write_json(d, {"kind": self.kind, "file": "map.safetensors", "theta_sha": self.sha(theta),
-                        "map_sha": str(m.sha), "coef": self.coef(theta)})
-        return d
+    def _extra_meta(self, theta: np.ndarray) -> dict[str, Any]:
+        return {"coef": self.coef(theta)}
 
     @classmethod
     def load(cls, directory: Path, meta: dict[str, Any]) -> SavedMap:
