@@ -111,7 +111,7 @@ def main() -> None:
         if base.search.evaluator.baseline is not None:  # context: the paired baseline on the same seeds
             methods.append(MethodConfig(label=BASELINE, divergence=base.search.evaluator.baseline))
         score_cfg.compare = CompareConfig(methods=methods, seeds=test_seeds, split="test", include_start=True,
-                                          baseline=methods[0].label)
+                                          baseline=methods[0].label, workers=base.compare.workers)
         scored = cmp.run_compare(score_cfg, out_dir=None, progress=False)
         for s in searches:
             rs = [r.metric for r in scored.runs if r.method == f"{s['strategy']}/s{s['seed']}"]
