@@ -462,6 +462,28 @@ def write_plots(result: CompareResult, out_dir: str | Path) -> list[Path]:
     return paths
 
 
+def train_arm(trainer: Any, reg: Any, split: str, eval_size: int | None, start: bool,
+              callbacks: list[Any] = ()) -> dict[str, Any]:
+    """One (method, seed) run on a trainer already reset to its seed: the untrained start first when
+    `start`, then the regulariser, training and evaluation on `split`. Plain data, so the in-process
+    loop and the worker path (`CompareEvaluator`) log it the same way (`_log_arm`)."""
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {"start": None, "metric_name": trainer.task.metric_name}
+    if start:
+        ev = trainer.evaluate(split, n=eval_size)
+        out["start"] = {"metric": float(ev.metric), "stderr": float(ev.stderr),
+                        "mean_length": float(ev.mean_length), "n": int(ev.n),
+                        "wall_s": time.perf_counter() - t0, "samples": sample_tables([], ev, split)}
+        t0 = time.perf_counter()
+    trainer.set_regulariser(reg)
+    curve = trainer.train(callbacks=list(callbacks))
+    ev = trainer.evaluate(split, n=eval_size)
+    out.update(metric=float(ev.metric), stderr=float(ev.stderr), mean_length=float(ev.mean_length),
+               n=int(ev.n), wall_s=time.perf_counter() - t0, curve=plain_curve(curve),
+               samples=sample_tables(curve, ev, split))
+    return out
+
+
 class CompareEvaluator:
     """One (method, seed) run of a comparison in a worker process (`compare.workers` > 1): the same
     reset -> regulariser -> train -> evaluate as the in-process loop, on a trainer built once per
@@ -487,28 +509,14 @@ class CompareEvaluator:
     def evaluate(self, job: Job) -> dict[str, Any]:
         """Train method `job.candidate` on seed `job.seed`; evaluate on `compare.split`."""
         c = self.cfg.compare
-        m = self.methods[job.candidate]
-        t0 = time.perf_counter()
         self.trainer.reset(seed=job.seed)
-        extra: dict[str, Any] = {}
-        if job.measure.get("start"):
-            ev = self.trainer.evaluate(c.split, n=c.eval_size)
-            extra["start"] = {"metric": float(ev.metric), "stderr": float(ev.stderr),
-                              "mean_length": float(ev.mean_length), "n": int(ev.n),
-                              "wall_s": time.perf_counter() - t0, "samples": sample_tables([], ev, c.split)}
-            t0 = time.perf_counter()
-        self.trainer.set_regulariser(self.regs[m.label])
-        curve = self.trainer.train()
-        ev = self.trainer.evaluate(c.split, n=c.eval_size)
-        extra.update(metric_name=self.trainer.task.metric_name, wall_s=time.perf_counter() - t0)
-        return {"fitness": float(ev.metric), "stderr": float(ev.stderr), "mean_length": float(ev.mean_length),
-                "n_eval": int(ev.n), "curves": plain_curve(curve),
-                "samples": sample_tables(curve, ev, c.split),
-                "extra": extra}
+        arm = train_arm(self.trainer, self.regs[self.methods[job.candidate].label], c.split, c.eval_size,
+                        bool(job.measure.get("start")))
+        return {"fitness": arm["metric"], "extra": {"arm": arm}}
 
 
 def _run_in_workers(cfg: Any, methods: list[Any], arm_key: dict[str, str], map_refs: dict[str, str] | None,
-                    prog: Any) -> dict[tuple[str, int], Outcome]:
+                    prog: Any) -> dict[tuple[str, int], dict[str, Any]]:
     """Every distinct (arm, seed) run of the comparison on `compare.workers` worker processes; a
     failed run raises (a comparison has no failure policy: a missing cell would bias the table)."""
     jobs, seen = [], set()
@@ -539,7 +547,7 @@ def _run_in_workers(cfg: Any, methods: list[Any], arm_key: dict[str, str], map_r
            if o.status != FINISHED]
     if bad:
         raise RuntimeError(f"compare runs failed: {bad[:3]}")
-    return {(methods[j.candidate].label, j.seed): o for j, o in zip(jobs, outs, strict=True)}
+    return {(methods[j.candidate].label, j.seed): o.extra["arm"] for j, o in zip(jobs, outs, strict=True)}
 
 
 def run_compare(
@@ -610,56 +618,32 @@ def run_compare(
                         prog.update(runs_task, advance=1,
                                     info=f"last: {m.label} s{seed} (same as {prev[0].method})")
                     continue
-                o = pre.get((m.label, seed))
-                if o is not None:  # trained in a worker: log it as the loop below would
-                    metric_name = o.extra["metric_name"]
-                    st = o.extra.get("start")
-                    if st is not None:
-                        r = RunResult(START_LABEL, seed, st["metric"], st["stderr"], st["mean_length"],
-                                      st["n"], st["wall_s"], [])
-                        r.run_id = tracker.log_run(r, div_info[START_LABEL], split, metric_name,
-                                                   st["samples"])
-                        runs.append(r)
-                    r = RunResult(m.label, seed, float(o.fitness), float(o.stderr), float(o.mean_length),
-                                  int(o.n_eval), o.extra["wall_s"], list(o.curves))
-                    r.run_id = tracker.log_run(r, div_info[m.label], split, metric_name, o.samples)
-                    done[(arm_key[m.label], seed)] = (r, o.samples)
+                arm = pre.get((m.label, seed))  # trained in a worker
+                if arm is None:
+                    run_cfg = cfg.model_copy(deep=True)
+                    run_cfg.train.seed = seed
+                    run_cfg.divergence = m.divergence
+                    if trainer is None:
+                        trainer = build_trainer(run_cfg, regs[m.label])
+                    else:
+                        trainer.reset(seed=seed)
+                    bar = (TrainProgress(cfg.train.steps, f"{m.label} seed {seed}", progress=prog)
+                           if prog is not None else None)
+                    arm = train_arm(trainer, regs[m.label], split, cfg.compare.eval_size,
+                                    with_start and m is methods[0], [bar] if bar is not None else [])
+                    if bar is not None:
+                        bar.close()
+                metric_name = arm["metric_name"]
+                st = arm["start"]
+                if st is not None:  # the start, on this seed's eval
+                    r = RunResult(START_LABEL, seed, st["metric"], st["stderr"], st["mean_length"], st["n"],
+                                  st["wall_s"], [])
+                    r.run_id = tracker.log_run(r, div_info[START_LABEL], split, metric_name, st["samples"])
                     runs.append(r)
-                    if prog is not None:
-                        prog.update(runs_task, advance=1, info=f"logged: {m.label} s{seed}")
-                    continue
-                t0 = time.perf_counter()
-                run_cfg = cfg.model_copy(deep=True)
-                run_cfg.train.seed = seed
-                run_cfg.divergence = m.divergence
-                if trainer is None:
-                    trainer = build_trainer(run_cfg, regs[m.label])
-                    metric_name = trainer.task.metric_name
-                else:
-                    trainer.reset(seed=seed)
-                if with_start and m is methods[0]:  # the start, on this seed's eval
-                    ev = trainer.evaluate(split, n=cfg.compare.eval_size)
-                    r = RunResult(START_LABEL, seed, float(ev.metric), float(ev.stderr),
-                                  float(ev.mean_length), int(ev.n), time.perf_counter() - t0, [])
-                    r.run_id = tracker.log_run(r, div_info[START_LABEL], split, metric_name,
-                                               sample_tables([], ev, split))
-                    runs.append(r)
-                    t0 = time.perf_counter()
-                trainer.set_regulariser(regs[m.label])
-                cbs: list[Any] = []
-                bar = None
-                if prog is not None:
-                    bar = TrainProgress(cfg.train.steps, f"{m.label} seed {seed}", progress=prog)
-                    cbs.append(bar)
-                curve = trainer.train(callbacks=cbs)
-                if bar is not None:
-                    bar.close()
-                ev = trainer.evaluate(split, n=cfg.compare.eval_size)
-                r = RunResult(m.label, seed, float(ev.metric), float(ev.stderr), float(ev.mean_length),
-                              int(ev.n), time.perf_counter() - t0, plain_curve(curve))
-                samples = sample_tables(curve, ev, split)
-                r.run_id = tracker.log_run(r, div_info[m.label], split, metric_name, samples)
-                done[(arm_key[m.label], seed)] = (r, samples)
+                r = RunResult(m.label, seed, arm["metric"], arm["stderr"], arm["mean_length"], arm["n"],
+                              arm["wall_s"], arm["curve"])
+                r.run_id = tracker.log_run(r, div_info[m.label], split, metric_name, arm["samples"])
+                done[(arm_key[m.label], seed)] = (r, arm["samples"])
                 runs.append(r)
                 if prog is not None:
                     prog.update(runs_task, advance=1,
