@@ -400,7 +400,9 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     res = _search(cfg, resume=args.resume)
     out.print(res["table"])
     d = run_dir(cfg, "compare")
-    result = compare.run_compare(cfg, out_dir=d, console=err, map_refs={BEST_MAP_REF: res["best_map"]})
+    uris = {BEST_MAP_REF: res["best_ref"]} if str(res["best_ref"]).startswith("models:/") else None
+    result = compare.run_compare(cfg, out_dir=d, console=err, map_refs={BEST_MAP_REF: res["best_map"]},
+                                 map_uris=uris)
     wall = time.perf_counter() - t0
     out.print(compare.results_table(result))
     out.print(f"total wall time {wall:.0f} s (search {res['wall_s']:.0f} s, compare {result.wall_s:.0f} s)")

@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import random
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -27,7 +28,7 @@ from mirrorlab.config import STANDARD_BASELINES, START_LABEL, MethodConfig, stan
 from mirrorlab.divergences import PotentialMixin
 from mirrorlab.executors import make_executor
 from mirrorlab.gbmpo import build_trainer, sample_tables
-from mirrorlab.maps import build_divergence
+from mirrorlab.maps import URI_SCHEMES, build_divergence
 from mirrorlab.progress import TrainProgress, progress_bars
 from mirrorlab.records import FINISHED, Job, Outcome
 from mirrorlab.tracking import MlflowSession
@@ -155,6 +156,8 @@ class RunResult:
     wall_s: float = 0.0
     curve: list[dict[str, float]] = field(default_factory=list)
     run_id: str | None = None
+    started_at: float | None = None  # wall clock (unix s) of the run in the process that trained it
+    ended_at: float | None = None
 
 
 @dataclass
@@ -298,6 +301,32 @@ def results_table(result: CompareResult) -> Any:
     return t
 
 
+def method_slug(label: str) -> str:
+    """A method label as a metric-key segment: `KL (k3)` -> `kl-k3`, `no regulariser (lambda 0)` ->
+    `no-regulariser-lambda-0`, so the parent's keys share names across methods."""
+    return re.sub(r"[^a-z0-9.]+", "-", label.lower()).strip("-") or "method"
+
+
+def summary_rows(result: CompareResult) -> list[dict[str, Any]]:
+    """One row per method: mean, std, seeds, the paired difference vs the baseline with its p-values
+    and verdict (None on the baseline's row). A pure function of the result: the terminal, the
+    Markdown description and MLflow's sortable table render it."""
+    comps = {c.method: c for c in result.comparisons}
+    rows = []
+    for m in result.methods:
+        c = comps.get(m.label)
+        rows.append({"method": m.label, "slug": method_slug(m.label),
+                     "regulariser": regulariser_text(m.divergence), "seeds": len(m.seeds),
+                     f"{result.metric_name}_mean": m.metric_mean, f"{result.metric_name}_std": m.metric_std,
+                     "length_mean": m.length_mean,
+                     "diff_vs_baseline": None if c is None else c.mean_diff,
+                     "diff_stderr": None if c is None else c.stderr,
+                     "p_t": None if c is None else c.t_pvalue,
+                     "p_sign_flip": None if c is None else c.perm_pvalue,
+                     "verdict": "(baseline)" if c is None else c.verdict})
+    return rows
+
+
 def results_markdown(result: CompareResult) -> str:
     """The results table with its verdicts in Markdown (the compare parent run's description in
     MLflow's UI, where a text artifact is cut off)."""
@@ -376,17 +405,20 @@ class CompareTracker:
         if not self.enabled:
             return None
         s = self.session
-        tags = {"mirrorlab.kind": "compare-run", "mirrorlab.method": r.method, "mirrorlab.seed": str(r.seed)}
+        tags = {"mirrorlab.kind": "compare-run", "mirrorlab.method": r.method, "mirrorlab.seed": str(r.seed),
+                "mirrorlab.compare_run": self.parent_run_id or ""}
         if same_as is not None:
             tags["mirrorlab.same_as"] = same_as
-        rid = s.create_run(f"{r.method}-s{r.seed}", tags, self.parent_run_id)
+        if isinstance(divergence.get("map"), str) and divergence["map"].startswith(URI_SCHEMES):
+            tags["mirrorlab.map_uri"] = divergence["map"]  # a registered (searched) map
+        rid = s.create_run(f"{r.method}-s{r.seed}", tags, self.parent_run_id, start_time=r.started_at)
         s.log_params(rid, {"method": r.method, "seed": str(r.seed), "split": split,
                            **{f"divergence.{k}": v for k, v in divergence.items()}})
         s.log_metrics(rid, {f"{split}_{metric_name}": r.metric, f"{split}_stderr": r.stderr,
                             f"{split}_mean_length": r.mean_length, "wall_s": r.wall_s}, curve=r.curve)
         tables = s.log_samples(rid, samples)
         self.samples_index.append({"method": r.method, "seed": r.seed, "run_id": rid, "tables": tables})
-        s.end_run(rid)
+        s.end_run(rid, end_time=r.ended_at)
         return rid
 
     def finish(self, result: CompareResult | None, files: list[Path], status: str = "FINISHED") -> None:
@@ -394,17 +426,23 @@ class CompareTracker:
         if not self.enabled or self.parent_run_id is None:
             return
         if result is not None:
+            # one key per statistic, the method's slug after the slash: MLflow's charts group the
+            # methods of a statistic in one section (`accuracy_mean/kl-k3`, `accuracy_mean/probl2`)
             ms: dict[str, float | None] = {}
-            for m in result.methods:  # metric keys are made valid by the session
-                ms.update({f"{m.label}/{result.metric_name}_mean": m.metric_mean,
-                           f"{m.label}/{result.metric_name}_std": m.metric_std,
-                           f"{m.label}/length_mean": m.length_mean})
+            slug = {m.label: method_slug(m.label) for m in result.methods}
+            for m in result.methods:
+                ms.update({f"{result.metric_name}_mean/{slug[m.label]}": m.metric_mean,
+                           f"{result.metric_name}_std/{slug[m.label]}": m.metric_std,
+                           f"length_mean/{slug[m.label]}": m.length_mean})
             for c in result.comparisons:
-                ms.update({f"{c.method}/diff_vs_baseline": c.mean_diff, f"{c.method}/p_t": c.t_pvalue})
+                ms.update({f"diff_vs_baseline/{slug[c.method]}": c.mean_diff,
+                           f"p_t/{slug[c.method]}": c.t_pvalue})
             for c in result.vs_best:
-                ms.update({f"{c.method}/diff_vs_best_baseline": c.mean_diff,
-                           f"{c.method}/p_t_vs_best": c.t_pvalue})
+                ms.update({f"diff_vs_best_baseline/{slug[c.method]}": c.mean_diff,
+                           f"p_t_vs_best/{slug[c.method]}": c.t_pvalue})
             self.session.log_metrics(self.parent_run_id, ms)
+            self.session.log_table(self.parent_run_id, summary_rows(result), "summary.json")
+            self._write_back(result)
             self.session.client.set_tag(self.parent_run_id, "mlflow.note.content", results_markdown(result))
         if self.samples_index:  # where each (method, seed)'s completion tables are (its child run)
             with tempfile.TemporaryDirectory() as d:
@@ -413,6 +451,43 @@ class CompareTracker:
                 self.session.log_files(self.parent_run_id, [f])
         self.session.log_files(self.parent_run_id, files)
         self.session.end_run(self.parent_run_id, status)
+
+
+    def _write_back(self, result: CompareResult) -> None:
+        """On the registry version of every compared map that came from the registry (`models:/`),
+        the compare's verdict: difference vs the baseline, p, the compare run and split, and a line
+        appended to the version's description. A registry failure is a tag on the compare run."""
+        comps = {c.method: c for c in result.comparisons}
+        client = self.session.client
+        for m in result.methods:
+            uri = m.divergence.get("map")
+            if not (isinstance(uri, str) and uri.startswith("models:/")):
+                continue
+            try:
+                name, _, ver = uri.removeprefix("models:/").partition("/")
+                if "@" in name:
+                    name, alias = name.split("@", 1)
+                    ver = client.get_model_version_by_alias(name, alias).version
+                c = comps.get(m.label)
+                key = f"mirrorlab.compare.{self.parent_run_id}"
+                tags = {f"{key}.method": m.label, f"{key}.split": result.split,
+                        f"{key}.{result.metric_name}_mean": fmt(m.metric_mean),
+                        "mirrorlab.last_compare_run": str(self.parent_run_id)}
+                if c is not None:
+                    tags.update({f"{key}.baseline": c.baseline,
+                                 f"{key}.diff_vs_baseline": f"{c.mean_diff:+.4f}",
+                                 f"{key}.p_t": fmt(c.t_pvalue), f"{key}.verdict": c.verdict})
+                for k, v in tags.items():
+                    client.set_model_version_tag(name, ver, k, v)
+                mv = client.get_model_version(name, ver)
+                line = (f"Compare run {self.parent_run_id} ({result.split}, {len(m.seeds)} seeds): "
+                        f"{result.metric_name} {fmt(m.metric_mean)} +- {fmt(m.metric_std)}")
+                if c is not None:
+                    line += f"; vs {c.baseline} {c.mean_diff:+.4f} (p {fmt(c.t_pvalue)}): {c.verdict}"
+                desc = f"{mv.description or ''}\n\n{line}.".strip()
+                client.update_model_version(name, ver, description=desc)
+            except Exception as e:  # noqa: BLE001 - the comparison itself is done and logged
+                client.set_tag(self.parent_run_id, "mirrorlab.registry_error", f"{uri}: {e}"[:500])
 
 
 def plain_curve(curve: list[dict[str, Any]]) -> list[dict[str, float]]:
@@ -467,20 +542,21 @@ def train_arm(trainer: Any, reg: Any, split: str, eval_size: int | None, start: 
     """One (method, seed) run on a trainer already reset to its seed: the untrained start first when
     `start`, then the regulariser, training and evaluation on `split`. Plain data, so the in-process
     loop and the worker path (`CompareEvaluator`) log it the same way (`_log_arm`)."""
-    t0 = time.perf_counter()
+    t0, w0 = time.perf_counter(), time.time()
     out: dict[str, Any] = {"start": None, "metric_name": trainer.task.metric_name}
     if start:
         ev = trainer.evaluate(split, n=eval_size)
         out["start"] = {"metric": float(ev.metric), "stderr": float(ev.stderr),
                         "mean_length": float(ev.mean_length), "n": int(ev.n),
-                        "wall_s": time.perf_counter() - t0, "samples": sample_tables([], ev, split)}
-        t0 = time.perf_counter()
+                        "wall_s": time.perf_counter() - t0, "samples": sample_tables([], ev, split),
+                        "started_at": w0, "ended_at": time.time()}
+        t0, w0 = time.perf_counter(), time.time()
     trainer.set_regulariser(reg)
     curve = trainer.train(callbacks=list(callbacks))
     ev = trainer.evaluate(split, n=eval_size)
     out.update(metric=float(ev.metric), stderr=float(ev.stderr), mean_length=float(ev.mean_length),
                n=int(ev.n), wall_s=time.perf_counter() - t0, curve=plain_curve(curve),
-               samples=sample_tables(curve, ev, split))
+               samples=sample_tables(curve, ev, split), started_at=w0, ended_at=time.time())
     return out
 
 
@@ -556,6 +632,7 @@ def run_compare(
     console: Any = None,
     map_refs: dict[str, str] | None = None,
     progress: bool = True,
+    map_uris: dict[str, str] | None = None,
 ) -> CompareResult:
     """Train every method on every seed (same settings otherwise), evaluate on `compare.split`.
 
@@ -581,6 +658,9 @@ def run_compare(
         info = m.divergence.model_dump(mode="json")
         if m.divergence.map is not None and map_refs and m.divergence.map in map_refs:
             info["map"] = map_refs[m.divergence.map]
+            uri = (map_uris or {}).get(m.divergence.map)
+            if uri:  # the registry URI a user can load anywhere; the local file it was read from beside it
+                info["map"], info["map_path"] = uri, map_refs[m.divergence.map]
         sha = getattr(divs[m.label], "sha", None)
         if isinstance(sha, str):
             info["sha"] = sha
@@ -637,11 +717,13 @@ def run_compare(
                 st = arm["start"]
                 if st is not None:  # the start, on this seed's eval
                     r = RunResult(START_LABEL, seed, st["metric"], st["stderr"], st["mean_length"], st["n"],
-                                  st["wall_s"], [])
+                                  st["wall_s"], [], started_at=st.get("started_at"),
+                                  ended_at=st.get("ended_at"))
                     r.run_id = tracker.log_run(r, div_info[START_LABEL], split, metric_name, st["samples"])
                     runs.append(r)
                 r = RunResult(m.label, seed, arm["metric"], arm["stderr"], arm["mean_length"], arm["n"],
-                              arm["wall_s"], arm["curve"])
+                              arm["wall_s"], arm["curve"], started_at=arm.get("started_at"),
+                              ended_at=arm.get("ended_at"))
                 r.run_id = tracker.log_run(r, div_info[m.label], split, metric_name, arm["samples"])
                 done[(arm_key[m.label], seed)] = (r, arm["samples"])
                 runs.append(r)
@@ -682,9 +764,11 @@ def log_single_run(
     cfg: Any, kind: str, run_name: str, params: dict[str, Any], metrics: dict[str, float],
     curve: list[dict[str, float]] | None = None, files: list[Path] | None = None,
     samples: dict[str, list[dict[str, Any]]] | None = None,
+    description: str | None = None,
 ) -> str | None:
-    """Log one finished run (train or eval) to MLflow: params, metrics, curve, files, config, and
-    completion samples (`gbmpo.sample_tables`) as tables `completions/<name>.json`."""
+    """Log one finished run (train or eval) to MLflow: params, metrics, curve, files, config,
+    completion samples (`gbmpo.sample_tables`) as tables `completions/<name>.json`, and a Markdown
+    `description` (the run page's first screen; default: its metrics as a table)."""
     if not cfg.tracking.enabled:
         return None
     s = MlflowSession(cfg.tracking, cfg.name)
@@ -694,5 +778,10 @@ def log_single_run(
     s.log_samples(rid, samples)
     s.log_config(rid, cfg)
     s.log_files(rid, files or [])
+    if description is None:
+        rows = [f"| {k} | {fmt(v, 4)} |" for k, v in metrics.items()]
+        description = "\n".join([f"**{kind}** `{run_name}` ({cfg.model.name} on {cfg.task.name})", "",
+                                  "| metric | value |", "|---|---|", *rows])
+    s.client.set_tag(rid, "mlflow.note.content", description)
     s.end_run(rid)
     return rid

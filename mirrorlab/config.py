@@ -82,6 +82,9 @@ class LoraConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA branch")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="module names that get adapters, or all-linear")
+    top_layers: int | None = Field(
+        None, ge=1, description="adapt only the last N transformer layers (None: all); the backward pass "
+        "then stops at the lowest adapted layer, so a step costs less (the real testbed's setting)")
 
 
 class ModelConfig(Section):

@@ -42,7 +42,7 @@ class Evaluator(Protocol):
 
 def run_job(evaluator: Evaluator, job: Job, worker: str = "local") -> Outcome:
     """Evaluate one job under the failure policy: exceptions, non-finite fitness and overruns fail."""
-    start = time.monotonic()
+    start, started_at = time.monotonic(), time.time()
     if job.timeout_s is not None and job.deadline is None:
         job.deadline = start + job.timeout_s
     out = Outcome(job.generation, job.index, FAILED, worker=worker, label=job.role)
@@ -69,6 +69,7 @@ def run_job(evaluator: Evaluator, job: Job, worker: str = "local") -> Outcome:
         else:
             out.status = FINISHED
     out.timings["total_s"] = time.monotonic() - start
+    out.started_at, out.ended_at = started_at, time.time()
     return out
 
 

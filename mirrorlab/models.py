@@ -582,8 +582,18 @@ def apply_lora(model: Any, cfg: ModelConfig) -> Any:
 
     lc = cfg.lora
     assert lc is not None
+    layers, targets = None, lc.target_modules
+    if lc.top_layers is not None:
+        n = int(model.config.num_hidden_layers)
+        if lc.top_layers > n:
+            raise ValueError(f"model.lora.top_layers must be <= the model's {n} layers, got {lc.top_layers}")
+        layers = list(range(n - lc.top_layers, n))
+        if targets == "all-linear":  # peft takes a layer subset only with explicit module names
+            targets = sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
+                              if isinstance(mod, torch.nn.Linear) and ".layers." in name})
     pc = PeftLoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                        target_modules=lc.target_modules, task_type="CAUSAL_LM")
+                        target_modules=targets, task_type="CAUSAL_LM",
+                        layers_to_transform=layers)
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()
     return get_peft_model(model, pc)

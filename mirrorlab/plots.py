@@ -97,14 +97,30 @@ def plot_fitness(
     return _save(fig, path)
 
 
-def plot_lineage(candidates: Sequence[Mapping[str, Any]], path: str | Path, title: str = "lineage") -> Path:
+def lineage_marks(candidates: Sequence[Mapping[str, Any]],
+                  answer: str | None = None) -> dict[str, str | None]:
+    """Which candidate the lineage plot stars (`answer`: the search's answer when given and
+    evaluated, else the highest fitness) and which it rings (`top`: the highest single search
+    fitness, only when that is not the answer)."""
+    ok = [c for c in candidates if is_finite(c.get("fitness")) and c.get("status", "") != _FAILED]
+    if not ok:
+        return {"answer": None, "top": None}
+    top = str(max(ok, key=lambda c: float(c["fitness"]))["id"])
+    ans = top if answer is None else (answer if any(str(c["id"]) == answer for c in ok) else None)
+    return {"answer": ans, "top": None if top == ans else top}
+
+
+def plot_lineage(candidates: Sequence[Mapping[str, Any]], path: str | Path, title: str = "lineage",
+                 answer: str | None = None) -> Path:
     """Candidates as points (generation, fitness) with a line from each to its parent.
 
     Each candidate is a mapping with `id`, `generation`, `fitness` (None/NaN if failed), optional
     `parent` and `status`. A parent that is another candidate's id is joined to it; any other
     parent label (e.g. an ES search mean `mean@g3`, never evaluated itself) becomes a hollow node
     half a generation earlier at its children's mean fitness, so families stay visible. Failed
-    candidates are drawn as crosses on the bottom edge.
+    candidates are drawn as crosses on the bottom edge. `answer`: the id of the search's answer
+    (the registered map, chosen by the incumbent rule or the confirmation stage), starred; the
+    highest single search fitness, when another candidate, is ringed (it is not the answer).
     """
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot(1, 1, 1)
@@ -131,10 +147,17 @@ def plot_lineage(candidates: Sequence[Mapping[str, Any]], path: str | Path, titl
                    edgecolors="0.35", s=30, zorder=2, label="parent not evaluated (e.g. ES mean)")
     if ok:
         xs, ys = zip(*pos.values(), strict=True)
-        best = max(ok, key=lambda c: float(c["fitness"]))
         ax.scatter(xs, ys, c=ys, cmap="viridis", s=22, zorder=2, label="candidate")
-        ax.scatter([best["generation"]], [best["fitness"]], marker="*", s=160, color="C3", zorder=3,
-                   label=f"best ({best['id']})")
+        marks = lineage_marks(ok, answer)
+        if marks["answer"] is not None:
+            ans = next(c for c in ok if str(c["id"]) == marks["answer"])
+            ax.scatter([ans["generation"]], [ans["fitness"]], marker="*", s=160, color="C3", zorder=3,
+                       label=f"answer ({ans['id']})" if answer is not None else f"best ({ans['id']})")
+        if marks["top"] is not None:
+            top = next(c for c in ok if str(c["id"]) == marks["top"])
+            ax.scatter([top["generation"]], [top["fitness"]], marker="o", s=110, facecolors="none",
+                       edgecolors="C1", zorder=3,
+                       label=f"highest search fitness ({top['id']}, not the answer)")
     failed = [c for c in candidates if c not in ok]
     if failed:
         ax.scatter([c["generation"] for c in failed], [lo] * len(failed), marker="x", color="C3",

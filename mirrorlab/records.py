@@ -74,6 +74,10 @@ class Outcome:
     # what `Job.measure` asked for: per-problem lists by name (fitness proxies, test scores, scores
     # at shorter horizons) and their cost in seconds (`cost_s`)
     extra: dict[str, Any] = field(default_factory=dict)
+    # wall-clock start and end of the job in the worker that ran it (unix seconds): the MLflow
+    # run of a candidate is created after the job, with these times, not its own
+    started_at: float | None = None
+    ended_at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (used by the resume journal and the baseline cache), without `samples`:

@@ -82,6 +82,8 @@ class Score:
     samples: dict[str, list[dict[str, Any]]] | None = None  # completion tables, rows of every seed
     timings: tuple[tuple[str, float], ...] = ()  # summed over seeds
     steps: int = 0  # inner steps this candidate trained (all seeds, all racing rungs)
+    started_at: float | None = None  # the first seed's job start, the last one's end (unix s)
+    ended_at: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -109,7 +111,10 @@ def aggregate(outs: list[Outcome], seeds: list[int], baselines: list[Outcome] | 
     for o in outs:
         for k, v in o.timings.items():
             timings[k] = timings.get(k, 0.0) + float(v)
-    common = {"rung": rung, "workers": workers, "timings": tuple(sorted(timings.items()))}
+    starts = [o.started_at for o in outs if o.started_at is not None]
+    ends = [o.ended_at for o in outs if o.ended_at is not None]
+    common = {"rung": rung, "workers": workers, "timings": tuple(sorted(timings.items())),
+              "started_at": min(starts, default=None), "ended_at": max(ends, default=None)}
     for o, s in zip(outs, seeds, strict=True):
         if o.status != FINISHED:
             return Score(FAILED, None, None, (), tuple(seeds), error=f"seed {s}: {o.error}", **common)
@@ -420,6 +425,9 @@ class SearchRecorder:
                plot: tuple[str, np.ndarray] | None, checkpoint: dict[str, Any]) -> None:
         t0 = time.monotonic()
         for c in children:
+            if c.job.role == "baseline":
+                self.tracker.log_baseline(c.job, c.outcome, candidate_id=c.candidate_id)
+                continue
             parent_run = self.run_ids.get(c.parent_ids[0]) if c.parent_ids else None
             rid = self.tracker.log_candidate(
                 c.job, c.outcome, candidate_id=c.candidate_id, parent_ids=c.parent_ids, note=c.note,
@@ -666,6 +674,7 @@ class Search:
             "inner_steps_spent": float(self.steps_spent),
         }
         plot = (inc["id"], inc["theta"]) if inc is not None and inc["id"] != previous else None
+        children = self._baseline_logs + children
         self.recorder.submit(gen, children, summary, plot, self._checkpoint(gen + 1))
         self._hook("on_generation_end", gen, rec.best_fitness, rec.mean_fitness,
                    sum(s != FINISHED for s in rec.status))
@@ -785,8 +794,14 @@ class Search:
             self._compute += o.timings.get("train_s", 0.0) + o.timings.get("eval_s", 0.0)
             self.steps_spent += steps or ec.inner_steps
             if key.startswith("baseline:"):  # cached when it finished; a failure fails this call's seed
+                seed = int(key.split(":")[1].partition("@")[0])
                 cache = self.baselines if o.status == FINISHED else self._failed_baselines
-                cache[f"{key.split(':')[1].partition('@')[0]}:{eval_size}{fid}"] = o.to_dict()
+                cache[f"{seed}:{eval_size}{fid}"] = o.to_dict()
+                # a child run of its own (stage baseline): what the candidates' fitness is measured against
+                job = Job(gen, -1, np.zeros(self.space.dim), seed, role="baseline", eval_size=eval_size,
+                          inner_steps=steps or ec.inner_steps)
+                self._baseline_logs.append(ChildLog(job, o, f"baseline-s{seed}{fid}", (), "paired baseline",
+                                                    "baseline", {}, [seed]))
         return outs
 
     # ------------------------------------------------------------------ incumbent
@@ -840,13 +855,14 @@ class Search:
                              "best": None if best is None else pool[best]["id"]}
         children = [self._child(gen, i, p["id"], p["theta"], (p["id"],), "confirmation", s, "confirm")
                     for i, (p, s) in enumerate(zip(pool, scores, strict=True))]
-        self.recorder.submit(gen, children, None, None, self._checkpoint(gen))
+        self.recorder.submit(gen, self._baseline_logs + children, None, None, self._checkpoint(gen))
 
     # ------------------------------------------------------------------ helpers
     def _start_stage(self, gen: int) -> None:
         """Reset the per-generation counters; after a resume, drop the interrupted generation's
         partially logged child runs (a generation's children are logged again as a whole)."""
         self._jobs_reused, self._compute, self._failed_baselines = 0, 0.0, {}
+        self._baseline_logs: list[ChildLog] = []  # this stage's paired-baseline runs, logged with it
         if self._resumed_at == gen:
             t = time.monotonic()
             removed = self.tracker.interrupted_children(gen, list(self.recorder.run_ids.values()))
@@ -861,7 +877,7 @@ class Search:
         out = Outcome(gen, slot, s.status, fitness=s.fitness, stderr=s.stderr, metric=s.metric,
                       mean_length=s.mean_length, error=s.error, label=role, curves=list(s.curves),
                       timings=dict(s.timings), worker=",".join(s.workers),
-                      samples=dict(s.samples or {}))
+                      samples=dict(s.samples or {}), started_at=s.started_at, ended_at=s.ended_at)
         extra = {"n_seeds": float(len(seeds)),
                  "budget_inner_steps": float(s.steps or len(seeds) * ec.inner_steps),
                  "rung": float(s.rung), "paired": float(ec.baseline is not None)}
@@ -893,9 +909,9 @@ class Search:
         files = [plots.plot_fitness(result.fitness_history(), d / "fitness.png",
                                     title=f"{cfg.name}: fitness per generation ({cfg.search.strategy.name})"),
                  plots.plot_lineage(lineage_records(result.history), d / "lineage.png",
-                                    title=f"{cfg.name}: lineage of candidates")]
+                                    title=f"{cfg.name}: lineage of candidates", answer=result.best_id)]
         try:
-            maps = {"best found": space.divergence(theta)}
+            maps = {f"answer ({result.best_id})" if result.best_id else "answer": space.divergence(theta)}
             if isinstance(space, NeuralSpace):
                 maps["initial (x0)"] = space.divergence(space.initial(cfg.seed))
             files.append(divergences.plot_maps(maps, d / "maps.png", baselines=True))

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import getpass
 import json
 import math
 import os
 import re
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -27,7 +30,7 @@ import numpy as np
 
 from mirrorlab.config import Config, dump_config
 from mirrorlab.records import FINISHED, Job, Outcome
-from mirrorlab.repro import run_record
+from mirrorlab.repro import git_commit, run_record
 from mirrorlab.values import is_finite
 
 TAG = "mirrorlab."
@@ -69,11 +72,40 @@ def metric_key(name: str) -> str:
     return _METRIC_KEY_BAD.sub("_", name.replace("@", "_at_"))
 
 
+def display_value(value: float, digits: int = 12) -> float:
+    """`value` rounded to `digits` significant digits: 0.13999999999999996 -> 0.14 in the UI (the
+    JSON results keep full precision)."""
+    v = float(value)
+    return float(f"{v:.{digits}g}") if math.isfinite(v) else v
+
+
 def mlflow_metric(key: str, value: float, timestamp: int, step: int) -> Any:
-    """An `mlflow.entities.Metric` whose key is made valid by `metric_key`."""
+    """An `mlflow.entities.Metric` whose key is made valid by `metric_key` and whose value is
+    rounded by `display_value`."""
     from mlflow.entities import Metric
 
-    return Metric(metric_key(key), float(value), timestamp, step)
+    return Metric(metric_key(key), display_value(value), timestamp, step)
+
+
+@functools.cache
+def provenance_tags() -> dict[str, str]:
+    """The tags MLflow's fluent API sets and an explicit client does not: the git commit of the
+    source tree, the entry point (source name, type LOCAL) and the user."""
+    tags = {"mlflow.source.name": Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python",
+            "mlflow.source.type": "LOCAL", "mlflow.user": _user()}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
+        if commit.endswith("-dirty"):
+            tags[TAG + "git_dirty"] = "true"
+    return tags
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        return os.environ.get("USER", "unknown")
 
 
 @contextlib.contextmanager
@@ -118,11 +150,17 @@ class MlflowSession:
                     self.client.restore_experiment(exp.experiment_id)
                 self.experiment_id = exp.experiment_id
 
-    def create_run(self, run_name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
-        """A new RUNNING run (a child of `parent_run_id` when given); returns its id."""
+    def create_run(self, run_name: str, tags: dict[str, str], parent_run_id: str | None = None,
+                   start_time: float | None = None) -> str:
+        """A new RUNNING run (a child of `parent_run_id` when given) with the provenance tags MLflow's
+        UI shows (git commit, source, user); `start_time` (unix s) when the work began earlier, e.g.
+        in a worker. Returns its id."""
+        tags = {**provenance_tags(), **tags}
         if parent_run_id:
             tags = {"mlflow.parentRunId": parent_run_id, **tags}
-        return self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
+        ms = None if start_time is None else int(1000 * start_time)
+        return self.client.create_run(self.experiment_id, run_name=run_name, tags=tags,
+                                      start_time=ms).info.run_id
 
     def log_config(self, run_id: str, cfg: Config) -> None:
         """`config.yaml` and `run_record.json` (seed, versions, threads, commit) as artifacts."""
@@ -187,9 +225,10 @@ class MlflowSession:
             self.client.set_tag(run_id, TAG + "samples_error", str(e)[:500])
         return paths
 
-    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        """Close a run with `status`."""
-        self.client.set_terminated(run_id, status=status)
+    def end_run(self, run_id: str, status: str = "FINISHED", end_time: float | None = None) -> None:
+        """Close a run with `status` (at `end_time`, unix s, when the work ended before now)."""
+        self.client.set_terminated(run_id, status=status,
+                                   end_time=None if end_time is None else int(1000 * end_time))
 
 
 class NullTracker:
@@ -203,6 +242,9 @@ class NullTracker:
 
     def interrupted_children(self, generation: int, keep: Iterable[str]) -> int:
         return 0
+
+    def log_baseline(self, job: Job, outcome: Outcome, **kw: Any) -> str | None:
+        return None
 
     def log_candidate(self, job: Job, outcome: Outcome, **kw: Any) -> str | None:
         return None
@@ -271,6 +313,31 @@ class MLflowTracker:
         return n
 
     # ------------------------------------------------------------------ children
+    def log_baseline(self, job: Job, outcome: Outcome, *, candidate_id: str) -> str:
+        """One child run (stage baseline) for the paired baseline on one seed: its regulariser, its
+        accuracy, training curve and completions, the metric every candidate on this seed is
+        measured against (a candidate's `fitness` = its metric minus this one's)."""
+        b = self.cfg.search.evaluator.baseline
+        tags = {"mlflow.parentRunId": self.parent_run_id or "", TAG + "generation": str(job.generation),
+                TAG + "candidate": "baseline", TAG + "candidate_id": candidate_id, TAG + "stage": "baseline",
+                TAG + "status": outcome.status, TAG + "worker": outcome.worker, TAG + "seed": str(job.seed),
+                TAG + "seeds": json.dumps([job.seed])}
+        if outcome.error:
+            tags[TAG + "error"] = outcome.error[:4900]
+        rid = self.session.create_run(candidate_id, tags, start_time=outcome.started_at)
+        self.session.log_params(rid, {"inner_steps": job.inner_steps or self.cfg.search.evaluator.inner_steps,
+                                      "val_size": job.eval_size, "seed": job.seed,
+                                      **({} if b is None else {"divergence.name": b.name,
+                                                               "divergence.coef": b.coef})})
+        self.session.log_metrics(rid, {"metric": outcome.metric if outcome.metric is not None
+                                       else outcome.fitness, "mean_length": outcome.mean_length,
+                                       "n_eval": None if outcome.n_eval is None else float(outcome.n_eval),
+                                       **{f"time_{k}": v for k, v in outcome.timings.items()}},
+                                 curve=outcome.curves)
+        self.session.log_samples(rid, outcome.samples)
+        self.session.end_run(rid, "FINISHED" if outcome.status == FINISHED else "FAILED", outcome.ended_at)
+        return rid
+
     def log_candidate(
         self, job: Job, outcome: Outcome, *, candidate_id: str, parent_ids: tuple[str, ...] = (),
         note: str = "", parent_run: str | None = None, sha: str, extra: dict[str, float] | None = None,
@@ -306,7 +373,7 @@ class MLflowTracker:
         if outcome.error:
             tags[TAG + "error"] = outcome.error[:4900]
         name = candidate_id if job.role == "candidate" else f"{job.role}-{candidate_id}"
-        rid = self.session.create_run(name, tags)
+        rid = self.session.create_run(name, tags, start_time=outcome.started_at)
         metrics: dict[str, float | None] = {
             "fitness": outcome.fitness, "fitness_stderr": outcome.stderr, "metric": outcome.metric,
             "mean_length": outcome.mean_length,
@@ -335,7 +402,7 @@ class MLflowTracker:
             self.client.log_artifacts(rid, str(Path(d) / "map"), "map")
             if self.cfg.tracking.plots and self.cfg.tracking.plot_scope == "all":
                 self._plot(rid, theta, Path(d))
-        self.client.set_terminated(rid, status="FINISHED" if outcome.status == FINISHED else "FAILED")
+        self.session.end_run(rid, "FINISHED" if outcome.status == FINISHED else "FAILED", outcome.ended_at)
         return rid
 
     def _plot(self, rid: str, theta: np.ndarray, d: Path) -> None:

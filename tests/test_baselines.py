@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -14,7 +15,7 @@ import torch
 from mlflow import MlflowClient
 
 from mirrorlab import divergences as dv
-from mirrorlab.compare import compare_methods, results_text, run_compare
+from mirrorlab.compare import compare_methods, method_slug, results_text, run_compare
 from mirrorlab.config import (
     STANDARD_BASELINES,
     START_LABEL,
@@ -29,7 +30,6 @@ from mirrorlab.divergences import PotentialMixin
 from mirrorlab.gbmpo import GBMPOTrainer, Regulariser, advantages, penalised_rewards, sample_tables
 from mirrorlab.maps import build_divergence
 from mirrorlab.records import FINISHED, Outcome, merge_samples
-from mirrorlab.tracking import metric_key
 
 V = 7  # vocabulary of the enumerated expectations
 STD_LABELS = [lab for lab, _ in STANDARD_BASELINES]
@@ -328,15 +328,21 @@ def test_trainer_collects_bounded_samples_at_first_last_and_eval(tiny, task):
         assert len(rows) == 3
         for r in rows:
             assert len(r["prompt"]) <= 16 and len(r["completion"]) <= 16 and r["length"] >= 1
-            assert set(r) >= {"step", "split", "example_id", "prompt", "completion", "reward", "score",
-                              "length"}
+            assert set(r) >= {"step", "split", "example_id", "prompt", "completion", "target", "correct",
+                              "score", "length"}
+            assert r["correct"] == (r["score"] >= 1.0)
     train_ex = {e.id: e for e in task.train}
     for r in tables["step_0001"] + tables["step_0005"]:  # rows line up: text, example, reward, score
         ex = train_ex[r["example_id"]]
         assert r["prompt"] == ex.question[:16] or r["prompt"].endswith("...")
         assert task.rewards([r["completion"]], [ex])[0] == pytest.approx(r["reward"])
         assert task.scores([r["completion"]], [ex])[0] == pytest.approx(r["score"])
-    assert tables["eval_val"][0]["example_id"] == task.val[0].id and tables["eval_val"][0]["reward"] is None
+    for r in tables["step_0001"] + tables["step_0005"]:
+        assert "reward" in r and r["target"] == str(train_ex[r["example_id"]].answer)[:16]
+    # evaluation rows carry no reward column (greedy eval has none), not an all-null one
+    ev_rows = tables["eval_val"]
+    assert ev_rows[0]["example_id"] == task.val[0].id and all("reward" not in r for r in ev_rows)
+    assert [r["target"] for r in ev_rows] == [str(e.answer)[:16] for e in task.val[:3]]
     off = GBMPOTrainer(copy.deepcopy(model), tok, task, None, _cfg(log_completions={"n": 0}))
     assert not any("samples" in m for m in off.train(2)) and off.evaluate("val", n=4).samples == []
 
@@ -420,10 +426,24 @@ def test_standard_set_rows_in_table_and_mlflow_with_completion_samples(tmp_path)
     assert by["k3 again"].data.tags["mirrorlab.same_as"] == "KL k3 in loss"
     assert by["KL k1 in reward"].data.params["divergence.placement"] == "reward"
     assert "train/reward_penalty" in by["KL k1 in reward"].data.metrics
-    for lab in labels:  # per-method summaries on the parent run
-        assert metric_key(f"{lab}/accuracy_mean") in parent.data.metrics, lab
+    # per-method summaries on the parent run: one key per statistic, the method's slug after the
+    # slash (MLflow groups a statistic's methods in one chart section), slugs distinct per method
+    slugs = {lab: method_slug(lab) for lab in labels}
+    assert len(set(slugs.values())) == len(labels)
+    assert all(re.fullmatch(r"[a-z0-9.-]+", v) for v in slugs.values())
+    for lab in labels:
+        assert f"accuracy_mean/{slugs[lab]}" in parent.data.metrics, lab
     for lab in ("ProbL2", "k3 again"):
-        assert metric_key(f"{lab}/diff_vs_best_baseline") in parent.data.metrics
+        assert f"diff_vs_best_baseline/{slugs[lab]}" in parent.data.metrics
+    # the sortable summary table, with the verdicts, and the children tagged with their compare run
+    summ = _table(client, parent.info.run_id, "summary.json", tmp_path)
+    assert list(summ["method"]) == labels and (summ["verdict"] == "(baseline)").sum() == 1
+    assert all(r.data.tags["mirrorlab.compare_run"] == parent.info.run_id for r in by.values())
+    # child runs span the training and evaluation they record (times taken where the run trained)
+    for rr in res.runs:
+        if rr.wall_s > 0:  # 0: a row reusing an identical arm's run
+            info = client.get_run(rr.run_id).info
+            assert info.end_time - info.start_time >= int(1000 * rr.wall_s) - 2, rr.method
     # completion tables on every child run, bounded
     for lab, run in by.items():
         files = {f.path for f in client.list_artifacts(run.info.run_id, "completions")}

@@ -119,7 +119,16 @@ def test_plots_write_pngs(tmp_path) -> None:
                                    smooth=2),
         plots.plot_metric_vs_length({"kl": [(5.0, 0.3), (6.0, 0.4)], "l2": [(4.0, 0.5)]}, tmp_path / "a.png"),
         plots.plot_lineage([], tmp_path / "empty.png"),
+        plots.plot_lineage([{"id": "a", "generation": 0, "fitness": 0.1},
+                            {"id": "b", "generation": 1, "fitness": 0.3}], tmp_path / "la.png", answer="a"),
     ]
+    # the registered answer is starred even when another candidate had a higher search fitness
+    cands = [{"id": "a", "generation": 0, "fitness": 0.1}, {"id": "b", "generation": 1, "fitness": 0.3},
+             {"id": "c", "generation": 1, "fitness": None, "status": "FAILED"}]
+    assert plots.lineage_marks(cands, answer="a") == {"answer": "a", "top": "b"}
+    assert plots.lineage_marks(cands, answer="b") == {"answer": "b", "top": None}
+    assert plots.lineage_marks(cands) == {"answer": "b", "top": None}
+    assert plots.lineage_marks([], answer="a") == {"answer": None, "top": None}
     import matplotlib.image as mpimg
 
     for p in paths:
@@ -150,6 +159,10 @@ def test_metric_names_from_task_metrics_are_valid_in_mlflow(tmp_path) -> None:
     run = MlflowClient(tracking_uri=uri).get_run(rid)
     assert run.data.metrics["val_pass_at_1"] == 0.5
     assert run.data.metrics["train/pass_at_1"] == 0.25
+    # a single run's page opens on its result, and values carry no binary noise in the UI
+    assert "| val_pass@1 | 0.5000 |" in run.data.tags["mlflow.note.content"]
+    rid = log_single_run(cfg, "eval", "noise", {}, {"val_accuracy": 0.1 + 0.2})  # 0.30000000000000004
+    assert MlflowClient(tracking_uri=uri).get_run(rid).data.metrics["val_accuracy"] == 0.3
 
 
 @pytest.mark.slow
@@ -188,3 +201,40 @@ def test_compare_in_worker_processes_gives_the_in_process_numbers(tmp_path):
     kids = client.search_runs([client.get_experiment_by_name("w2").experiment_id],
                               filter_string="tags.`mirrorlab.kind` = 'compare-run'")
     assert len(kids) == 8 and sum(k.data.tags.get("mirrorlab.same_as") == "KL" for k in kids) == 2
+
+
+def test_compare_result_is_written_back_on_the_registered_maps_version(tmp_path):
+    """A compared map that came from the registry (`models:/NAME@ALIAS`) gets the comparison's
+    verdict on its model version (tags and a description line); the child runs carry the URI."""
+    from mlflow import MlflowClient
+
+    from mirrorlab.compare import CompareTracker, RunResult, summarise
+    from mirrorlab.config import config_from_dict
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = config_from_dict({"name": "wb", "tracking": {"tracking_uri": uri}})
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("wb-map")
+    mv = client.create_model_version("wb-map", source=str(tmp_path), description="found by search X")
+    client.set_registered_model_alias("wb-map", "best", mv.version)
+    ref = "models:/wb-map@best"
+    info = {"KL": {"name": "kl_k3", "coef": 0.04}, "searched": {"name": "neural", "coef": 10.0, "map": ref}}
+    runs = [RunResult(m, s, metric, 0.02, 5.0, 100) for s, (a, b) in enumerate([(0.40, 0.45), (0.42, 0.43),
+                                                                                  (0.41, 0.47)])
+            for m, metric in (("KL", a), ("searched", b))]
+    tracker = CompareTracker(cfg)
+    parent = tracker.start(cfg)
+    for r in runs:
+        r.run_id = tracker.log_run(r, info[r.method], "test", "accuracy")
+    result = summarise(runs, ["KL", "searched"], "KL", "accuracy", "test", info)
+    tracker.finish(result, [])
+    v = client.get_model_version("wb-map", mv.version)
+    key = f"mirrorlab.compare.{parent}"
+    diff = (0.05 + 0.01 + 0.06) / 3
+    assert float(v.tags[f"{key}.diff_vs_baseline"]) == pytest.approx(diff, abs=1e-4)
+    assert v.tags[f"{key}.baseline"] == "KL" and v.tags["mirrorlab.last_compare_run"] == parent
+    assert v.tags[f"{key}.verdict"] == result.comparisons[0].verdict
+    assert v.description.startswith("found by search X") and f"Compare run {parent}" in v.description
+    child = client.get_run(next(r.run_id for r in runs if r.method == "searched"))
+    assert child.data.tags["mirrorlab.map_uri"] == ref and child.data.params["divergence.map"] == ref
+    assert "mirrorlab.registry_error" not in client.get_run(parent).data.tags

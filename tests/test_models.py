@@ -182,3 +182,28 @@ def test_tiny_presets_refuse_the_other_answer_format():
     other = config_from_dict({"model": {"name": "/some/local/model"},
                               "task": {"params": {"scratchpad": True}}})
     assert other.task.params["scratchpad"] is True  # any other model may use either format
+
+
+def test_lora_top_layers_adapts_only_the_last_layers_and_stops_the_backward_there(tiny):
+    """`model.lora.top_layers: N`: adapters on every linear module of the last N layers only, so no
+    gradient reaches the layers below (the real testbed's cheaper step); N above the depth is a
+    config error naming the field."""
+    base, tok = tiny
+    n = base.config.num_hidden_layers
+    model, _ = models.load_model(ModelConfig(name="tiny", lora=LoraConfig(r=4, alpha=8, top_layers=1)))
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(f".layers.{n - 1}." in name for name in trainable)
+    full, _ = models.load_model(ModelConfig(name="tiny", lora=LoraConfig(r=4, alpha=8)))
+    def kinds(names: list[str]) -> set[str]:
+        return {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in names}
+
+    assert kinds(trainable) == kinds([nm for nm, p in full.named_parameters() if p.requires_grad])
+    ids = torch.tensor([tok("3+4=", add_special_tokens=False)["input_ids"]])
+    acts = []
+    hook = model.get_base_model().model.layers[0].register_forward_hook(lambda m, i, o: acts.append(o))
+    model(ids).logits.sum().backward()
+    hook.remove()
+    out0 = acts[0][0] if isinstance(acts[0], tuple) else acts[0]
+    assert not out0.requires_grad  # the lowest layer is outside the autograd graph
+    with pytest.raises(ValueError, match="top_layers"):
+        models.load_model(ModelConfig(name="tiny", lora=LoraConfig(r=4, top_layers=n + 1)))

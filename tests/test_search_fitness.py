@@ -139,6 +139,42 @@ def test_same_theta_same_fitness_and_baseline_trained_once_per_seed(tmp_path):
     assert len({seed for r, seed in c2.roles if r == "baseline"}) == 6
 
 
+def test_the_notebook_shows_baselines_params_provenance_and_real_durations(tmp_path):
+    """Issue 23 items 2 and 4, read back with MLflow's own client: a child run per paired baseline
+    (stage baseline) on each seed; candidates with params and the baseline metric they were paired
+    with; runs spanning at least the job's own time (created after it, with the worker's times); git
+    commit, source and user tags; metric values without binary noise."""
+    pts = [[0.2, 0.1], [0.9, -0.3]]
+    ev = {"seeds": 2, "baseline": {"name": "kl_k3", "coef": 0.04}, "resample_each_generation": False}
+    cfg = analytic_cfg(tmp_path, "notebook", pts, ev, generations=2, tracking=True, baseline_theta=0.0,
+                       delay_s=0.3)
+    res = Search(cfg).run()
+    client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
+    runs = client.search_runs([client.get_run(res.parent_run_id).info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{res.parent_run_id}'")
+    base = [r for r in runs if r.data.tags.get("mirrorlab.stage") == "baseline"]
+    seeds = res.history[0].seeds
+    assert sorted(int(r.data.tags["mirrorlab.seed"]) for r in base) == sorted(seeds)  # once per seed
+    assert all(r.data.params["divergence.name"] == "kl_k3" and "metric" in r.data.metrics for r in base)
+    by_seed = {int(r.data.tags["mirrorlab.seed"]): r.data.metrics["metric"] for r in base}
+    cands = [r for r in runs if r.data.tags.get("mirrorlab.stage") == "search"]
+    assert len(cands) == 2 * len(pts)
+    for r in cands:
+        m = r.data.metrics
+        assert {"strategy", "inner_steps", "seeds", "divergence.coef"} <= set(r.data.params)
+        # the pairing is visible: fitness = own metric - the baselines' mean on the same seeds
+        assert m["paired_baseline_metric"] == pytest.approx(np.mean([by_seed[s] for s in seeds]), abs=1e-9)
+        assert m["fitness"] == pytest.approx(m["metric"] - m["paired_baseline_metric"], abs=1e-9)
+    for r in base + cands:
+        # each job slept 0.3 s in the worker; a candidate ran 2 seeds
+        assert r.info.end_time - r.info.start_time >= 300
+        t = r.data.tags
+        assert len(t["mlflow.source.git.commit"]) == 40 and t["mlflow.user"] and t["mlflow.source.name"]
+        assert all(len(repr(v)) <= 16 for v in r.data.metrics.values())  # no 0.13999999999999996
+    parent = client.get_run(res.parent_run_id)
+    assert parent.data.tags["mlflow.source.git.commit"] == base[0].data.tags["mlflow.source.git.commit"]
+
+
 @pytest.mark.slow
 def test_paired_gbmpo_fitness_of_the_baseline_map_itself_is_zero(tmp_path):
     """Real inner runs: a candidate whose map is the baseline's map has fitness 0 (same seeds, same
@@ -278,7 +314,9 @@ def test_confirmation_registers_the_confirmed_fitness(tmp_path):
     assert mv.tags["mirrorlab.candidate_run"] == mv.run_id
     assert res.parent_run_id in mv.description
     run = client.get_run(res.best_run_id)
-    assert run.data.tags["mirrorlab.stage"] == "confirm" and run.data.metrics["fitness"] == res.best_fitness
+    # MLflow shows 12 significant digits (no binary noise); the JSON and the version tag keep all
+    assert run.data.tags["mirrorlab.stage"] == "confirm"
+    assert run.data.metrics["fitness"] == pytest.approx(res.best_fitness, rel=1e-11)
     # the search parent says the same on its first screen: description and consistent metrics
     parent = client.get_run(res.parent_run_id)
     m, note = parent.data.metrics, parent.data.tags["mlflow.note.content"]
@@ -286,7 +324,7 @@ def test_confirmation_registers_the_confirmed_fitness(tmp_path):
     assert m["confirmed_fitness_stderr"] == pytest.approx(res.best_stderr, abs=1e-12)
     assert m["inner_steps_total"] == res.inner_steps_spent
     best = max(f for g in res.history for f in g.fitness if f is not None)
-    assert m["best_fitness_all_generations"] == best
+    assert m["best_fitness_all_generations"] == pytest.approx(best, rel=1e-11)
     assert f"`{res.best_id}`" in note and f"models:/{cfg.name}-map@best" in note and "fresh seeds" in note
 
 

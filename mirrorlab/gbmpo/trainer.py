@@ -864,11 +864,15 @@ class GBMPOTrainer:
 
     def _sample_row(self, step: int, split: str, ex: Any, text: str, reward: float | None, score: float,
                     length: float, penalty: float | None = None) -> dict[str, Any]:
-        """One logged completion: texts cut to `log_completions.max_chars`."""
+        """One logged completion with its target and whether it was correct (texts cut to
+        `log_completions.max_chars`); `reward` only on training rows (greedy evaluation has none)."""
         cap = self.cfg.log_completions.max_chars
-        row = {"step": int(step), "split": split, "example_id": str(ex.id),
-               "prompt": _clip(str(ex.question), cap), "completion": _clip(text, cap),
-               "reward": reward, "score": score, "length": int(length)}
+        row: dict[str, Any] = {"step": int(step), "split": split, "example_id": str(ex.id),
+                               "prompt": _clip(str(ex.question), cap), "completion": _clip(text, cap),
+                               "target": _clip(str(ex.answer), cap), "correct": bool(score >= 1.0)}
+        if reward is not None:
+            row["reward"] = reward
+        row.update(score=score, length=int(length))
         if penalty is not None:
             row["penalty"] = penalty
         return row
