@@ -457,7 +457,8 @@ class MLflowTracker:
         for k, v in (info or {}).items():
             tags[TAG + k] = v if isinstance(v, str) else json.dumps(v)
         desc = (f"Found by search run {self.parent_run_id} (experiment {self.experiment_name}); the map is "
-                f"candidate run {run_id}'s `map/` artifact; fitness {fitness!r} +- {stderr!r}.")
+                f"candidate run {run_id}'s `map/` artifact; fitness {_f(fitness, 6)} +- {_f(stderr, 6)} "
+                "(full precision in the tags).")
         mv = self.client.create_model_version(
             name, source=f"runs:/{run_id}/map", run_id=run_id, tags=tags, description=desc
         )
@@ -487,7 +488,7 @@ class MLflowTracker:
                 ms.update(confirmed_fitness=summary.get("best_fitness"),
                           confirmed_fitness_stderr=summary.get("best_stderr"))
             self.session.log_metrics(self.parent_run_id, {k: v for k, v in ms.items() if v is not None})
-            note = search_description(self.cfg, summary)
+            note = search_description(self.cfg, summary, self.experiment_id)
             self.client.set_tag(self.parent_run_id, "mlflow.note.content", note)
         self.client.set_terminated(self.parent_run_id, status=status)
 
@@ -496,8 +497,9 @@ def _f(x: Any, digits: int = 4) -> str:
     return "-" if x is None else f"{float(x):.{digits}g}"
 
 
-def search_description(cfg: Config, summary: dict[str, Any]) -> str:
-    """The search's answer in Markdown (the parent run's description in MLflow's UI)."""
+def search_description(cfg: Config, summary: dict[str, Any], experiment_id: str | None = None) -> str:
+    """The search's answer in Markdown (the parent run's description in MLflow's UI); with
+    `experiment_id`, the answer's candidate run is a link (a relative link of the UI's router)."""
     ec, st = cfg.search.evaluator, cfg.search.strategy
     base = summary.get("paired_against")
     what = f"minus {base} trained on the same seeds" if base else "(val metric)"
@@ -505,7 +507,9 @@ def search_description(cfg: Config, summary: dict[str, Any]) -> str:
     if c is not None and c.get("best") is None:
         c = None  # the stage ran but no candidate finished it: the answer is the incumbent
     reg = f", registered as `{summary['registered_uri']}`" if summary.get("registered_uri") else ""
-    lines = [f"**Answer**: candidate `{summary.get('best_id')}`{reg}", ""]
+    rid = summary.get("best_run_id")
+    link = f" ([its run](#/experiments/{experiment_id}/runs/{rid}))" if rid and experiment_id else ""
+    lines = [f"**Answer**: candidate `{summary.get('best_id')}`{link}{reg}", ""]
     if c is not None:
         lines.append(f"Confirmed fitness {_f(summary.get('best_fitness'))} +- "
                      f"{_f(summary.get('best_stderr'))} "
@@ -520,6 +524,10 @@ def search_description(cfg: Config, summary: dict[str, Any]) -> str:
               f"{st.population} candidates, {ec.seeds} seed(s) each, {ec.inner_steps} inner steps, "
               f"{summary.get('inner_steps_spent')} inner steps in all (baselines and confirmation included); "
               f"best fitness over all generations {_f(summary.get('best_over_generations'))}."]
+    if base:
+        lines += ["", f"The paired baseline ({base}) is logged once per seed as a child run with "
+                  "`mirrorlab.stage = baseline`; each candidate shows `paired_baseline_metric` beside its "
+                  "`fitness`."]
     return "\n".join(lines)
 
 

@@ -326,6 +326,7 @@ def test_confirmation_registers_the_confirmed_fitness(tmp_path):
     best = max(f for g in res.history for f in g.fitness if f is not None)
     assert m["best_fitness_all_generations"] == pytest.approx(best, rel=1e-11)
     assert f"`{res.best_id}`" in note and f"models:/{cfg.name}-map@best" in note and "fresh seeds" in note
+    assert f"#/experiments/{parent.info.experiment_id}/runs/{res.best_run_id}" in note
 
 
 RUNNER = """
