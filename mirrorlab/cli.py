@@ -173,7 +173,9 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
               "mean_length": ev.mean_length, "n": ev.n, "wall_s": wall, "curve": curve,
               "regulariser": {"divergence": type(reg.divergence).__name__, "coef": reg.coef,
                               "estimator": reg.estimator, "placement": reg.placement,
-                              "compiled": bool(cfg.divergence.compile)},
+                              "compiled": bool(cfg.divergence.compile),
+                              # the inert-regulariser check (None: lambda 0 or reward placement)
+                              "active": trainer.regulariser_active, "probe": trainer.regulariser_probe},
               "run_record": run_record(cfg.train.seed),
               "checkpoint": None if args.no_save else str(ckpt)}
     _save_json(d / "results.json", result)
@@ -182,7 +184,10 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
         {"divergence": cfg.divergence.model_dump(mode="json"), "steps": cfg.train.steps,
          "lr": cfg.train.optim.lr, "seed": cfg.train.seed, "model": cfg.model.name, "split": split},
         {f"{split}_{metric_name}": ev.metric, f"{split}_stderr": ev.stderr,
-         f"{split}_mean_length": ev.mean_length, "wall_s": wall},
+         f"{split}_mean_length": ev.mean_length, "wall_s": wall,
+         **({} if trainer.regulariser_active is None else
+            {"regulariser_active": float(trainer.regulariser_active),
+             "regulariser_probe": trainer.regulariser_probe})},
         curve, [d / "results.json", *pngs], samples=sample_tables(history, ev, split),
     )
     out.print(_eval_table(f"train: {label}, {cfg.train.steps} steps, {wall:.0f} s", metric_name, ev, split))

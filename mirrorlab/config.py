@@ -257,6 +257,10 @@ class TrainConfig(Section):
     eval_size: int | None = Field(None, ge=1, description="problems of the periodic evaluation (None: all)")
     eval_max_new_tokens: int | None = Field(
         None, ge=1, description="completion budget of greedy evaluation (None: generation.max_new_tokens)")
+    require_active_regulariser: bool = Field(
+        False, description="stop a run whose regulariser is numerically absent (lambda * D too small to "
+        "move the policy, a detached or clamped D; checked at step 0 and every grad_ratio_every steps) "
+        "instead of warning once")
     grad_ratio_every: int = Field(
         10, ge=0, description="measure the regulariser-to-PG gradient-norm ratio every k steps (one extra "
         "backward of D on those steps; 0: never)")

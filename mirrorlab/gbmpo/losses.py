@@ -195,9 +195,47 @@ def gbmpo_loss(
         d_w = d_tok if is_weight is None else d_tok * is_weight.detach().float()
         reg = coef * aggregate(d_w, mask, **agg)
         metrics["div_mean"] = (d_tok.detach().float() * maskf).sum() / ntok
+        metrics["div_max"] = torch.where(mask.bool(), d_tok.detach().float(), -torch.inf).max().clamp(min=0.0)
     else:
         reg = pg.new_zeros(())
-        metrics["div_mean"] = pg.new_zeros(())
+        metrics["div_mean"] = metrics["div_max"] = pg.new_zeros(())
     metrics["pg_loss"] = pg.detach()
     metrics["reg_loss"] = reg.detach()
     return LossOutput(loss=pg + reg, pg_loss=pg, reg_loss=reg, metrics=metrics)
+
+
+#: below this, lambda * D moves the token log-probs less than float32 resolves against a policy
+#: gradient of unit advantage: the regulariser is numerically absent (`regulariser_probe`)
+REGULARISER_FLOOR = 1e-6
+
+
+def regulariser_probe(divergence, coef: float, estimator: str, ref_logp: Tensor, mask: Tensor,
+                      ref_logits: Tensor | None = None, scale: float = 0.1, seed: int = 0) -> float:
+    """How strongly lambda * D pulls the policy back, off the reference, on one batch: the norm of
+    d(lambda * mean_token D) / d(token log-probs) (`sampled`; the logits for `full`) at a seeded
+    point `scale` nats away from the reference (log-probs lowered by |N(0, scale^2)|, logits shifted
+    by N(0, scale^2)), divided by the same norm for a policy-gradient term of unit advantage
+    (||mask|| / n_tokens). Zero for a detached or clamped D; about lambda * scale for KL. No model
+    pass, no global RNG: a cheap check that the requested regulariser acts at all."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    maskf = mask.float()
+    ntok = maskf.sum().clamp(min=1.0)
+    with torch.enable_grad():
+        if estimator == "full":
+            if ref_logits is None:
+                raise ValueError("the full estimator's probe needs ref_logits")
+            base = ref_logits.detach().float()
+            noise = torch.randn(base.shape, generator=g).to(base.device)
+            x = (base + scale * noise).requires_grad_(True)
+            d_tok = divergence.full(x, base)
+        else:
+            base = ref_logp.detach().float()
+            noise = torch.randn(base.shape, generator=g).to(base.device)
+            x = (base - scale * noise.abs()).requires_grad_(True)
+            d_tok = divergence.sampled(x, base)
+        reg = coef * (d_tok.float() * maskf).sum() / ntok
+        (grad,) = torch.autograd.grad(reg, x, allow_unused=True) if reg.requires_grad else (None,)
+    if grad is None:
+        return 0.0
+    unit = torch.sqrt(maskf.sum()) / ntok
+    return float(torch.nan_to_num(grad.float(), nan=0.0).norm() / unit)

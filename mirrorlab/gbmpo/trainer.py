@@ -25,6 +25,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,14 @@ from mirrorlab import tasks
 from mirrorlab.config import Config, TrainConfig
 from mirrorlab.divergences import Divergence
 from mirrorlab.gbmpo import allocator, precision
-from mirrorlab.gbmpo.losses import BatchTotals, LossSpec, gbmpo_loss, penalised_rewards
+from mirrorlab.gbmpo.losses import (
+    REGULARISER_FLOOR,
+    BatchTotals,
+    LossSpec,
+    gbmpo_loss,
+    penalised_rewards,
+    regulariser_probe,
+)
 from mirrorlab.gbmpo.losses import advantages as compute_advantages
 from mirrorlab.models import is_peft, load_model
 from mirrorlab.repro import seed_everything
@@ -266,6 +274,10 @@ class GBMPOTrainer:
         self.model.zero_grad(set_to_none=True)
         self._make_optimizer()
         self.step = 0
+        # the inert-regulariser check (`_check_regulariser`): None until measured
+        self.regulariser_active: bool | None = None
+        self.regulariser_probe: float | None = None
+        self._warned_inert = False
         self._sampler = random.Random(f"mirrorlab.prompts:{seed}")
         self._order: list[int] = []
 
@@ -615,16 +627,45 @@ class GBMPOTrainer:
         adv = compute_advantages(rewards, cfg.generation.num_generations, cfg.advantage)
         in_loss = need_ref and not in_reward
         want_ratio = in_loss and cfg.grad_ratio_every > 0 and self.step % cfg.grad_ratio_every == 0
+        probe = None
+        if in_loss and self.coef != 0.0 and (self.step == 0 or want_ratio):
+            probe = self._check_regulariser(refs[0], mask[slices[0]])
         # --- mu clipped passes over the batch, one optimiser step each
         self.model.train()
         acc, grad_norm, ratio = self._optimise(ro, adv, mask, slices, totals, refs, olds, in_loss,
                                                want_ratio)
         if div_mean is not None:
             acc["div_mean"] = div_mean
+            acc["div_max"] = torch.where(mask.bool(), d_tok.float(), -torch.inf).max().clamp(min=0.0)
         self.step += 1
-        return self._step_metrics(ro, adv, mask, totals, acc, grad_norm, ratio, want_ratio,
-                                  time.perf_counter() - t0, t_gen, penalty=penalty,
-                                  examples=examples if collect_samples else None)
+        m = self._step_metrics(ro, adv, mask, totals, acc, grad_norm, ratio, want_ratio,
+                               time.perf_counter() - t0, t_gen, penalty=penalty,
+                               examples=examples if collect_samples else None)
+        m["reg_probe"] = float("nan") if probe is None else probe
+        return m
+
+    def _check_regulariser(self, ref: tuple[Tensor | None, Tensor | None], mask: Tensor) -> float:
+        """`losses.regulariser_probe` on this batch: below `REGULARISER_FLOOR` the requested
+        regulariser is numerically absent; warn once with the figures (or stop, with
+        `train.require_active_regulariser`). Sets `regulariser_active` and `regulariser_probe`."""
+        ratio = regulariser_probe(self.divergence, self.coef, self.estimator, ref[0], mask, ref[1],
+                                  seed=self.step)
+        self.regulariser_probe = ratio
+        active = ratio >= REGULARISER_FLOOR
+        self.regulariser_active = active if self.regulariser_active is not False else False
+        if not active:
+            name = getattr(self.divergence, "name", type(self.divergence).__name__)
+            msg = (f"regulariser {name} (lambda {self.coef:g}, {self.estimator}) is numerically absent at "
+                   f"step {self.step}: its pull on the token log-probs, 0.1 nats off the reference, is "
+                   f"{ratio:.3g} of a unit-advantage policy gradient's (floor {REGULARISER_FLOOR:g}); "
+                   "lambda too small, or D detached or clamped")
+            if self.cfg.require_active_regulariser:
+                raise RuntimeError(msg + " (train.require_active_regulariser: true)")
+            if not self._warned_inert:
+                log.warning(msg)
+                warnings.warn(msg, RuntimeWarning, stacklevel=3)
+                self._warned_inert = True
+        return ratio
 
     def _optimise(self, ro: Rollout, adv: Tensor, mask: Tensor, slices: list[slice], totals: BatchTotals,
                   refs: list[tuple[Tensor | None, Tensor | None]], olds: list[Tensor | None], in_loss: bool,
@@ -669,6 +710,8 @@ class GBMPOTrainer:
                              "clip_frac": out.metrics["clip_frac"] * w, "entropy": ent * w}
                     for key, v in parts.items():
                         acc[key] = acc.get(key, 0.0) + v
+                    dmax = out.metrics["div_max"]  # the largest per-token D of the batch
+                    acc["div_max"] = dmax if "div_max" not in acc else torch.maximum(acc["div_max"], dmax)
                 if it == cfg.mu - 1 and cfg.mu > 1:
                     acc["clip_frac_last"] = acc.get("clip_frac_last", 0.0) + out.metrics["clip_frac"] * w
             if reg_grads is not None:
@@ -710,7 +753,7 @@ class GBMPOTrainer:
         zero = torch.zeros((), device=self.device)
         abs_adv = (adv.abs().unsqueeze(1) * mask).sum() / totals.num_tokens.clamp(min=1.0)
         lengths = ro.completion_mask.float().sum(1)
-        keys = ["loss", "pg_loss", "reg_loss", "div_mean", "clip_frac", "entropy"]
+        keys = ["loss", "pg_loss", "reg_loss", "div_mean", "div_max", "clip_frac", "entropy"]
         names = keys + ["reward_mean", "reward_std", "accuracy", "completion_length", "truncated_frac",
                         "gen_tokens", "abs_adv", "grad_norm", "grad_ratio", "clip_frac_last",
                         "reward_penalty"]
