@@ -129,9 +129,11 @@ class DivergenceConfig(Section):
     coef: float = Field(
         0.04, ge=0, description="lambda, the regulariser's coefficient (0 turns it off); a saved mixture "
         "map's own searched lambda wins")
-    estimator: Literal["sampled", "full"] = Field(
-        "sampled", description="sampled: D at the sampled tokens (the paper's); full: exact, summed over "
-        "the vocabulary")
+    estimator: Literal["sampled", "topk", "full"] = Field(
+        "sampled", description="sampled: D at the sampled tokens (the paper's); topk: exact over the "
+        "reference's topk most likely tokens plus one bucket for the rest; full: exact, summed over the "
+        "vocabulary (docs/estimators.md)")
+    topk: int = Field(32, ge=1, description="K of the topk estimator (the reference's K most likely tokens)")
     chunk_size: int = Field(
         8192, ge=1, description="vocabulary entries per chunk of the full estimator (memory bound)")
     params: dict[str, Any] = Field(

@@ -61,7 +61,7 @@ def _clamped_h(y: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", dv.names())
-@pytest.mark.parametrize("estimator", ["sampled", "full"])
+@pytest.mark.parametrize("estimator", ["sampled", "topk", "full"])
 def test_every_registered_divergence_acts_at_its_usual_coefficient(name, estimator):
     """Registry contract: each built-in pulls the policy back off the reference at the coefficient it
     is used at, well above the floor: the check stays quiet on all of them."""
@@ -70,7 +70,7 @@ def test_every_registered_divergence_acts_at_its_usual_coefficient(name, estimat
     assert math.isfinite(r) and r > 100 * REGULARISER_FLOOR, (name, estimator, r)
 
 
-@pytest.mark.parametrize("estimator", ["sampled", "full"])
+@pytest.mark.parametrize("estimator", ["sampled", "topk", "full"])
 def test_inert_regularisers_fall_below_the_floor(estimator):
     ref_logp, ref_logits, mask = _batch(1)
     kl = dv.get("kl_k3")

@@ -28,7 +28,7 @@ from torch import Tensor
 
 AdvantageKind = Literal["grpo", "dr_grpo"]
 LossType = Literal["grpo", "dr_grpo", "bnpo", "dapo"]
-Estimator = Literal["sampled", "full"]
+Estimator = Literal["sampled", "topk", "full"]
 
 STD_EPS = 1e-4
 
@@ -121,7 +121,8 @@ class LossOutput:
 @dataclass(frozen=True)
 class LossSpec:
     """The loss settings of a run: aggregation (`loss_type`), PPO clip range, how D is estimated
-    (`sampled` at the sampled tokens, `full` over the vocabulary in chunks of `chunk_size`), the
+    (`sampled` at the sampled tokens, `full` over the vocabulary in chunks of `chunk_size`, `topk`
+    over the reference's `topk` most likely tokens plus one bucket for the rest), the
     dr_grpo length budget `max_len` (None: the batch's T), and whether D is multiplied by the
     ratio rho (`reg_times_ratio`, TRL's `use_bias_correction_kl`)."""
 
@@ -130,6 +131,7 @@ class LossSpec:
     eps_high: float = 0.2
     estimator: Estimator = "sampled"
     chunk_size: int = 8192
+    topk: int = 32
     max_len: int | None = None
     reg_times_ratio: bool = False
 
@@ -183,12 +185,15 @@ def gbmpo_loss(
             if ref_logp is None:
                 raise ValueError("sampled estimator needs ref_logp")
             d_tok = divergence.sampled(logp32, ref_logp.float())
-        elif spec.estimator == "full":
+        elif spec.estimator in ("full", "topk"):
             if logits is None or ref_logits is None:
-                raise ValueError("full estimator needs logits and ref_logits")
-            d_tok = divergence.full(logits.float(), ref_logits.float(), chunk_size=spec.chunk_size)
+                raise ValueError(f"{spec.estimator} estimator needs logits and ref_logits")
+            x, ref_x = logits.float(), ref_logits.float()
+            if spec.estimator == "topk":
+                x, ref_x = topk_coarsen(x, ref_x, spec.topk)
+            d_tok = divergence.full(x, ref_x, chunk_size=spec.chunk_size)
         else:
-            raise ValueError(f"unknown estimator {spec.estimator!r}; allowed: sampled, full")
+            raise ValueError(f"unknown estimator {spec.estimator!r}; allowed: sampled, topk, full")
         d_tok = d_tok.float()
         if spec.reg_times_ratio:  # TRL's use_bias_correction_kl: D * rho (rho differentiable)
             d_tok = d_tok * torch.exp(logp32 - old)
@@ -204,13 +209,34 @@ def gbmpo_loss(
     return LossOutput(loss=pg + reg, pg_loss=pg, reg_loss=reg, metrics=metrics)
 
 
+def topk_coarsen(logits: Tensor, ref_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Both distributions coarsened to the reference's `k` most likely tokens plus one bucket
+    holding the rest of the mass, as normalised log-probs [..., k + 1] (just `k` columns when `k`
+    covers the vocabulary): the `topk` estimator is the exact (`full`) divergence of these, between
+    `sampled` (one token) and `full` (the vocabulary): k + 1 Bregman terms per token instead of V.
+    Equal to `full` when k covers the vocabulary; for KL (an f-divergence) a lower bound of it
+    otherwise (data processing); for other potentials no order holds in general."""
+    lp, ref_lp = torch.log_softmax(logits, -1), torch.log_softmax(ref_logits, -1)
+    V = lp.shape[-1]
+    if k >= V:
+        return lp, ref_lp
+    idx = ref_lp.topk(k, dim=-1).indices
+    top, ref_top = lp.gather(-1, idx), ref_lp.gather(-1, idx)
+    rest_mask = torch.ones_like(lp, dtype=torch.bool).scatter(-1, idx, False)
+    ninf = torch.finfo(lp.dtype).min
+    rest = torch.logsumexp(lp.masked_fill(~rest_mask, ninf), -1, keepdim=True)
+    ref_rest = torch.logsumexp(ref_lp.masked_fill(~rest_mask, ninf), -1, keepdim=True)
+    return torch.cat([top, rest], -1), torch.cat([ref_top, ref_rest], -1)
+
+
 #: below this, lambda * D moves the token log-probs less than float32 resolves against a policy
 #: gradient of unit advantage: the regulariser is numerically absent (`regulariser_probe`)
 REGULARISER_FLOOR = 1e-6
 
 
 def regulariser_probe(divergence, coef: float, estimator: str, ref_logp: Tensor, mask: Tensor,
-                      ref_logits: Tensor | None = None, scale: float = 0.1, seed: int = 0) -> float:
+                      ref_logits: Tensor | None = None, scale: float = 0.1, seed: int = 0,
+                      topk: int = 32) -> float:
     """How strongly lambda * D pulls the policy back, off the reference, on one batch: the norm of
     d(lambda * mean_token D) / d(token log-probs) (`sampled`; the logits for `full`) at a seeded
     point `scale` nats away from the reference (log-probs lowered by |N(0, scale^2)|, logits shifted
@@ -221,13 +247,14 @@ def regulariser_probe(divergence, coef: float, estimator: str, ref_logp: Tensor,
     maskf = mask.float()
     ntok = maskf.sum().clamp(min=1.0)
     with torch.enable_grad():
-        if estimator == "full":
+        if estimator in ("full", "topk"):
             if ref_logits is None:
-                raise ValueError("the full estimator's probe needs ref_logits")
+                raise ValueError(f"the {estimator} estimator's probe needs ref_logits")
             base = ref_logits.detach().float()
             noise = torch.randn(base.shape, generator=g).to(base.device)
             x = (base + scale * noise).requires_grad_(True)
-            d_tok = divergence.full(x, base)
+            d_tok = divergence.full(*topk_coarsen(x, base, topk)) if estimator == "topk" else \
+                divergence.full(x, base)
         else:
             base = ref_logp.detach().float()
             noise = torch.randn(base.shape, generator=g).to(base.device)

@@ -68,6 +68,7 @@ class Regulariser:
     estimator: str = "sampled"
     chunk_size: int = 8192
     placement: str = "loss"
+    topk: int = 32  # the `topk` estimator's K
 
 
 @dataclass
@@ -157,6 +158,7 @@ class GBMPOTrainer:
         chunk_size: int = 8192,
         ref_model: Any = None,
         placement: str = "loss",
+        topk: int = 32,
     ) -> None:
         self.cfg = cfg or TrainConfig()
         self.model = model
@@ -164,6 +166,7 @@ class GBMPOTrainer:
         self.task = task
         self.estimator = estimator
         self.chunk_size = chunk_size
+        self.topk = topk
         self.placement = _check_placement(placement, estimator)
         self.device = next(model.parameters()).device
         if self.device.type == "cpu":
@@ -222,6 +225,7 @@ class GBMPOTrainer:
         self.set_divergence(reg.divergence, reg.coef)
         self.estimator = reg.estimator
         self.chunk_size = reg.chunk_size
+        self.topk = reg.topk
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -569,7 +573,7 @@ class GBMPOTrainer:
         else:
             logits = self._logits(self.ref_model, *args)
         lp = token_logps(logits, ro.completion_ids[rows])
-        return lp, (logits.float() if self.estimator == "full" else None)
+        return lp, (logits.float() if self.estimator in ("full", "topk") else None)
 
     def _needs_ref(self) -> bool:
         return self.divergence is not None and self.coef != 0.0
@@ -591,7 +595,7 @@ class GBMPOTrainer:
         """The loss settings of this trainer's config and regulariser (estimator, chunk size)."""
         cfg = self.cfg
         return LossSpec(loss_type=cfg.loss_type, eps_low=cfg.epsilon_low, eps_high=cfg.epsilon_high,
-                        estimator=self.estimator, chunk_size=self.chunk_size,
+                        estimator=self.estimator, chunk_size=self.chunk_size, topk=self.topk,
                         max_len=cfg.generation.max_new_tokens, reg_times_ratio=cfg.reg_times_ratio)
 
     def train_step(self, collect_samples: bool = False) -> dict[str, Any]:
@@ -649,7 +653,7 @@ class GBMPOTrainer:
         regulariser is numerically absent; warn once with the figures (or stop, with
         `train.require_active_regulariser`). Sets `regulariser_active` and `regulariser_probe`."""
         ratio = regulariser_probe(self.divergence, self.coef, self.estimator, ref[0], mask, ref[1],
-                                  seed=self.step)
+                                  seed=self.step, topk=self.topk)
         self.regulariser_probe = ratio
         active = ratio >= REGULARISER_FLOOR
         self.regulariser_active = active if self.regulariser_active is not False else False
@@ -1013,4 +1017,4 @@ def build_trainer(cfg: Config, regulariser: Regulariser) -> GBMPOTrainer:
     task = tasks.get(cfg.task.name, **cfg.task.params)
     r = regulariser
     return GBMPOTrainer(model, tokenizer, task, r.divergence, cfg.train, coef=r.coef,
-                        estimator=r.estimator, chunk_size=r.chunk_size, placement=r.placement)
+                        estimator=r.estimator, chunk_size=r.chunk_size, placement=r.placement, topk=r.topk)
