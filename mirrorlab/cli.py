@@ -138,9 +138,11 @@ def _save_json(path: Path, data: Any) -> Path:
 
 def _eval_table(title: str, metric_name: str, ev: Any, split: str) -> Table:
     t = Table(title=title)
-    for c in ("split", "n", metric_name, "stderr", "mean length"):
+    extra = dict(getattr(ev, "extra", {}) or {})  # e.g. GSM8K's strict and flexible readings
+    for c in ("split", "n", metric_name, "stderr", "mean length", *extra):
         t.add_column(c, justify="right")
-    t.add_row(split, str(ev.n), fmt(ev.metric), fmt(ev.stderr), fmt(ev.mean_length, 1))
+    t.add_row(split, str(ev.n), fmt(ev.metric), fmt(ev.stderr), fmt(ev.mean_length, 1),
+              *(fmt(v) for v in extra.values()))
     return t
 
 
@@ -170,6 +172,7 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
                                        d / f"train_{k}.png", ylabel=k, title=f"training {k}")
             for k in _curve_keys(curve)]
     result = {"split": split, "metric_name": metric_name, "metric": ev.metric, "stderr": ev.stderr,
+              "extra_metrics": ev.extra,
               "mean_length": ev.mean_length, "n": ev.n, "wall_s": wall, "curve": curve,
               "regulariser": {"divergence": type(reg.divergence).__name__, "coef": reg.coef,
                               "estimator": reg.estimator, "placement": reg.placement,
@@ -185,6 +188,7 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
          "lr": cfg.train.optim.lr, "seed": cfg.train.seed, "model": cfg.model.name, "split": split},
         {f"{split}_{metric_name}": ev.metric, f"{split}_stderr": ev.stderr,
          f"{split}_mean_length": ev.mean_length, "wall_s": wall,
+         **{f"{split}_{metric_name}_{k}": v for k, v in ev.extra.items()},
          **({} if trainer.regulariser_active is None else
             {"regulariser_active": float(trainer.regulariser_active),
              "regulariser_probe": trainer.regulariser_probe})},
@@ -222,11 +226,12 @@ def cmd_eval(cfg: Config, args: argparse.Namespace) -> int:
     _save_json(d / "results.json", {"split": args.split, "metric_name": metric_name, "metric": ev.metric,
                                     "stderr": ev.stderr, "mean_length": ev.mean_length, "n": ev.n,
                                     "checkpoint": args.checkpoint, "model": cfg.model.name,
-                                    "scores": list(ev.scores), "wall_s": wall})
+                                    "scores": list(ev.scores), "wall_s": wall, "extra_metrics": ev.extra})
     rid = compare.log_single_run(
         cfg, "eval", f"eval-{args.split}", {"source": src, "split": args.split, "n": ev.n},
         {f"{args.split}_{metric_name}": ev.metric, f"{args.split}_stderr": ev.stderr,
-         f"{args.split}_mean_length": ev.mean_length, "wall_s": wall}, None, [d / "results.json"],
+         f"{args.split}_mean_length": ev.mean_length, "wall_s": wall,
+         **{f"{args.split}_{metric_name}_{k}": v for k, v in ev.extra.items()}}, None, [d / "results.json"],
     )
     out.print(_eval_table(f"eval: {src} on {cfg.task.name}", metric_name, ev, args.split))
     out.print(f"results: {d}" + (f"\nMLflow run: {rid}" if rid else ""))

@@ -156,6 +156,12 @@ class Task:
         """The evaluation metric of one completion in [0, 1] (default: reward == 1)."""
         return 1.0 if self.reward(completion, example) >= 1.0 else 0.0
 
+    def extra_metrics(self, completions: Sequence[str],
+                      examples: Sequence[Example]) -> dict[str, list[float]]:
+        """Further per-example evaluation metrics by name, reported beside the main one in every
+        evaluation (GSM8K: strict and flexible answer extraction); none by default."""
+        return {}
+
     def scores(self, completions: Sequence[str], examples: Sequence[Example]) -> list[float]:
         """Batched per-example evaluation scores in [0, 1]."""
         _check_lengths(completions, examples)

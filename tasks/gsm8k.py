@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,26 @@ def extract_prediction(completion: str) -> float | None:
     return last_number(completion)
 
 
+_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
+
+
+def extract_strict(completion: str) -> float | None:
+    """The strict reading papers report (lm-evaluation-harness `strict-match`): the number written
+    right after the last `#### ` in the GSM8K answer format; None when the format is absent."""
+    found = _STRICT.findall(completion)
+    return parse_number(found[-1].rstrip(".,")) if found else None
+
+
+def extract_flexible(completion: str) -> float | None:
+    """The flexible reading (lm-evaluation-harness `flexible-extract`): the last number anywhere."""
+    return last_number(completion)
+
+
+#: how a completion's answer is read: `auto` (the last \boxed{}, else after the last ####, else the
+#: last number), `strict` (`#### N` only) or `flexible` (the last number)
+EXTRACTIONS = {"auto": extract_prediction, "strict": extract_strict, "flexible": extract_flexible}
+
+
 def gold_answer(solution: str) -> float:
     """The gold number after `####` in a GSM8K reference solution."""
     if "####" not in solution:
@@ -149,7 +170,12 @@ class GSM8K(Task):
         rel_tol: float = 1e-6,
         abs_tol: float = 1e-6,
         chat: bool | None = None,
+        reward_extraction: str = "auto",
     ) -> None:
+        if reward_extraction not in EXTRACTIONS:
+            raise ValueError(f"reward_extraction must be one of {', '.join(EXTRACTIONS)}, "
+                             f"got {reward_extraction!r}")
+        self.reward_extraction = reward_extraction
         train_rows = load_gsm8k_rows("train", source, path)
         test_rows = load_gsm8k_rows("test", source, path)
         if not 0 <= n_val < len(train_rows):
@@ -182,6 +208,17 @@ class GSM8K(Task):
         return " " + example.meta["solution"]
 
     def reward(self, completion: str, example: Example) -> float:
-        """1.0 when the predicted number equals the gold answer within tolerance."""
-        ok = numbers_match(extract_prediction(completion), float(example.answer), self.rel_tol, self.abs_tol)
-        return 1.0 if ok else 0.0
+        """1.0 when the number read by `reward_extraction` equals the gold answer within tolerance."""
+        pred = EXTRACTIONS[self.reward_extraction](completion)
+        return 1.0 if numbers_match(pred, float(example.answer), self.rel_tol, self.abs_tol) else 0.0
+
+    def extra_metrics(self, completions: Sequence[str],
+                      examples: Sequence[Example]) -> dict[str, list[float]]:
+        """Accuracy read both ways papers report it, per example: `strict` (#### N) and `flexible`
+        (the last number), whichever `reward_extraction` the reward uses."""
+        out: dict[str, list[float]] = {"strict": [], "flexible": []}
+        for c, e in zip(completions, examples, strict=True):
+            for name in out:
+                ok = numbers_match(EXTRACTIONS[name](c), float(e.answer), self.rel_tol, self.abs_tol)
+                out[name].append(1.0 if ok else 0.0)
+        return out

@@ -100,3 +100,60 @@ def test_prompts_and_few_shot() -> None:
     assert t.metric_name == "accuracy"
     with pytest.raises(ValueError, match="n_val"):
         tasks.get("gsm8k", n_val=10**6)
+
+
+# (completion, strict reading, flexible reading): the two ways papers score GSM8K
+TWO_WAYS = [
+    ("Natalia sold 48 / 2 = 24 clips in May.\n#### 72", 72, 72),
+    # strict reads the format, flexible the last number
+    ("She has 5 apples, then 3 more, so 8.\n#### 8\nThe end, 2 times.", 8, 2),
+    ("The answer is 72.", None, 72),  # no `#### ` format: strict reads nothing
+    ("#### 1,234.", 1234, 1234),
+    ("####72", None, 72),  # strict needs the space, as lm-evaluation-harness's regex
+    ("#### -3\n", -3, -3),
+    ("no number at all", None, None),
+    ("So \\boxed{12} and then 13", None, 13),
+]
+
+
+@pytest.mark.parametrize(("text", "strict", "flexible"), TWO_WAYS)
+def test_strict_and_flexible_extraction(text: str, strict: float | None, flexible: float | None) -> None:
+    from mirrorlab.tasks.gsm8k import extract_flexible, extract_strict
+
+    assert extract_strict(text) == strict
+    assert extract_flexible(text) == flexible
+
+
+@needs_data
+def test_both_readings_in_every_evaluation_and_the_reward_names_its_own() -> None:
+    t = tasks.get("gsm8k", n_val=10)
+    ex = t.test[0]
+    a = int(ex.answer)
+    comps = [f"so {a}.\n#### {a}", f"It is {a}.", f"#### {a}\nand {a + 1}", "nothing"]
+    extra = t.extra_metrics(comps, [ex] * 4)
+    assert extra == {"strict": [1.0, 0.0, 1.0, 0.0], "flexible": [1.0, 1.0, 0.0, 0.0]}
+    assert t.rewards(comps, [ex] * 4) == [1.0, 1.0, 1.0, 0.0]  # auto: boxed, else ####, else last number
+    for way in ("strict", "flexible"):
+        assert tasks.get("gsm8k", n_val=10, reward_extraction=way).rewards(comps, [ex] * 4) == extra[way]
+    with pytest.raises(ValueError, match="reward_extraction must be one of auto, strict, flexible"):
+        tasks.get("gsm8k", n_val=10, reward_extraction="loose")
+
+
+def test_every_evaluation_reports_the_task_extra_metrics(tiny) -> None:
+    """`Task.extra_metrics` reaches EvalResult.extra as means (any task; here a stand-in that reads
+    the arithmetic answer two ways)."""
+    import copy
+
+    from mirrorlab.config import TrainConfig
+    from mirrorlab.gbmpo import GBMPOTrainer
+    from mirrorlab.tasks.arithmetic import Arithmetic
+
+    class TwoWays(Arithmetic):
+        def extra_metrics(self, completions, examples):
+            return {"ones": [1.0] * len(completions), "half": [float(i % 2) for i in range(len(completions))]}
+
+    model, tok = tiny
+    task = TwoWays(n_train=50, n_val=10, n_test=10)
+    tr = GBMPOTrainer(copy.deepcopy(model), tok, task, None, TrainConfig())
+    ev = tr.evaluate("val", n=10)
+    assert ev.extra == {"ones": 1.0, "half": 0.5}

@@ -81,6 +81,7 @@ class EvalResult:
     scores: list[float] = field(default_factory=list)
     n: int = 0
     samples: list[dict[str, Any]] = field(default_factory=list)  # train.log_completions rows
+    extra: dict[str, float] = field(default_factory=dict)  # the task's extra metrics, mean per name
 
 
 @dataclass
@@ -845,11 +846,14 @@ class GBMPOTrainer:
         lengths: list[float] = []
         samples: list[dict[str, Any]] = []
         n_samples = self.cfg.log_completions.n
+        extra: dict[str, list[float]] = {}
         for i in range(0, len(exs), batch_size):
             chunk = exs[i:i + batch_size]
             _, _, comp, cmask = self.generate(chunk, repeats=1, greedy=True, max_new_tokens=max_new)
             texts = self._decode(comp, cmask)
             sc = [float(x) for x in self.task.scores(texts, chunk)]
+            for name, vals in self.task.extra_metrics(texts, chunk).items():
+                extra.setdefault(name, []).extend(float(v) for v in vals)
             ln = cmask.sum(1).float().tolist()
             for j in range(min(len(chunk), n_samples - len(samples))):  # the first n problems
                 samples.append(self._sample_row(self.step, split, chunk[j], texts[j], None, sc[j], ln[j]))
@@ -857,7 +861,8 @@ class GBMPOTrainer:
             lengths += ln
         arr = np.asarray(scores, dtype=np.float64)
         se = float(arr.std() / math.sqrt(len(arr))) if len(arr) > 1 else float("nan")
-        return EvalResult(float(arr.mean()), se, float(np.mean(lengths)), scores, len(scores), samples)
+        return EvalResult(float(arr.mean()), se, float(np.mean(lengths)), scores, len(scores), samples,
+                          {name: float(np.mean(v)) for name, v in extra.items()})
 
     @torch.no_grad()
     def reference_loglik(self, examples: Sequence[Any], batch_size: int = 256) -> list[float]:
