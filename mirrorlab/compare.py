@@ -262,7 +262,8 @@ def regulariser_text(info: dict[str, Any]) -> str:
         return "none (lambda 0)"
     name = "map" if info.get("map") else str(info.get("name", "?"))
     c = f" @ {coef:g}" if isinstance(coef, int | float) else ""
-    return f"{name}{c}, {info.get('placement', 'loss')}"
+    anchor = f", lagged anchor / {info.get('anchor_every')} steps" if info.get("anchor") == "lagged" else ""
+    return f"{name}{c}, {info.get('placement', 'loss')}{anchor}"
 
 
 def results_table(result: CompareResult) -> Any:

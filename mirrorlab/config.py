@@ -145,6 +145,12 @@ class DivergenceConfig(Section):
     compile: bool = Field(
         False, description="torch.compile the sampled estimator (fuses about a hundred small kernels of "
         "neural; worth it on GPUs)")
+    anchor: Literal["ref", "lagged"] = Field(
+        "ref", description="the policy D is measured from: ref (the frozen starting model, the paper's) or "
+        "lagged (the policy itself, re-copied every anchor_every steps: the periodic reference reset of "
+        "prolonged RL runs; costs one more copy of the trainable weights). See docs/estimators.md")
+    anchor_every: int = Field(
+        50, ge=1, description="steps between re-anchoring with anchor: lagged (1: D = 0 at every step)")
     placement: Literal["loss", "reward"] = Field(
         "loss", description="where lambda x D acts: loss (added to the per-token loss, gradients flow "
         "through D) or reward (the sampled tokens' D, detached, summed over the completion and subtracted "

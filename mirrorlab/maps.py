@@ -45,7 +45,7 @@ def regulariser(div: Any, dcfg: DivergenceConfig, coef: float | None = None) -> 
     if dcfg.compile and div is not None:
         div.compile()
     return Regulariser(div, float(dcfg.coef if coef is None else coef), dcfg.estimator, dcfg.chunk_size,
-                       dcfg.placement, dcfg.topk)
+                       dcfg.placement, dcfg.topk, dcfg.anchor, dcfg.anchor_every)
 
 
 def resolve(dcfg: DivergenceConfig, *, map_refs: dict[str, str] | None = None,

@@ -20,13 +20,14 @@ matmuls with the loss in fp32 (`mirrorlab.gbmpo.precision`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import random
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,8 @@ class Regulariser:
     chunk_size: int = 8192
     placement: str = "loss"
     topk: int = 32  # the `topk` estimator's K
+    anchor: str = "ref"  # `ref`: the frozen start; `lagged`: the policy, re-copied every `anchor_every` steps
+    anchor_every: int = 50
 
 
 @dataclass
@@ -160,6 +163,8 @@ class GBMPOTrainer:
         ref_model: Any = None,
         placement: str = "loss",
         topk: int = 32,
+        anchor: str = "ref",
+        anchor_every: int = 50,
     ) -> None:
         self.cfg = cfg or TrainConfig()
         self.model = model
@@ -168,6 +173,10 @@ class GBMPOTrainer:
         self.estimator = estimator
         self.chunk_size = chunk_size
         self.topk = topk
+        self.anchor, self.anchor_every = _check_anchor(anchor, anchor_every)
+        self._start_weights: dict[str, Tensor] | None = None  # lagged anchor, full model: the start
+        self._anchor_lora: dict[str, Tensor] | None = None  # lagged anchor, LoRA: the adapter's copy
+        self._force_reanchor = False
         self.placement = _check_placement(placement, estimator)
         self.device = next(model.parameters()).device
         if self.device.type == "cpu":
@@ -227,6 +236,7 @@ class GBMPOTrainer:
         self.estimator = reg.estimator
         self.chunk_size = reg.chunk_size
         self.topk = reg.topk
+        self.anchor, self.anchor_every = _check_anchor(reg.anchor, reg.anchor_every)
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -275,7 +285,11 @@ class GBMPOTrainer:
                         for name in m.lora_A.keys():
                             m.reset_lora_parameters(name, True)
             elif hasattr(self, "step"):  # not on construction: the model is still the start
+                if self._start_weights is not None:  # a lagged anchor moved the reference: back to the start
+                    self.ref_model.load_state_dict(self._start_weights)
+                    self._start_weights = None
                 self.model.load_state_dict(self.ref_model.state_dict())
+        self._anchor_lora = None
         self.model.zero_grad(set_to_none=True)
         self._make_optimizer()
         self.step = 0
@@ -568,13 +582,46 @@ class GBMPOTrainer:
         """Reference log-probs (and logits for the `full` estimator) of rows of a rollout."""
         T = ro.completion_ids.shape[1]
         args = (ro.input_ids[rows], ro.attention_mask[rows], ro.position_ids[rows], T)
-        if self.is_peft:
+        if self.is_peft and self._anchor_lora is not None:  # lagged anchor: the adapter's copy
+            with self._lora_weights(self._anchor_lora):
+                logits = self._logits(self.model, *args)
+        elif self.is_peft:
             with self.model.disable_adapter():
                 logits = self._logits(self.model, *args)
         else:
             logits = self._logits(self.ref_model, *args)
         lp = token_logps(logits, ro.completion_ids[rows])
         return lp, (logits.float() if self.estimator in ("full", "topk") else None)
+
+    @contextlib.contextmanager
+    def _lora_weights(self, weights: dict[str, Tensor]) -> Iterator[None]:
+        """The adapter's trainable weights temporarily replaced by `weights` (the lagged anchor)."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            saved = {n: params[n].detach().clone() for n in weights}
+            for n, w in weights.items():
+                params[n].copy_(w)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, w in saved.items():
+                    params[n].copy_(w)
+
+    @torch.no_grad()
+    def _reanchor(self) -> None:
+        """`anchor: lagged`: every `anchor_every` steps (and at the first step after a checkpoint
+        load) the reference becomes a copy of the current policy."""
+        if self.anchor != "lagged" or not (self.step % self.anchor_every == 0 or self._force_reanchor):
+            return
+        self._force_reanchor = False
+        if self.is_peft:
+            self._anchor_lora = {n: p.detach().clone() for n, p in self.model.named_parameters()
+                                 if p.requires_grad}
+            return
+        if self._start_weights is None:  # `reset` restores the start from here, not from the anchor
+            self._start_weights = {k: v.detach().clone() for k, v in self.ref_model.state_dict().items()}
+        self.ref_model.load_state_dict(self.model.state_dict())
 
     def _needs_ref(self) -> bool:
         return self.divergence is not None and self.coef != 0.0
@@ -605,6 +652,8 @@ class GBMPOTrainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         need_ref = self._needs_ref()
+        if need_ref:
+            self._reanchor()
         in_reward = need_ref and self.placement == "reward"
         # --- rollout: G completions per prompt, scored by the task (reward placement keeps the
         # sampling log-probs: the penalty's policy side, with no extra forward)
@@ -961,6 +1010,7 @@ class GBMPOTrainer:
         from safetensors.torch import load_file
 
         p = Path(path)
+        self._force_reanchor = self.anchor == "lagged"  # the anchor is not in checkpoints: re-copy it
         w = load_file(str(p / "weights.safetensors"), device=str(self.device))
         state = torch.load(p / "trainer_state.pt", weights_only=False)
         if state["peft"] != self.is_peft:
@@ -990,6 +1040,14 @@ class GBMPOTrainer:
 
 def _clip(text: str, cap: int) -> str:
     return text if len(text) <= cap else text[: cap - 3] + "..."
+
+
+def _check_anchor(anchor: str, every: int) -> tuple[str, int]:
+    if anchor not in ("ref", "lagged"):
+        raise ValueError(f"divergence.anchor must be one of ref, lagged, got {anchor!r}")
+    if int(every) < 1:
+        raise ValueError(f"divergence.anchor_every must be >= 1, got {every}")
+    return anchor, int(every)
 
 
 def _check_placement(placement: str, estimator: str) -> str:
@@ -1022,4 +1080,5 @@ def build_trainer(cfg: Config, regulariser: Regulariser) -> GBMPOTrainer:
     task = tasks.get(cfg.task.name, **cfg.task.params)
     r = regulariser
     return GBMPOTrainer(model, tokenizer, task, r.divergence, cfg.train, coef=r.coef,
-                        estimator=r.estimator, chunk_size=r.chunk_size, placement=r.placement, topk=r.topk)
+                        estimator=r.estimator, chunk_size=r.chunk_size, placement=r.placement, topk=r.topk,
+                        anchor=r.anchor, anchor_every=r.anchor_every)
