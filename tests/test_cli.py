@@ -226,7 +226,9 @@ def test_quickstart_shortened(tmp_path: Path) -> None:
     assert search["best_fitness"] == next(r["fitness"] for r in search["confirmation"]["rows"]
                                           if r["id"] == search["best_id"])
     searched = next(m for m in res["methods"] if m["label"] == "neural (searched)")
-    assert searched["divergence"]["map"].endswith("best_map")
+    # the searched map is named by its registry URI (loadable anywhere), its local file beside it
+    assert searched["divergence"]["map"] == "models:/quickstart-map@best"
+    assert searched["divergence"]["map_path"].endswith("best_map")
     assert (d / "search" / "fitness.png").is_file() and (d / "compare" / "metric_vs_length.png").is_file()
     assert json.loads((d / "run.json").read_text())["wall_s"] > 0
 
