@@ -331,19 +331,18 @@ def summary_rows(result: CompareResult) -> list[dict[str, Any]]:
 def results_markdown(result: CompareResult) -> str:
     """The results table with its verdicts in Markdown (the compare parent run's description in
     MLflow's UI, where a text artifact is cut off)."""
-    comps = {c.method: c for c in result.comparisons}
-    lines = [f"**{result.metric_name} on {result.split}**, mean +- std over seeds; paired vs "
+    name = result.metric_name
+    lines = [f"**{name} on {result.split}**, mean +- std over seeds; paired vs "
              f"`{result.baseline}` (same seed = same pair)", "",
-             f"| method | regulariser | seeds | {result.metric_name} | diff vs base | p (t) | p (sign-flip) "
+             f"| method | regulariser | seeds | {name} | diff vs base | p (t) | p (sign-flip) "
              "| verdict |",
              "|---|---|---|---|---|---|---|---|"]
-    for m in result.methods:
-        c = comps.get(m.label)
-        tail = ("(baseline) | | | |" if c is None else
-                f"{c.mean_diff:+.3f} +- {fmt(c.stderr)} | {fmt(c.t_pvalue)} | {fmt(c.perm_pvalue)} | "
-                f"{c.verdict} |")
-        lines.append(f"| {m.label} | {regulariser_text(m.divergence)} | {len(m.seeds)} | "
-                     f"{fmt(m.metric_mean)} +- {fmt(m.metric_std)} | {tail}")
+    for r in summary_rows(result):
+        tail = ("(baseline) | | | |" if r["diff_vs_baseline"] is None else
+                f"{r['diff_vs_baseline']:+.3f} +- {fmt(r['diff_stderr'])} | {fmt(r['p_t'])} | "
+                f"{fmt(r['p_sign_flip'])} | {r['verdict']} |")
+        lines.append(f"| {r['method']} | {r['regulariser']} | {r['seeds']} | "
+                     f"{fmt(r[f'{name}_mean'])} +- {fmt(r[f'{name}_std'])} | {tail}")
     return "\n".join(lines)
 
 

@@ -200,13 +200,18 @@ def gbmpo_loss(
         d_w = d_tok if is_weight is None else d_tok * is_weight.detach().float()
         reg = coef * aggregate(d_w, mask, **agg)
         metrics["div_mean"] = (d_tok.detach().float() * maskf).sum() / ntok
-        metrics["div_max"] = torch.where(mask.bool(), d_tok.detach().float(), -torch.inf).max().clamp(min=0.0)
+        metrics["div_max"] = masked_max(d_tok.detach(), mask)
     else:
         reg = pg.new_zeros(())
         metrics["div_mean"] = metrics["div_max"] = pg.new_zeros(())
     metrics["pg_loss"] = pg.detach()
     metrics["reg_loss"] = reg.detach()
     return LossOutput(loss=pg + reg, pg_loss=pg, reg_loss=reg, metrics=metrics)
+
+
+def masked_max(x: Tensor, mask: Tensor) -> Tensor:
+    """The largest entry of `x` where `mask` is set (0 when none is): D per token's `div_max`."""
+    return torch.where(mask.bool(), x.float(), -torch.inf).max().clamp(min=0.0)
 
 
 def topk_coarsen(logits: Tensor, ref_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -45,6 +45,7 @@ from mirrorlab.gbmpo.losses import (
     BatchTotals,
     LossSpec,
     gbmpo_loss,
+    masked_max,
     penalised_rewards,
     regulariser_probe,
 )
@@ -690,7 +691,7 @@ class GBMPOTrainer:
                                                want_ratio)
         if div_mean is not None:
             acc["div_mean"] = div_mean
-            acc["div_max"] = torch.where(mask.bool(), d_tok.float(), -torch.inf).max().clamp(min=0.0)
+            acc["div_max"] = masked_max(d_tok, mask)
         self.step += 1
         m = self._step_metrics(ro, adv, mask, totals, acc, grad_norm, ratio, want_ratio,
                                time.perf_counter() - t0, t_gen, penalty=penalty,
