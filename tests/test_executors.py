@@ -53,7 +53,20 @@ def test_ray_executor_runs_the_tiny_search(tmp_path):
     cfg = tiny_cfg(tmp_path, "tiny-ray", executor="ray")
     cfg.search.executor.workers = 2
     cfg.search.executor.cpus_per_worker = 1.0
-    search = Search(cfg)
+
+    class BothReady(Search):
+        """Waits for both actors' set-up before the first generation, so both take a candidate.
+
+        Without it an actor takes work as soon as its own set-up is done, and on a loaded machine
+        the first one can finish all 8 tiny candidates before the second has imported torch
+        (CI: one worker seen); that scheduling is right, but it makes "two workers ran" a race."""
+
+        def _make_executor(self):
+            ex = super()._make_executor()
+            ex.start()
+            return ex
+
+    search = BothReady(cfg)
     res = search.run()
     assert [g.status for g in res.history] == [[FINISHED] * 4] * 2
     workers = {r.data.tags["mirrorlab.worker"] for r in children(MlflowClient(cfg.tracking.tracking_uri),
