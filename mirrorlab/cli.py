@@ -392,13 +392,33 @@ def probe_tables(cfg: Config, res: dict[str, Any]) -> Group:
 # --------------------------------------------------------------------------- compare
 def cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
     """Methods x seeds: train each, evaluate on the split, print the table and paired tests."""
-    preflight(cfg, "compare")
+    refs, uris = _finished_search_map(cfg)
+    preflight(cfg, "compare", allow_refs=tuple(refs))
     d = run_dir(cfg, "compare")
-    result = compare.run_compare(cfg, out_dir=d, console=err)
+    result = compare.run_compare(cfg, out_dir=d, console=err, map_refs=refs or None, map_uris=uris or None)
     out.print(compare.results_table(result))
     out.print(f"wall time {result.wall_s:.0f} s; results: {d}")
     _ui_hint(cfg)
     return 0
+
+
+def _finished_search_map(cfg: Config) -> tuple[dict[str, str], dict[str, str]]:
+    """`map: search:best` in `mirrorlab compare`: the map of this config's finished search
+    (`<output_dir>/<name>/search/search.json`, written by `mirrorlab search` or `run`), named by
+    its registry URI when it was registered; a clear error when no search has finished."""
+    uses = [i for i, m in enumerate(compare.compare_methods(cfg)) if m.divergence.map == BEST_MAP_REF]
+    if not uses:
+        return {}, {}
+    summary = Path(cfg.output_dir) / cfg.name / "search" / "search.json"
+    best = json.loads(summary.read_text()).get("best_map") if summary.is_file() else None
+    if not best or not Path(best).exists():
+        raise ConfigError(
+            f"compare.methods.{uses[0]}.divergence.map: {BEST_MAP_REF!r} is the map a finished search of "
+            f"this config found, and there is none ({summary} "
+            f"{'names no map' if summary.is_file() else 'does not exist'}): run `mirrorlab run` (search, "
+            f"then compare) or `mirrorlab search` first, or name a map file or models:/ URI")
+    uri = json.loads(summary.read_text()).get("registered_uri")
+    return {BEST_MAP_REF: str(Path(best).resolve())}, ({BEST_MAP_REF: uri} if uri else {})
 
 
 # --------------------------------------------------------------------------- run (search -> compare)

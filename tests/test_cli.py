@@ -73,6 +73,8 @@ def _bad_configs(tmp: Path) -> list[tuple[list[str], list[str]]]:
           "--set", "task.params.n_val=1"], ["task", "overlap"]),
         (["train", "--set", "divergence.params.bogus=1"], ["divergence.params", "bogus", "kl_k3"]),
         (["train", str(tmp / "missing.yaml")], ["not found"]),
+        # the quickstart's searched map before any search of it has finished
+        (["compare", str(QUICKSTART)], ["compare.methods.4.divergence.map", "search:best", "mirrorlab run"]),
     ]
 
 
@@ -205,6 +207,14 @@ def test_search_and_resume(tmp_path: Path) -> None:
     r2 = run_cli(tmp_path, "search", "--resume", sets=sets)  # already complete: nothing re-run
     assert r2.returncode == 0, r2.stderr
     assert json.loads((d / "search.json").read_text())["best_fitness"] == summary["best_fitness"]
+    # `mirrorlab compare` after the search: `map: search:best` is the map it found
+    methods = ('compare.methods=[{"label": "KL", "divergence": {"name": "kl_k3", "coef": 0.04}}, '
+               '{"label": "searched", "divergence": {"name": "neural", "map": "search:best"}}]')
+    r3 = run_cli(tmp_path, "compare", sets=[*sets, "compare.seeds=[0]", "compare.eval_size=8", methods])
+    assert r3.returncode == 0, r3.stderr
+    res = json.loads((tmp_path / "runs" / "s" / "compare" / "results.json").read_text())
+    searched = next(m for m in res["methods"] if m["label"] == "searched")
+    assert searched["divergence"]["map_path"] == str((d / "best_map").resolve())
 
 
 @pytest.mark.slow
