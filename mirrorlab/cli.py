@@ -173,7 +173,8 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
             for k in _curve_keys(curve)]
     result = {"split": split, "metric_name": metric_name, "metric": ev.metric, "stderr": ev.stderr,
               "extra_metrics": ev.extra,
-              "mean_length": ev.mean_length, "n": ev.n, "wall_s": wall, "curve": curve,
+              "mean_length": ev.mean_length, "n": ev.n, "reward_errors": ev.reward_errors, "wall_s": wall,
+              "curve": curve,
               "regulariser": {"divergence": type(reg.divergence).__name__, "coef": reg.coef,
                               "estimator": reg.estimator, "placement": reg.placement,
                               "compiled": bool(cfg.divergence.compile),
@@ -187,7 +188,7 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
         {"divergence": cfg.divergence.model_dump(mode="json"), "steps": cfg.train.steps,
          "lr": cfg.train.optim.lr, "seed": cfg.train.seed, "model": cfg.model.name, "split": split},
         {f"{split}_{metric_name}": ev.metric, f"{split}_stderr": ev.stderr,
-         f"{split}_mean_length": ev.mean_length, "wall_s": wall,
+         f"{split}_mean_length": ev.mean_length, "wall_s": wall, f"{split}_reward_errors": ev.reward_errors,
          **{f"{split}_{metric_name}_{k}": v for k, v in ev.extra.items()},
          **({} if trainer.regulariser_active is None else
             {"regulariser_active": float(trainer.regulariser_active),
@@ -225,12 +226,14 @@ def cmd_eval(cfg: Config, args: argparse.Namespace) -> int:
     src = args.checkpoint or cfg.model.name
     _save_json(d / "results.json", {"split": args.split, "metric_name": metric_name, "metric": ev.metric,
                                     "stderr": ev.stderr, "mean_length": ev.mean_length, "n": ev.n,
-                                    "checkpoint": args.checkpoint, "model": cfg.model.name,
+                                    "reward_errors": ev.reward_errors, "checkpoint": args.checkpoint,
+                                    "model": cfg.model.name,
                                     "scores": list(ev.scores), "wall_s": wall, "extra_metrics": ev.extra})
     rid = compare.log_single_run(
         cfg, "eval", f"eval-{args.split}", {"source": src, "split": args.split, "n": ev.n},
         {f"{args.split}_{metric_name}": ev.metric, f"{args.split}_stderr": ev.stderr,
          f"{args.split}_mean_length": ev.mean_length, "wall_s": wall,
+         f"{args.split}_reward_errors": ev.reward_errors,
          **{f"{args.split}_{metric_name}_{k}": v for k, v in ev.extra.items()}}, None, [d / "results.json"],
     )
     out.print(_eval_table(f"eval: {src} on {cfg.task.name}", metric_name, ev, args.split))

@@ -548,6 +548,7 @@ def train_arm(trainer: Any, reg: Any, split: str, eval_size: int | None, start: 
         ev = trainer.evaluate(split, n=eval_size)
         out["start"] = {"metric": float(ev.metric), "stderr": float(ev.stderr),
                         "mean_length": float(ev.mean_length), "n": int(ev.n),
+                        "reward_errors": ev.reward_errors,
                         "wall_s": time.perf_counter() - t0, "samples": sample_tables([], ev, split),
                         "started_at": w0, "ended_at": time.time()}
         t0, w0 = time.perf_counter(), time.time()
@@ -555,7 +556,8 @@ def train_arm(trainer: Any, reg: Any, split: str, eval_size: int | None, start: 
     curve = trainer.train(callbacks=list(callbacks))
     ev = trainer.evaluate(split, n=eval_size)
     out.update(metric=float(ev.metric), stderr=float(ev.stderr), mean_length=float(ev.mean_length),
-               n=int(ev.n), wall_s=time.perf_counter() - t0, curve=plain_curve(curve),
+               n=int(ev.n), reward_errors=ev.reward_errors, wall_s=time.perf_counter() - t0,
+               curve=plain_curve(curve),
                samples=sample_tables(curve, ev, split), started_at=w0, ended_at=time.time())
     return out
 

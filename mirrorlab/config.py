@@ -265,6 +265,11 @@ class TrainConfig(Section):
     eval_size: int | None = Field(None, ge=1, description="problems of the periodic evaluation (None: all)")
     eval_max_new_tokens: int | None = Field(
         None, ge=1, description="completion budget of greedy evaluation (None: generation.max_new_tokens)")
+    max_reward_error_rate: float = Field(
+        0.05, ge=0.0, le=1.0, description="an evaluation in which the task could not judge more than "
+        "this fraction of completions (MBPP: the sandbox's harness failed to start, was killed before "
+        "it reported, or its report is malformed) fails with the count and the first reason; below "
+        "it, those completions are left out of the metric and counted as reward_errors")
     require_active_regulariser: bool = Field(
         False, description="stop a run whose regulariser is numerically absent (lambda * D too small to "
         "move the policy, a detached or clamped D; checked at step 0 and every grad_ratio_every steps) "

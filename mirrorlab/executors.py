@@ -53,9 +53,9 @@ def run_job(evaluator: Evaluator, job: Job, worker: str = "local") -> Outcome:
     except Exception as e:  # noqa: BLE001 - the failure policy records any error
         out.error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"
     else:
-        for k in ("fitness", "stderr", "metric", "mean_length", "n_eval"):
+        for k in ("fitness", "stderr", "metric", "mean_length", "n_eval", "reward_errors"):
             if k in res and res[k] is not None:
-                setattr(out, k, float(res[k]) if k != "n_eval" else int(res[k]))
+                setattr(out, k, int(res[k]) if k in ("n_eval", "reward_errors") else float(res[k]))
         out.curves = list(res.get("curves", []))
         out.scores = [float(x) for x in res.get("scores", [])]
         out.samples = dict(res.get("samples") or {})  # completion samples, for the candidate's run

@@ -8,6 +8,7 @@ apply to candidates exactly as to `train` and `compare`).
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -27,8 +28,11 @@ MEASURES = ("loglik", "sample_k", "test_size", "horizons")
 
 def sample_proxies(per_problem: list[list[float]]) -> tuple[list[float], list[float]]:
     """From k scored samples per problem: the expected reward (their mean) and pass@k (1 when any
-    sample scores 1, i.e. their max for 0/1 scores; for fractional scores, the best sample)."""
-    return [sum(r) / len(r) for r in per_problem], [max(r) for r in per_problem]
+    sample scores 1, i.e. their max for 0/1 scores; for fractional scores, the best sample).
+    Samples the task could not judge (NaN) are left out; a problem with none judged gives NaN."""
+    judged = [[x for x in r if not math.isnan(x)] for r in per_problem]
+    return ([sum(r) / len(r) if r else math.nan for r in judged],
+            [max(r) if r else math.nan for r in judged])
 
 
 class GBMPOEvaluator:
@@ -110,7 +114,7 @@ class GBMPOEvaluator:
         fitness = float(res.metric) - ec.length_penalty * float(res.mean_length)
         return {
             "fitness": fitness, "stderr": float(res.stderr), "metric": float(res.metric),
-            "mean_length": float(res.mean_length), "n_eval": int(res.n),
+            "mean_length": float(res.mean_length), "n_eval": int(res.n), "reward_errors": res.reward_errors,
             "scores": [float(s) for s in res.scores],
             "curves": [{k: float(v) for k, v in row.items() if isinstance(v, int | float)} for row in curves],
             "timings": {"reset_s": t1 - t0, "train_s": t2 - t1 - paused_s, "eval_s": t3 - t2},

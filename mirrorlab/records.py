@@ -62,6 +62,7 @@ class Outcome:
     metric: float | None = None
     mean_length: float | None = None
     n_eval: int | None = None
+    reward_errors: int | None = None  # evaluation completions the task could not judge (left out of n_eval)
     error: str | None = None
     curves: list[dict[str, float]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)

@@ -110,6 +110,7 @@ class Program:
     code: str
     secret: str | None = None
     files: tuple[tuple[str, str], ...] = ()
+    timeout_s: float | None = None  # this program's wall-clock limit (None: the pool's)
 
 
 # --------------------------------------------------------------------------- the boot stub
@@ -476,8 +477,8 @@ class SandboxPool:
     def run(self, program: Program | str) -> SandboxResult:
         """Run one program synchronously (in the calling thread)."""
         p = Program(program) if isinstance(program, str) else program
-        return run_program(p.code, self.timeout_s, self.limits, secret=p.secret, files=p.files,
-                           **self.run_kwargs)
+        timeout = self.timeout_s if p.timeout_s is None else p.timeout_s
+        return run_program(p.code, timeout, self.limits, secret=p.secret, files=p.files, **self.run_kwargs)
 
     def map(self, programs: Iterable[Program | str]) -> list[SandboxResult]:
         """Run all programs, at most `workers` at a time; results in input order."""

@@ -98,7 +98,9 @@ def paired_stderr(values: list[float], a: Outcome, b: Outcome | None) -> float |
         return float(np.std(values, ddof=1) / math.sqrt(len(values)))
     if b is not None and len(a.scores) == len(b.scores) >= 2:
         d = np.asarray(a.scores) - np.asarray(b.scores)
-        return float(np.std(d, ddof=1) / math.sqrt(d.size))
+        d = d[~np.isnan(d)]  # problems either run's task could not judge are left out of the pairs
+        if d.size >= 2:
+            return float(np.std(d, ddof=1) / math.sqrt(d.size))
     return a.stderr
 
 

@@ -72,6 +72,11 @@ def metric_key(name: str) -> str:
     return _METRIC_KEY_BAD.sub("_", name.replace("@", "_at_"))
 
 
+def _count(n: int | None) -> float | None:
+    """An optional count as an MLflow metric value (None: not measured, not logged)."""
+    return None if n is None else float(n)
+
+
 def display_value(value: float, digits: int = 12) -> float:
     """`value` rounded to `digits` significant digits: 0.13999999999999996 -> 0.14 in the UI (the
     JSON results keep full precision)."""
@@ -332,6 +337,7 @@ class MLflowTracker:
         self.session.log_metrics(rid, {"metric": outcome.metric if outcome.metric is not None
                                        else outcome.fitness, "mean_length": outcome.mean_length,
                                        "n_eval": None if outcome.n_eval is None else float(outcome.n_eval),
+                                       "reward_errors": _count(outcome.reward_errors),
                                        **{f"time_{k}": v for k, v in outcome.timings.items()}},
                                  curve=outcome.curves)
         self.session.log_samples(rid, outcome.samples)
@@ -378,6 +384,7 @@ class MLflowTracker:
             "fitness": outcome.fitness, "fitness_stderr": outcome.stderr, "metric": outcome.metric,
             "mean_length": outcome.mean_length,
             "n_eval": None if outcome.n_eval is None else float(outcome.n_eval),
+            "reward_errors": _count(outcome.reward_errors),
             **(extra or {}), **{f"time_{k}": v for k, v in outcome.timings.items()}}
         self.session.log_metrics(rid, metrics, curve=outcome.curves)
         self.session.log_samples(rid, outcome.samples)  # per-seed rows, tagged with their seed

@@ -11,7 +11,7 @@ from typing import Any
 
 from mirrorlab.registry import Registry
 
-from .base import Example, SplitOverlapError, Task, check_disjoint, data_dir
+from .base import REWARD_ERROR, Example, SplitOverlapError, Task, check_disjoint, data_dir, is_reward_error
 
 registry: Registry[Task] = Registry("task")
 
@@ -41,7 +41,8 @@ register("gsm8k", GSM8K)
 register("mbpp", MBPP)
 
 __all__ = [
-    "GSM8K", "MBPP", "Arithmetic", "Example", "SplitOverlapError", "Task", "check_disjoint", "data_dir",
+    "GSM8K", "MBPP", "REWARD_ERROR", "Arithmetic", "Example", "SplitOverlapError", "Task", "check_disjoint",
+    "data_dir", "is_reward_error",
     "extract_code", "extract_prediction", "pass_at_k",
     "get", "names", "register", "registry",
 ]

@@ -2,11 +2,18 @@
 
 A task is data (disjoint train/val/test lists of `Example`), a prompt builder, a reward used
 for RL and a per-example score used for evaluation. Concrete tasks subclass `Task`.
+
+A reward or score of NaN (`REWARD_ERROR`) is a typed outcome: the task could not judge the
+completion (MBPP: the sandbox's harness could not start, was killed before it reported, or its
+report is malformed), which is not the same as a wrong answer. Training excludes such samples
+from the group advantage and the loss; evaluation leaves them out of the metric, counts them
+(`reward_errors`) and fails when there are too many (`train.max_reward_error_rate`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +21,12 @@ from pathlib import Path
 from typing import Any
 
 SPLITS = ("train", "val", "test")
+REWARD_ERROR = math.nan  # "could not judge": excluded from advantages and metrics, never a 0
+
+
+def is_reward_error(x: float) -> bool:
+    """True for the typed "could not judge" outcome (`REWARD_ERROR`)."""
+    return math.isnan(x)
 
 
 class SplitOverlapError(ValueError):
@@ -153,8 +166,10 @@ class Task:
         return [float(self.reward(c, e)) for c, e in zip(completions, examples, strict=True)]
 
     def score(self, completion: str, example: Example) -> float:
-        """The evaluation metric of one completion in [0, 1] (default: reward == 1)."""
-        return 1.0 if self.reward(completion, example) >= 1.0 else 0.0
+        """The evaluation metric of one completion in [0, 1] (default: reward == 1; a reward the
+        task could not judge stays `REWARD_ERROR`)."""
+        r = self.reward(completion, example)
+        return r if is_reward_error(r) else (1.0 if r >= 1.0 else 0.0)
 
     def extra_metrics(self, completions: Sequence[str],
                       examples: Sequence[Example]) -> dict[str, list[float]]:
@@ -166,6 +181,12 @@ class Task:
         """Batched per-example evaluation scores in [0, 1]."""
         _check_lengths(completions, examples)
         return [float(self.score(c, e)) for c, e in zip(completions, examples, strict=True)]
+
+    def judge(self, completions: Sequence[str],
+              examples: Sequence[Example]) -> tuple[list[float], list[float]]:
+        """Rewards and scores of a batch together (a task whose judging is costly, MBPP's
+        sandbox, overrides this to judge each completion once)."""
+        return self.rewards(completions, examples), self.scores(completions, examples)
 
 
 def _check_lengths(completions: Sequence[str], examples: Sequence[Example]) -> None:

@@ -19,8 +19,14 @@ open its descriptors through /proc), ignoring SIGINT (init ignores signals it ha
 for). It never runs program code. For each test it forks a child, which closes the report
 descriptor (fd 4), loads the program into fresh globals, evaluates that test's operands in order
 and writes their values, in a tagged encoding, to a memfd that only this child holds. When the
-child exits the harness kills whatever is left in the namespace, then writes the memfd's content,
-framed, as that test's record on fd 4 (`v <test> <length>`). Operands without any name in them
+child exits, or after `test_timeout_s` when the harness kills it (the test fails), the harness
+kills whatever is left in the namespace, then writes the memfd's content, framed, as that test's
+record on fd 4 (`v <test> <length>`). After the last test (or at once when the program does not
+compile) it writes the end record (`e <n_tests> 0`): a report without it was not judged (the
+harness could not start, the sandbox's own limits killed it, the report was cut), which `judge`
+types as an error (NaN, `REWARD_ERROR`) rather than scoring it 0. Because every test is timed by
+the harness, a program cannot turn its 0 into an excluded error by hanging (that rests, like the
+rest, on the harness being unreachable: with no uid drop a program can kill it). Operands without any name in them
 (`[1] * 3`) are evaluated by the harness itself before any child exists (`p` records). The parent
 takes exactly one record of each kind per test and decodes it strictly (`ast.literal_eval`, then
 every node checked); only None, bool, int, float, complex, str, bytes, list, tuple, set,
@@ -57,6 +63,7 @@ from __future__ import annotations
 import ast
 import collections
 import functools
+import logging
 import math
 import operator
 import re
@@ -65,12 +72,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mirrorlab.sandbox import Program, SandboxLimits, SandboxPool
+from mirrorlab.sandbox import Program, SandboxLimits, SandboxPool, SandboxResult
 
-from .base import Example, Task, _normalise, data_dir, load_rows
+from .base import REWARD_ERROR, Example, Task, _normalise, data_dir, load_rows
 
 SPLIT_IDS = {"prompt": (1, 10), "test": (11, 510), "val": (511, 600), "train": (601, 974)}
 VALUE_CAP = 256 * 1024  # bytes of encoded values one test may report
+log = logging.getLogger(__name__)
+# Wall seconds the harness gives one test's child before it kills it (the test fails): twice the
+# default CPU limit, so a test that fits its CPU seconds is not cut short by a loaded machine.
+TEST_TIMEOUT_S = 10.0
 # Standard-library modules the harness imports before forking when the program names them
 # (saves every test's child the import; only stdlib is importable under `python -I -S`).
 PRELOAD = frozenset({
@@ -84,9 +95,10 @@ PRELOAD = frozenset({
 # honest encoding reports (a program that reaches these objects anyway only claims values).
 HARNESS = r'''
 def _mirrorlab_harness():
-    import posix, sys, _signal
+    import posix, sys, _signal, select, time
     _fork, _exit, _write, _read, _close = posix.fork, posix._exit, posix.write, posix.read, posix.close
     _wait, _kill, _lseek = posix.waitpid, posix.kill, posix.lseek
+    _select, _now = select.select, time.monotonic
     _eval, _exec, _compile, _ascii, _isinstance, _hex = eval, exec, compile, ascii, isinstance, hex
     _index, _frepr, _sstr, _bhex = int.__index__, float.__repr__, str.__str__, bytes.hex
     _real, _imag = complex.__dict__["real"].__get__, complex.__dict__["imag"].__get__
@@ -192,7 +204,8 @@ def _mirrorlab_harness():
     try:
         code = _compile(src, "solution.py", "exec")
         setup = _compile(spec["setup"], "setup.py", "exec") if spec["setup"] else None
-    except BaseExc:
+    except BaseExc:  # the program does not compile: every test fails, and that is a verdict
+        emit(b"e", len(spec["tests"]), b"")
         return
     tests = []
     for t in spec["tests"]:
@@ -233,7 +246,39 @@ def _mirrorlab_harness():
             pass
         _exit(0)
 
+    def wait_for(pid, limit):
+        # The child's exit status; a child still running after `limit` seconds is killed (its
+        # test fails: a hang is the program's failure, judged here, not a harness error).
+        try:
+            pfd = posix.pidfd_open(pid)
+        except BaseExc:
+            pfd = -1
+        if pfd >= 0:
+            try:
+                ready = _select([pfd], [], [], limit)[0]
+            finally:
+                _close(pfd)
+        else:  # no pidfd (old kernel): poll
+            end = _now() + limit
+            ready = []
+            while _now() < end and not ready:
+                done, st = _wait(pid, posix.WNOHANG)
+                if done == pid:
+                    return st
+                time.sleep(0.005)
+        if not ready:
+            try:
+                posix.killpg(pid, 9)
+            except OSError:
+                pass
+            try:
+                _kill(pid, 9)
+            except OSError:
+                pass
+        return _wait(pid, 0)[1]
+
     init = posix.getpid() == 1
+    limit = spec["test_timeout"]
     for i, t in enumerate(tests):
         if t is None:
             continue
@@ -252,7 +297,7 @@ def _mirrorlab_harness():
             posix.setpgid(pid, pid)
         except OSError:
             pass
-        status = _wait(pid, 0)[1]
+        status = wait_for(pid, limit)
         if init:  # nothing the test started may outlive it: kill the rest of the namespace
             while True:
                 try:
@@ -276,6 +321,7 @@ def _mirrorlab_harness():
         _close(fd)
         if status == 0 and 0 < len(data) <= cap and data.isascii():
             emit(b"v", i, data)
+    emit(b"e", len(tests), b"")  # the end of the report: every test was judged
 
 
 _mirrorlab_harness()
@@ -439,19 +485,26 @@ def decode_values(payload: str, n: int) -> list[Any]:
 
 def parse_report(report: str, n_tests: int) -> dict[tuple[str, int], str | None]:
     """The harness's records by (kind, test): "v" (values the test's child reported) and "p"
-    (values of its name-free operands); None where a record repeats. Parsing stops at the first
-    malformed or truncated record."""
+    (values of its name-free operands); None where a record repeats; ("e", n_tests) when the
+    harness reached the end of its report (`judge`: without it nothing was judged). Parsing stops
+    at the first malformed or truncated record."""
     out: dict[tuple[str, int], str | None] = {}
     pos = 0
     while pos < len(report):
         nl = report.find("\n", pos)
         head = report[pos:nl].split(" ") if nl >= 0 else []
-        if (len(head) != 3 or head[0] not in ("v", "p")
+        if (len(head) != 3 or head[0] not in ("v", "p", "e")
                 or not all(h.isascii() and h.isdigit() and len(h) < 10 for h in head[1:])):
             break
         i, n = int(head[1]), int(head[2])
         end = nl + 1 + n
-        if i >= n_tests or report[end:end + 1] != "\n":
+        if report[end:end + 1] != "\n":
+            break
+        if head[0] == "e":  # the last record: it ends the report
+            if i == n_tests and n == 0 and end + 1 == len(report):
+                out[("e", i)] = ""
+            break
+        if i >= n_tests:
             break
         key = (head[0], i)
         out[key] = None if key in out else report[nl + 1:end]
@@ -496,12 +549,21 @@ def _preload(code: str) -> list[str]:
     return sorted(names)
 
 
-def harness_program(code: str, tests: Sequence[str], setup: str = "") -> tuple[Program, list[Check | None]]:
-    """The sandbox program that evaluates `code` on `tests`, and the checks that judge its report."""
+def harness_program(
+    code: str, tests: Sequence[str], setup: str = "", test_timeout_s: float = TEST_TIMEOUT_S,
+    timeout_s: float | None = None,
+) -> tuple[Program, list[Check | None]]:
+    """The sandbox program that evaluates `code` on `tests`, and the checks that judge its report.
+
+    Each test's child is killed by the harness after `test_timeout_s` (the test fails); the
+    sandbox's own wall-clock limit is `timeout_s` (the harness's start-up allowance; None: the
+    pool's) plus that per test, so a program that hangs is judged (0), never cut off unjudged."""
     checks = [plan_check(t) for t in tests]
     spec = {"tests": [None if k is None else {"steps": list(k.steps), "pure": list(k.pure)} for k in checks],
-            "setup": setup, "preload": _preload(code), "cap": VALUE_CAP}
-    return Program(HARNESS, files=(("solution.py", code), ("tests.py", repr(spec)))), checks
+            "setup": setup, "preload": _preload(code), "cap": VALUE_CAP,
+            "test_timeout": float(test_timeout_s)}
+    wall = None if timeout_s is None else timeout_s + len(tests) * test_timeout_s
+    return Program(HARNESS, files=(("solution.py", code), ("tests.py", repr(spec))), timeout_s=wall), checks
 
 
 def fraction_passed(report: str, checks: Sequence[Check | None]) -> float:
@@ -510,16 +572,68 @@ def fraction_passed(report: str, checks: Sequence[Check | None]) -> float:
     return sum(check_passed(k, records, i) for i, k in enumerate(checks)) / len(checks) if checks else 0.0
 
 
+@dataclass(frozen=True)
+class Judgement:
+    """The parent's verdict on one program: the fraction of its tests that pass, or, when the
+    harness could not judge it, why (`error`; `passed` is then NaN, `REWARD_ERROR`: a typed
+    outcome that training and evaluation exclude, never a 0)."""
+
+    passed: float
+    error: str | None = None
+
+    @property
+    def judged(self) -> bool:
+        """True when the harness reached the end of its report."""
+        return self.error is None
+
+
+def judge(result: SandboxResult, checks: Sequence[Check | None]) -> Judgement:
+    """A `Judgement` from one harness run: judged when its report ends with the end record (every
+    test then has its verdict, a missing value record being a failure of the program); otherwise
+    a harness error: it could not start, the sandbox's limits killed it before it reported, or
+    the report is missing, truncated or malformed."""
+    records = parse_report(result.report, len(checks))
+    if ("e", len(checks)) in records:
+        return Judgement(fraction_passed(result.report, checks))
+    if result.timed_out:
+        why = (f"killed by the sandbox's wall clock after {result.duration_s:.1f} s, "
+               "before the harness finished")
+    elif result.returncode != 0:
+        tail = " ".join(result.stderr.split())[-200:]
+        why = (f"the harness exited with status {result.returncode} before finishing"
+               + (f": {tail}" if tail else ""))
+    elif not result.report:
+        why = "the harness wrote no report"
+    else:
+        why = "the harness's report is truncated or malformed"
+    return Judgement(REWARD_ERROR, why)
+
+
+def judge_programs(
+    codes: Sequence[str], tests: Sequence[Sequence[str]], pool: SandboxPool,
+    setups: Sequence[str] | None = None, test_timeout_s: float = TEST_TIMEOUT_S,
+) -> list[Judgement]:
+    """For each program, the `Judgement` of its tests (each assert run separately in the sandbox,
+    judged here from the values it reports), at most `pool.workers` programs at a time."""
+    setups = setups if setups is not None else [""] * len(codes)
+    built = [harness_program(c, t, s, test_timeout_s, pool.timeout_s)
+             for c, t, s in zip(codes, tests, setups, strict=True)]
+    results = pool.map([prog for prog, _ in built])
+    return [judge(r, checks) for r, (_, checks) in zip(results, built, strict=True)]
+
+
 def assert_fractions(
     codes: Sequence[str], tests: Sequence[Sequence[str]], pool: SandboxPool,
-    setups: Sequence[str] | None = None,
+    setups: Sequence[str] | None = None, test_timeout_s: float = TEST_TIMEOUT_S,
 ) -> list[float]:
-    """For each program, the fraction of its assert statements that pass (each run separately,
-    judged here from the values the sandbox reports)."""
-    setups = setups if setups is not None else [""] * len(codes)
-    built = [harness_program(c, t, s) for c, t, s in zip(codes, tests, setups, strict=True)]
-    results = pool.map([prog for prog, _ in built])
-    return [fraction_passed(r.report, checks) for r, (_, checks) in zip(results, built, strict=True)]
+    """For each program, the fraction of its assert statements that pass, NaN (`REWARD_ERROR`)
+    where the harness could not judge it (`judge_programs` says why)."""
+    return [j.passed for j in judge_programs(codes, tests, pool, setups, test_timeout_s)]
+
+
+def _pass_at_1(reward: float) -> float:
+    """1 when every assert passed, 0 otherwise, NaN (a harness error) stays NaN."""
+    return reward if math.isnan(reward) else (1.0 if reward >= 1.0 else 0.0)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -545,7 +659,11 @@ def load_mbpp_rows(source: str = "auto", path: str | Path | None = None) -> list
 
 
 class MBPP(Task):
-    """MBPP with a sandboxed, per-assert reward and pass@1 evaluation."""
+    """MBPP with a sandboxed, per-assert reward and pass@1 evaluation.
+
+    Limits: each test's child gets `cpu_s` CPU seconds, `memory_mb` and `test_timeout_s` wall
+    seconds (default 2 x cpu_s), after which it fails; the harness gets `timeout_s` for its own
+    start-up on top. A completion the harness could not judge gets NaN (`REWARD_ERROR`)."""
 
     name = "mbpp"
     metric_name = "pass@1"
@@ -562,6 +680,7 @@ class MBPP(Task):
         cpu_s: int = 5,
         memory_mb: int = 512,
         chat: bool | None = None,
+        test_timeout_s: float | None = None,
     ) -> None:
         rows = load_mbpp_rows(source, path)
         by_split: dict[str, list[Example]] = {k: [] for k in SPLIT_IDS}
@@ -578,7 +697,11 @@ class MBPP(Task):
         if not 0 <= n_shots <= len(self.prompts):
             raise ValueError(f"n_shots must be in [0, {len(self.prompts)}], got {n_shots}")
         self.n_shots = n_shots
-        self.timeout_s = timeout_s
+        test_timeout_s = 2.0 * cpu_s if test_timeout_s is None else test_timeout_s
+        if timeout_s <= 0 or test_timeout_s <= 0:
+            raise ValueError(f"timeout_s and test_timeout_s must be > 0, got {timeout_s}, {test_timeout_s}")
+        self.timeout_s = timeout_s  # the harness's start-up allowance; each test adds test_timeout_s
+        self.test_timeout_s = test_timeout_s
         self.limits = SandboxLimits(cpu_s=cpu_s, memory_mb=memory_mb)
         self.workers = workers
         self._pool: SandboxPool | None = None
@@ -621,31 +744,49 @@ class MBPP(Task):
             self._pool = SandboxPool(self.workers, timeout_s=self.timeout_s, limits=self.limits)
         return self._pool
 
-    def rewards(self, completions: Sequence[str], examples: Sequence[Example]) -> list[float]:
-        """Fraction of each example's asserts that the completion's code passes (sandboxed, parallel)."""
+    def judgements(self, completions: Sequence[str], examples: Sequence[Example]) -> list[Judgement]:
+        """Each completion's `Judgement` (sandboxed, parallel); harness errors are logged with why."""
         if len(completions) != len(examples):
             raise ValueError(f"got {len(completions)} completions for {len(examples)} examples")
-        return assert_fractions(
+        out = judge_programs(
             [extract_code(c) for c in completions], [e.meta["tests"] for e in examples], self.pool,
-            [e.meta.get("setup", "") for e in examples],
+            [e.meta.get("setup", "") for e in examples], self.test_timeout_s,
         )
+        errors = [j.error for j in out if not j.judged]
+        if errors:
+            log.warning("mbpp: the harness could not judge %d of %d completions (excluded, not scored 0); "
+                        "first: %s", len(errors), len(out), errors[0])
+        return out
+
+    def rewards(self, completions: Sequence[str], examples: Sequence[Example]) -> list[float]:
+        """Fraction of each example's asserts that the completion's code passes; NaN
+        (`REWARD_ERROR`) where the harness could not judge it."""
+        return [j.passed for j in self.judgements(completions, examples)]
 
     def reward(self, completion: str, example: Example) -> float:
         """Fraction of asserts passed by one completion."""
         return self.rewards([completion], [example])[0]
 
     def scores(self, completions: Sequence[str], examples: Sequence[Example]) -> list[float]:
-        """pass@1 per example: 1 when every assert passes."""
-        return [1.0 if r >= 1.0 else 0.0 for r in self.rewards(completions, examples)]
+        """pass@1 per example: 1 when every assert passes (NaN where the harness could not judge)."""
+        return [_pass_at_1(r) for r in self.rewards(completions, examples)]
+
+    def judge(self, completions: Sequence[str],
+              examples: Sequence[Example]) -> tuple[list[float], list[float]]:
+        """Rewards and pass@1 scores from one sandbox run per completion."""
+        rewards = self.rewards(completions, examples)
+        return rewards, [_pass_at_1(r) for r in rewards]
 
     def pass_at_k(self, completions: Sequence[Sequence[str]], examples: Sequence[Example], k: int) -> float:
-        """Mean unbiased pass@k over examples, from n >= k completions per example."""
+        """Mean unbiased pass@k over examples, from n >= k completions per example; completions the
+        harness could not judge are left out (an example with fewer than k judged ones too)."""
         flat = [c for cs in completions for c in cs]
         owners = [e for cs, e in zip(completions, examples, strict=True) for _ in cs]
         scores = self.scores(flat, owners)
         vals, i = [], 0
         for cs in completions:
-            n = len(cs)
-            vals.append(pass_at_k(n, int(sum(scores[i : i + n])), k))
-            i += n
-        return sum(vals) / len(vals) if vals else 0.0
+            judged = [x for x in scores[i : i + len(cs)] if not math.isnan(x)]
+            if len(judged) >= k:
+                vals.append(pass_at_k(len(judged), int(sum(judged)), k))
+            i += len(cs)
+        return sum(vals) / len(vals) if vals else math.nan  # nothing judged: no estimate, not 0

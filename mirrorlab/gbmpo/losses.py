@@ -34,14 +34,33 @@ STD_EPS = 1e-4
 
 
 def advantages(rewards: Tensor, group_size: int, kind: AdvantageKind = "dr_grpo") -> Tensor:
-    """Per-completion advantages; rewards are laid out group by group ([q0 x G, q1 x G, ...])."""
+    """Per-completion advantages; rewards are laid out group by group ([q0 x G, q1 x G, ...]).
+
+    A NaN reward (the task could not judge the completion, `tasks.REWARD_ERROR`) gets advantage 0
+    and is left out of its group: the mean (and, for grpo, the std) are those of the judged
+    members, exactly as if the group had only them."""
+    if kind not in ("grpo", "dr_grpo"):
+        raise ValueError(f"unknown advantage kind {kind!r}; allowed: grpo, dr_grpo")
     r = rewards.float().view(-1, group_size)
+    judged = ~torch.isnan(r)
+    if not bool(judged.all()):
+        return _judged_advantages(r, judged, kind).reshape(-1)
     centred = r - r.mean(dim=1, keepdim=True)
     if kind == "grpo":
         centred = centred / (r.std(dim=1, keepdim=True) + STD_EPS)
-    elif kind != "dr_grpo":
-        raise ValueError(f"unknown advantage kind {kind!r}; allowed: grpo, dr_grpo")
     return centred.reshape(-1)
+
+
+def _judged_advantages(r: Tensor, judged: Tensor, kind: AdvantageKind) -> Tensor:
+    """`advantages` over the judged members of each group [N, G] (the rest get 0)."""
+    n = judged.sum(dim=1, keepdim=True)
+    zero = torch.zeros_like(r)
+    mean = torch.where(judged, r, zero).sum(dim=1, keepdim=True) / n.clamp(min=1)
+    centred = torch.where(judged, r - mean, zero)
+    if kind == "grpo":  # the unbiased std, as torch.std, of the judged members
+        std = ((centred ** 2).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+        centred = torch.where(n > 1, centred / (std + STD_EPS), zero)
+    return centred
 
 
 def penalised_rewards(rewards: Tensor, d_tok: Tensor, mask: Tensor, coef: float) -> tuple[Tensor, Tensor]:

@@ -86,6 +86,12 @@ class EvalResult:
     n: int = 0
     samples: list[dict[str, Any]] = field(default_factory=list)  # train.log_completions rows
     extra: dict[str, float] = field(default_factory=dict)  # the task's extra metrics, mean per name
+    reward_errors: int = 0  # completions the task could not judge (left out of metric, stderr and n)
+
+
+class RewardErrorRate(RuntimeError):
+    """An evaluation in which the task could not judge too many completions
+    (`train.max_reward_error_rate`): its metric would measure the grader, not the policy."""
 
 
 @dataclass
@@ -102,6 +108,7 @@ class Rollout:
     rewards: Tensor  # [B]
     scores: Tensor  # [B]
     old_logps: Tensor | None = None  # [B, T] sampling-time log-probs (only when mu > 1)
+    reward_errors: int = 0  # completions the task could not judge (NaN reward: no advantage, no loss)
     engine_logps: Tensor | None = None  # [B, T] the vLLM engine's log-probs of the drawn tokens
 
 
@@ -557,14 +564,16 @@ class GBMPOTrainer:
             ended = [any(st in t for st in self.stop_strings) for t in texts]
             truncated = truncated & ~torch.tensor(ended, device=self.device)
         rep = [ex for ex in examples for _ in range(G)]
-        rewards = torch.tensor(self.task.rewards(texts, rep), dtype=torch.float32, device=self.device)
-        scores = torch.tensor(self.task.scores(texts, rep), dtype=torch.float32, device=self.device)
+        rw, sc = self.task.judge(texts, rep)
+        errors = sum(1 for x in rw if math.isnan(x))
+        rewards = torch.tensor(rw, dtype=torch.float32, device=self.device)
+        scores = torch.tensor(sc, dtype=torch.float32, device=self.device)
         att = torch.cat([p_att, cmask], dim=1)
         return Rollout(
             input_ids=torch.cat([p_ids, comp], dim=1), attention_mask=att,
             position_ids=_position_ids(att), completion_ids=comp, completion_mask=cmask,
             truncated=truncated, texts=texts, rewards=rewards, scores=scores, old_logps=old,
-            engine_logps=self._pop_engine_logps(),
+            engine_logps=self._pop_engine_logps(), reward_errors=errors,
         )
 
     # ------------------------------------------------------------------ log-probs
@@ -664,6 +673,9 @@ class GBMPOTrainer:
         mask = ro.completion_mask.float()
         if cfg.mask_truncated:
             mask = mask * (~ro.truncated).float().unsqueeze(1)
+        probe_mask = mask  # the inert-regulariser probe measures lambda * D on every sampled token
+        if ro.reward_errors:  # completions the task could not judge: no gradient, out of the token count
+            mask = mask * (~torch.isnan(ro.rewards)).float().unsqueeze(1)
         B = ro.completion_ids.shape[0]
         slices = self._micro_slices(B)
         totals = BatchTotals(num_seqs=B, num_tokens=mask.sum(), num_micro=len(slices))
@@ -684,7 +696,7 @@ class GBMPOTrainer:
         want_ratio = in_loss and cfg.grad_ratio_every > 0 and self.step % cfg.grad_ratio_every == 0
         probe = None
         if in_loss and self.coef != 0.0 and (self.step == 0 or want_ratio):
-            probe = self._check_regulariser(refs[0], mask[slices[0]])
+            probe = self._check_regulariser(refs[0], probe_mask[slices[0]])
         # --- mu clipped passes over the batch, one optimiser step each
         self.model.train()
         acc, grad_norm, ratio = self._optimise(ro, adv, mask, slices, totals, refs, olds, in_loss,
@@ -812,11 +824,14 @@ class GBMPOTrainer:
         names = keys + ["reward_mean", "reward_std", "accuracy", "completion_length", "truncated_frac",
                         "gen_tokens", "abs_adv", "grad_norm", "grad_ratio", "clip_frac_last",
                         "reward_penalty"]
+        judged = ~torch.isnan(ro.rewards) if ro.reward_errors else None
+        rw = ro.rewards if judged is None else ro.rewards[judged]
+        sc = ro.scores if judged is None else ro.scores[judged]
         vec = torch.stack([
             torch.as_tensor(acc[k], device=self.device, dtype=torch.float32) for k in keys
         ] + [
-            ro.rewards.mean(), ro.rewards.std() if B > 1 else zero,
-            ro.scores.mean(), lengths.mean(), ro.truncated.float().mean(),
+            rw.mean(), rw.std() if rw.numel() > 1 else zero,
+            sc.mean(), lengths.mean(), ro.truncated.float().mean(),
             ro.completion_mask.sum().float(), abs_adv, grad_norm.float(), ratio.float(),
             torch.as_tensor(acc.get("clip_frac_last", acc["clip_frac"]), device=self.device,
                             dtype=torch.float32),
@@ -843,6 +858,7 @@ class GBMPOTrainer:
             m["grad_ratio"] = float("nan")
         if cfg.mu == 1:
             m.pop("clip_frac_last")
+        m["reward_errors"] = ro.reward_errors
         m.update(step=self.step, lr=self.scheduler.get_last_lr()[0], step_time=dt, gen_time=t_gen,
                  tokens_per_s=m["gen_tokens"] / dt if dt > 0 else float("nan"))
         if "engine_logp_mismatch" in acc:  # vllm backend: sampler vs trainer, and the weight push
@@ -910,9 +926,18 @@ class GBMPOTrainer:
             scores += sc
             lengths += ln
         arr = np.asarray(scores, dtype=np.float64)
-        se = float(arr.std() / math.sqrt(len(arr))) if len(arr) > 1 else float("nan")
-        return EvalResult(float(arr.mean()), se, float(np.mean(lengths)), scores, len(scores), samples,
-                          {name: float(np.mean(v)) for name, v in extra.items()})
+        judged = arr[~np.isnan(arr)]
+        errors = len(arr) - len(judged)
+        if errors > self.cfg.max_reward_error_rate * len(arr):
+            raise RewardErrorRate(
+                f"evaluation on {split}: the task could not judge {errors} of {len(arr)} completions "
+                f"({errors / len(arr):.1%} > train.max_reward_error_rate "
+                f"{self.cfg.max_reward_error_rate:g}); "
+                "its log has the first reason (MBPP: the sandbox's harness)")
+        se = float(judged.std() / math.sqrt(len(judged))) if len(judged) > 1 else float("nan")
+        mean = float(judged.mean()) if len(judged) else float("nan")
+        return EvalResult(mean, se, float(np.mean(lengths)), scores, len(judged), samples,
+                          {name: float(np.mean(v)) for name, v in extra.items()}, errors)
 
     @torch.no_grad()
     def reference_loglik(self, examples: Sequence[Any], batch_size: int = 256) -> list[float]:
