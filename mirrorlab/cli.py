@@ -31,10 +31,11 @@ from rich.table import Table
 from mirrorlab import compare, divergences, maps, plots, tasks
 from mirrorlab.config import Config, ConfigError, config_reference, dump_config, field_rows, load_config
 from mirrorlab.gbmpo import build_trainer, sample_tables
+from mirrorlab.journal import CheckpointError
 from mirrorlab.probe import Probe
 from mirrorlab.progress import SearchProgress, TrainProgress
 from mirrorlab.repro import run_record
-from mirrorlab.search import CheckpointError, Search
+from mirrorlab.search import Search
 from mirrorlab.spaces import NeuralSpace
 from mirrorlab.tracking import MLflowTracker, resolve_tracking_uri
 from mirrorlab.values import fmt, jsonable

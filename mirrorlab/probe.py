@@ -32,9 +32,9 @@ from mirrorlab import plots, tasks, variance
 from mirrorlab.config import Config, dump_config
 from mirrorlab.evaluators import build_evaluator
 from mirrorlab.executors import make_executor
+from mirrorlab.journal import append_journal, read_journal
 from mirrorlab.records import FINISHED, Job, Outcome
 from mirrorlab.repro import run_record
-from mirrorlab.search import append_journal, read_journal
 from mirrorlab.spaces import SearchSpace, make_space
 from mirrorlab.tracking import MlflowSession
 from mirrorlab.values import jsonable

@@ -11,6 +11,10 @@ the resume journal, the MLflow child runs and the checkpoint. One generation rea
     incumbent  = re-evaluated / chosen by mean or lower confidence bound
     recorder.generation(record)                  # an immutable GenerationRecord
 
+This module is the loop; `mirrorlab.fitness` holds the pure scoring (a candidate's `Score` over its
+seeds, paired errors, racing rungs, the incumbent rule) and `mirrorlab.journal` the records, the
+checkpoint, the journal of finished jobs and the `SearchRecorder` that writes them.
+
 Noise-aware fitness (`search.evaluator`):
 - `seeds`: k inner seeds per candidate, the same k for every candidate of a generation (common
   random numbers; `resample_each_generation: false` fixes them for the whole search); fitness is
@@ -35,14 +39,10 @@ of the interrupted generation (they are logged only once a generation is complet
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import math
-import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,412 +52,41 @@ from mirrorlab import divergences, plots, strategies
 from mirrorlab.config import Config, dump_config
 from mirrorlab.evaluators import build_evaluator, confirmation_seeds, generation_seeds
 from mirrorlab.executors import Executor, make_executor
-from mirrorlab.records import FAILED, FINISHED, Job, Outcome, merge_samples
+from mirrorlab.fitness import Entry, Score, aggregate, criterion, full_length, racing_rungs, tell_values
+from mirrorlab.journal import (
+    CHECKPOINT,
+    CHECKPOINT_VERSION,
+    CheckpointError,
+    ChildLog,
+    GenerationRecord,
+    SearchRecorder,
+    SearchResult,
+    job_key,
+    lineage_records,
+    read_checkpoint,
+    run_key,
+    step_rungs,
+    write_checkpoint,
+)
+from mirrorlab.records import FINISHED, Job, Outcome
 from mirrorlab.spaces import NeuralSpace, SearchSpace, make_space
 from mirrorlab.strategies import Candidate
 from mirrorlab.tracking import make_tracker
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.json"
-CHECKPOINT_VERSION = 3  # 3: a sha256 of the content; journal lines carry their own
-
-
-# --------------------------------------------------------------------------- fitness (pure)
-@dataclass(frozen=True)
-class Score:
-    """A candidate's fitness aggregated over the inner seeds it ran (paired if a baseline is set)."""
-
-    status: str
-    fitness: float | None
-    stderr: float | None
-    values: tuple[float, ...]  # per seed (paired differences with a baseline)
-    seeds: tuple[int, ...]
-    metric: float | None = None  # mean raw metric (unpaired)
-    mean_length: float | None = None
-    error: str | None = None
-    rung: int = 0
-    workers: tuple[str, ...] = ()
-    curves: tuple[dict[str, float], ...] = ()  # inner training curves, mean over seeds per step
-    samples: dict[str, list[dict[str, Any]]] | None = None  # completion tables, rows of every seed
-    timings: tuple[tuple[str, float], ...] = ()  # summed over seeds
-    steps: int = 0  # inner steps this candidate trained (all seeds, all racing rungs)
-    started_at: float | None = None  # the first seed's job start, the last one's end (unix s)
-    ended_at: float | None = None
-
-    @property
-    def ok(self) -> bool:
-        """True when every seed finished."""
-        return self.status == FINISHED
-
-
-def paired_stderr(values: list[float], a: Outcome, b: Outcome | None) -> float | None:
-    """Standard error of a mean fitness: the spread of >= 2 per-seed values, else (one seed) the
-    per-problem paired differences with the baseline `b`, else the run's own sampling error."""
-    if len(values) >= 2:
-        return float(np.std(values, ddof=1) / math.sqrt(len(values)))
-    if b is not None and len(a.scores) == len(b.scores) >= 2:
-        d = np.asarray(a.scores) - np.asarray(b.scores)
-        d = d[~np.isnan(d)]  # problems either run's task could not judge are left out of the pairs
-        if d.size >= 2:
-            return float(np.std(d, ddof=1) / math.sqrt(d.size))
-    return a.stderr
-
-
-def aggregate(outs: list[Outcome], seeds: list[int], baselines: list[Outcome] | None = None,
-              rung: int = 0) -> Score:
-    """The Score of one candidate from its per-seed outcomes (and, paired, the baseline's on the
-    same seeds). Any failed seed fails the candidate, with that seed's error."""
-    workers = tuple(sorted({o.worker for o in outs if o.worker}))
-    timings: dict[str, float] = {}
-    for o in outs:
-        for k, v in o.timings.items():
-            timings[k] = timings.get(k, 0.0) + float(v)
-    starts = [o.started_at for o in outs if o.started_at is not None]
-    ends = [o.ended_at for o in outs if o.ended_at is not None]
-    common = {"rung": rung, "workers": workers, "timings": tuple(sorted(timings.items())),
-              "started_at": min(starts, default=None), "ended_at": max(ends, default=None)}
-    for o, s in zip(outs, seeds, strict=True):
-        if o.status != FINISHED:
-            return Score(FAILED, None, None, (), tuple(seeds), error=f"seed {s}: {o.error}", **common)
-    if baselines is not None:
-        for b, s in zip(baselines, seeds, strict=True):
-            if b.status != FINISHED:
-                return Score(FAILED, None, None, (), tuple(seeds),
-                             error=f"paired baseline failed on seed {s}: {b.error}", **common)
-    base = [b.fitness for b in baselines] if baselines is not None else [0.0] * len(outs)
-    values = [float(o.fitness) - float(bf) for o, bf in zip(outs, base, strict=True)]
-    se = paired_stderr(values, outs[0], baselines[0] if baselines is not None else None)
-    lengths = [o.mean_length for o in outs if o.mean_length is not None]
-    return Score(FINISHED, float(np.mean(values)), se, tuple(values), tuple(seeds),
-                 metric=float(np.mean([o.metric if o.metric is not None else o.fitness for o in outs])),
-                 mean_length=float(np.mean(lengths)) if lengths else None,
-                 curves=mean_curves([o.curves for o in outs]), samples=merge_samples(outs, seeds),
-                 **common)
-
-
-def mean_curves(curves: list[list[dict[str, float]]]) -> tuple[dict[str, float], ...]:
-    """Per step, the mean over seeds of each metric the seeds' curves share."""
-    n = min((len(c) for c in curves), default=0)
-    out = []
-    for i in range(n):
-        rows = [c[i] for c in curves]
-        keys = set(rows[0]).intersection(*rows[1:])
-        out.append({k: float(np.mean([r[k] for r in rows])) for k in sorted(keys)})
-    return tuple(out)
-
-
-def racing_rungs(seeds: int, min_seeds: int, eta: int) -> list[int]:
-    """Cumulative seeds per rung of successive halving: min_seeds, x eta, ..., up to `seeds`."""
-    out, n = [], max(1, min(int(min_seeds), int(seeds)))
-    while n < seeds:
-        out.append(n)
-        n *= int(eta)
-    return out + [int(seeds)]
-
-
-def full_length(scores: list[Score], ec: Any) -> list[bool]:
-    """Per score, whether it was measured at the full inner-run length (always, except candidates
-    dropped at a short rung of multi-fidelity racing, `racing.steps`)."""
-    if not (ec.racing.enabled and ec.racing.steps):
-        return [True] * len(scores)
-    last = len(ec.racing.steps) - 1
-    return [s.rung == last for s in scores]
-
-
-def tell_values(scores: list[Score], full: list[bool], failure_value: float) -> list[float]:
-    """What the strategy is told: the fitness; a failure's configured value; a candidate dropped at a
-    short racing rung, whose short-run fitness is another quantity, no more than the worst
-    full-length fitness of its generation (so every survivor ranks above every dropped one)."""
-    finals = [s.fitness for s, f in zip(scores, full, strict=True) if s.ok and f]
-    floor = min(finals) if finals else None
-    out = []
-    for s, f in zip(scores, full, strict=True):
-        if not s.ok:
-            out.append(failure_value)
-        elif f or floor is None:
-            out.append(float(s.fitness))
-        else:
-            out.append(min(float(s.fitness), floor))
-    return out
-
-
-def criterion(fitness: float, stderr: float | None, rule: str, z: float) -> float:
-    """The incumbent rule: the mean, or its lower confidence bound mean - z * stderr."""
-    if rule == "lcb":
-        return float(fitness) - float(z) * float(stderr or 0.0)
-    return float(fitness)
-
-
-# --------------------------------------------------------------------------- records
-@dataclass(frozen=True)
-class GenerationRecord:
-    """One generation, written once: per candidate its id, lineage, hash, aggregate fitness, seeds
-    used and budget (inner steps), plus the incumbent after it and how many jobs were reused."""
-
-    generation: int
-    ids: list[str]
-    parent_ids: list[list[str]]
-    notes: list[str]
-    shas: list[str]
-    status: list[str]
-    fitness: list[float | None]
-    stderr: list[float | None]
-    n_seeds: list[int]
-    budget_steps: list[int]
-    errors: list[str | None]
-    best_fitness: float | None
-    mean_fitness: float | None
-    incumbent_id: str | None
-    incumbent_fitness: float | None
-    incumbent_reevaluation: float | None  # this generation's re-evaluated fitness of the incumbent
-    seeds: list[int]
-    reused_jobs: int
-    wall_s: float
-    compute_s: float
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GenerationRecord:
-        """Inverse of `dataclasses.asdict` (checkpoint loading)."""
-        return cls(**d)
-
-
-@dataclass
-class SearchResult:
-    """The outcome of a search: the answer (confirmed when the stage ran, else the incumbent)."""
-
-    best_theta: np.ndarray
-    best_fitness: float
-    best_stderr: float | None
-    best_id: str | None
-    best_run_id: str | None
-    history: list[GenerationRecord]
-    parent_run_id: str | None
-    registered_uri: str | None
-    wall_s: float
-    timings: dict[str, float] = field(default_factory=dict)
-    confirmation: dict[str, Any] | None = None  # the confirm stage's table, when it ran
-    inner_steps_spent: int = 0  # all inner GBMPO steps the search trained (baselines included)
-    best_map: str | None = None  # the answer saved as a map directory (when the search has a report_dir)
-    report_files: list[str] = field(default_factory=list)  # plots written and logged on the parent run
-
-    def fitness_history(self) -> list[list[float | None]]:
-        """Per generation, the candidates' fitness (None for FAILED)."""
-        return [list(g.fitness) for g in self.history]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able summary."""
-        d = asdict(self)
-        d["best_theta"] = np.asarray(self.best_theta).tolist()
-        return d
-
-
-def lineage_records(history: list[GenerationRecord]) -> list[dict[str, Any]]:
-    """Candidates of a search history as plain dicts for `plots.plot_lineage` (the first of each
-    candidate's structured `parent_ids`: another candidate, or a strategy point like `mean@g3`)."""
-    return [{"id": cid, "generation": g.generation, "fitness": fit, "parent": pids[0] if pids else None,
-             "status": st}
-            for g in history
-            for cid, pids, st, fit in zip(g.ids, g.parent_ids, g.status, g.fitness, strict=True)]
-
-
-# --------------------------------------------------------------------------- checkpoints
-def atomic_write_json(path: Path, data: Any) -> None:
-    """Write JSON to `path` so a crash leaves either the old or the new file, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:  # pragma: no cover - platforms without directory fsync
-        pass
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or journal that cannot be trusted (truncated, edited, another version); the
-    message names the file and what to do. Nothing of it is loaded."""
-
-
-def _digest(data: Any) -> str:
-    """sha256 of the canonical JSON of `data` (sorted keys): what the checkpoint and journal carry."""
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write a checkpoint atomically with the sha256 of its content (checked on load)."""
-    atomic_write_json(path, {**state, "sha256": _digest(state)})
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint written by `write_checkpoint`, or CheckpointError: not JSON (truncated), another
-    version, missing fields, or content that does not match its sha256 (edited)."""
-    try:
-        ck = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({e}); it may be truncated. Move it away "
-                              "to start the search anew") from None
-    if not isinstance(ck, dict) or ck.get("version") != CHECKPOINT_VERSION:
-        v = ck.get("version") if isinstance(ck, dict) else None
-        raise CheckpointError(f"{path}: checkpoint version {v} cannot be resumed by this mirrorlab (version "
-                              f"{CHECKPOINT_VERSION}); start anew")
-    want = ck.pop("sha256", None)
-    if want != _digest(ck):
-        raise CheckpointError(f"{path}: content does not match its sha256 (edited or corrupt); refusing to "
-                              "resume from it. Move it away to start anew")
-    missing = sorted(set(_CHECKPOINT_KEYS) - set(ck))
-    if missing:
-        raise CheckpointError(f"{path}: checkpoint lacks {missing}; start anew")
-    return ck
-
-
-_CHECKPOINT_KEYS = ("version", "completed_generations", "strategy", "history", "incumbent", "pool",
-                    "baselines", "confirmation", "steps_spent", "parent_run_id", "config", "seed", "run_ids")
-
-
-def journal_path(ckpt_dir: Path, generation: int) -> Path:
-    """The journal of finished jobs of `generation` (the confirmation stage uses generations)."""
-    return ckpt_dir / f"generation_{generation:04d}.journal.jsonl"
-
-
-def read_journal(path: Path) -> dict[str, dict[str, Any]]:
-    """Entries of a generation journal by job key. A torn last line (a kill during the append:
-    no newline at the end of the file) is dropped; any other line that is not JSON or does not
-    match its sha256 raises CheckpointError (the journal was edited or corrupted)."""
-    out: dict[str, dict[str, Any]] = {}
-    if not path.is_file():
-        return out
-    text = path.read_text()
-    lines = text.split("\n")
-    torn = lines.pop()  # "" when the file ends with a newline
-    for i, line in enumerate(lines, 1):
-        try:
-            e = json.loads(line)
-            want = e.pop("sha256")
-        except (json.JSONDecodeError, AttributeError, KeyError, TypeError):
-            raise CheckpointError(f"{path}, line {i}: not a journal entry; the journal is corrupt. Delete it "
-                                  "to re-run that generation's jobs") from None
-        if want != _digest(e):
-            raise CheckpointError(f"{path}, line {i}: entry does not match its sha256 (edited); delete the "
-                                  "journal to re-run that generation's jobs")
-        out[str(e["key"])] = e
-    if torn:
-        log.warning("%s: dropped a torn last line (%d bytes) left by an interrupted write", path, len(torn))
-    return out
-
-
-def append_journal(path: Path, entry: dict[str, Any]) -> None:
-    """Append one entry (with its own sha256) to a journal and fsync it (`read_journal` reads it)."""
-    with open(path, "a") as f:
-        f.write(json.dumps({**entry, "sha256": _digest(entry)}) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def job_key(role: str, slot: int, seed: int, fidelity: str = "") -> str:
-    """Journal key of a job: what is trained (role and candidate slot) on which seed, and for how
-    many inner steps when that is not `search.evaluator.inner_steps` (`fidelity` = "@T")."""
-    return f"baseline:{seed}{fidelity}" if role == "baseline" else f"{role}:{slot}:{seed}{fidelity}"
-
-
-def step_rungs(steps: list[int], inner_steps: int) -> list[int | None]:
-    """The inner-step rungs of multi-fidelity racing: the configured ones, the last being the full
-    `inner_steps` (None: the evaluator's default length)."""
-    return [None if t == inner_steps else int(t) for t in steps]
-
-
-def run_key(role: str, candidate_id: str) -> str:
-    """Key of a child run in the recorder's map: the candidate id, or `confirm:<id>`."""
-    return candidate_id if role == "candidate" else f"{role}:{candidate_id}"
-
-
-# --------------------------------------------------------------------------- the recorder
-@dataclass(frozen=True)
-class ChildLog:
-    """One child run to log: the candidate, its aggregate outcome and its lineage."""
-
-    job: Job
-    outcome: Outcome
-    candidate_id: str
-    parent_ids: tuple[str, ...]
-    note: str
-    sha: str
-    extra: dict[str, float]
-    seeds: list[int]
-
-
-class SearchRecorder:
-    """Everything a search writes, in one place: the journal of finished jobs (synchronously, in
-    the search thread), and on one background thread, in order, the child runs of each finished
-    generation, its summary metrics, the new incumbent's plot and then the checkpoint. It alone
-    owns the candidate id -> run id map, so no record is changed after it is made."""
-
-    def __init__(self, cfg: Config, tracker: Any, checkpoint_dir: Path, timings: dict[str, float]) -> None:
-        self.cfg, self.tracker, self.dir, self.timings = cfg, tracker, checkpoint_dir, timings
-        self.run_ids: dict[str, str] = {}
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mirrorlab-tracking")
-        self._last: Future[None] | None = None
-        self.dir.mkdir(parents=True, exist_ok=True)
-
-    # -- journal (search thread)
-    def journal(self, generation: int, key: str, sha: str, outcome: Outcome) -> None:
-        """Append one finished job to its generation's journal (fsynced)."""
-        append_journal(journal_path(self.dir, generation),
-                        {"key": key, "sha": sha, "outcome": outcome.to_dict()})
-
-    def journalled(self, generation: int) -> dict[str, dict[str, Any]]:
-        """Jobs of `generation` finished before an interruption."""
-        return read_journal(journal_path(self.dir, generation))
-
-    # -- background writes
-    def submit(self, generation: int, children: list[ChildLog], summary: dict[str, float] | None,
-               plot: tuple[str, np.ndarray] | None, checkpoint: dict[str, Any]) -> None:
-        """Queue a finished generation (or the confirmation stage): children, summary, plot, checkpoint."""
-        self.wait()  # the previous generation's (long done, normally): its errors surface here
-        self._last = self._pool.submit(self._write, generation, children, summary, plot, checkpoint)
-
-    def _write(self, generation: int, children: list[ChildLog], summary: dict[str, float] | None,
-               plot: tuple[str, np.ndarray] | None, checkpoint: dict[str, Any]) -> None:
-        t0 = time.monotonic()
-        for c in children:
-            if c.job.role == "baseline":
-                self.tracker.log_baseline(c.job, c.outcome, candidate_id=c.candidate_id)
-                continue
-            parent_run = self.run_ids.get(c.parent_ids[0]) if c.parent_ids else None
-            rid = self.tracker.log_candidate(
-                c.job, c.outcome, candidate_id=c.candidate_id, parent_ids=c.parent_ids, note=c.note,
-                parent_run=parent_run, sha=c.sha, extra=c.extra, seeds=c.seeds)
-            if rid is not None:
-                self.run_ids[run_key(c.job.role, c.candidate_id)] = rid
-        if summary is not None:
-            self.tracker.log_generation(generation, summary)
-        if plot is not None and self.cfg.tracking.plot_scope == "incumbents":
-            self.tracker.log_plot(self.run_ids.get(plot[0]), plot[1])
-        self.timings["tracking_bg_s"] += time.monotonic() - t0
-        t = time.monotonic()
-        write_checkpoint(self.dir / CHECKPOINT, {**checkpoint, "run_ids": dict(self.run_ids)})
-        journal_path(self.dir, generation).unlink(missing_ok=True)
-        self.timings["checkpoint_s"] += time.monotonic() - t
-
-    def wait(self) -> None:
-        """Wait for the queued writes; re-raise their error."""
-        if self._last is not None:
-            f, self._last = self._last, None
-            f.result()
-
-    def close(self) -> None:
-        """Finish the queued writes and stop the thread."""
-        self._pool.shutdown(wait=True)
-
-
 # --------------------------------------------------------------------------- the search
+@dataclass(frozen=True)
+class JobSpec:
+    """One inner run to score: a candidate (or the baseline, slot -1) on one seed."""
+
+    role: str  # candidate | incumbent | confirm | baseline
+    slot: int
+    theta: np.ndarray
+    seed: int
+    candidate_id: str
+
+
 class Search:
     """The outer loop, built from a validated `Config` (space, strategy, evaluator, executor, tracker)."""
 
@@ -480,9 +109,8 @@ class Search:
         self.tracker: Any = None
         self.recorder: SearchRecorder | None = None
         self.history: list[GenerationRecord] = []
-        # the incumbent: theta, id, generation, values (per-seed fitness), fitness, stderr
-        self.incumbent: dict[str, Any] | None = None
-        self.pool: list[dict[str, Any]] = []  # the top-k candidates for the confirmation stage
+        self.incumbent: Entry | None = None
+        self.pool: list[Entry] = []  # the top-k candidates for the confirmation stage
         self.baselines: dict[str, dict[str, Any]] = {}  # "seed:val_size" -> baseline Outcome dict
         self.confirmation: dict[str, Any] | None = None
         self.steps_spent = 0
@@ -509,14 +137,12 @@ class Search:
     def _checkpoint(self, completed: int) -> dict[str, Any]:
         """A JSON-able snapshot of the search state after `completed` generations (run ids are
         added by the recorder when it writes it)."""
-        def theta_free(d: dict[str, Any] | None) -> dict[str, Any] | None:
-            return None if d is None else {**d, "theta": np.asarray(d["theta"]).tolist()}
-
         return {
             "version": CHECKPOINT_VERSION, "completed_generations": completed,
             "strategy": copy.deepcopy(self.strategy.state_dict()),
             "history": [asdict(g) for g in self.history],
-            "incumbent": theta_free(self.incumbent), "pool": [theta_free(p) for p in self.pool],
+            "incumbent": None if self.incumbent is None else self.incumbent.to_dict(),
+            "pool": [p.to_dict() for p in self.pool],
             "baselines": copy.deepcopy(self.baselines), "confirmation": copy.deepcopy(self.confirmation),
             "steps_spent": self.steps_spent, "parent_run_id": self.parent_run,
             "config": dump_config(self.cfg), "seed": self.cfg.seed,
@@ -531,14 +157,12 @@ class Search:
         if ck["config"] != dump_config(self.cfg):
             log.warning("resuming %s with a config differing from the checkpointed one", self.checkpoint_path)
 
-        def with_theta(d: dict[str, Any] | None) -> dict[str, Any] | None:
-            return None if d is None else {**d, "theta": np.asarray(d["theta"], dtype=np.float64)}
-
         try:
             strategy = self._new_strategy()
             strategy.load_state_dict(ck["strategy"])
             history = [GenerationRecord.from_dict(g) for g in ck["history"]]
-            incumbent, pool = with_theta(ck["incumbent"]), [with_theta(p) for p in ck["pool"]]
+            incumbent = None if ck["incumbent"] is None else Entry.from_dict(ck["incumbent"])
+            pool = [Entry.from_dict(p) for p in ck["pool"]]
             baselines, steps = dict(ck["baselines"]), int(ck["steps_spent"])
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(
@@ -648,7 +272,7 @@ class Search:
         self.strategy.tell(cands, fits)
         self.timings["strategy_s"] += time.monotonic() - t
         reeval = self._reevaluate_incumbent(gen, seeds)
-        previous = None if self.incumbent is None else self.incumbent["id"]
+        previous = None if self.incumbent is None else self.incumbent.id
         for c, s, f in zip(cands, scores, full, strict=True):
             if s.ok and f:  # a map dropped at a short racing rung never becomes the answer
                 self._offer(gen, c, s)
@@ -661,8 +285,8 @@ class Search:
             stderr=[s.stderr for s in scores], n_seeds=[len(s.seeds) for s in scores],
             budget_steps=[s.steps for s in scores], errors=[s.error for s in scores],
             best_fitness=max(ok) if ok else None, mean_fitness=float(np.mean(ok)) if ok else None,
-            incumbent_id=None if inc is None else inc["id"],
-            incumbent_fitness=None if inc is None else inc["fitness"], incumbent_reevaluation=reeval,
+            incumbent_id=None if inc is None else inc.id,
+            incumbent_fitness=None if inc is None else inc.fitness, incumbent_reevaluation=reeval,
             seeds=seeds, reused_jobs=self._jobs_reused, wall_s=time.monotonic() - t_gen,
             compute_s=self._compute,
         )
@@ -675,7 +299,7 @@ class Search:
             "failed": float(sum(s != FINISHED for s in rec.status)),
             "inner_steps_spent": float(self.steps_spent),
         }
-        plot = (inc["id"], inc["theta"]) if inc is not None and inc["id"] != previous else None
+        plot = (inc.id, inc.theta) if inc is not None and inc.id != previous else None
         children = self._baseline_logs + children
         self.recorder.submit(gen, children, summary, plot, self._checkpoint(gen + 1))
         self._hook("on_generation_end", gen, rec.best_fitness, rec.mean_fitness,
@@ -696,7 +320,7 @@ class Search:
         scores: dict[int, Score] = {}
         done = 0
         for r, upto in enumerate(rungs):
-            specs = [(role, i, thetas[i], s, ids[i]) for i in active for s in seeds[done:upto]]
+            specs = [JobSpec(role, i, thetas[i], s, ids[i]) for i in active for s in seeds[done:upto]]
             outs.update(self._run_jobs(gen, specs, eval_size))
             for i in active:
                 ss = seeds[:upto]
@@ -726,8 +350,8 @@ class Search:
         rungs = step_rungs(ec.racing.steps, ec.inner_steps)
         for r, T in enumerate(rungs):
             fid = "" if T is None else f"@{T}"
-            outs = self._run_jobs(gen, [(role, i, thetas[i], s, ids[i]) for i in active for s in seeds],
-                                  eval_size, T)
+            specs = [JobSpec(role, i, thetas[i], s, ids[i]) for i in active for s in seeds]
+            outs = self._run_jobs(gen, specs, eval_size, T)
             for i in active:
                 spent[i] += len(seeds) * (T or ec.inner_steps)
                 per = [outs[job_key(role, i, s, fid)] for s in seeds]
@@ -745,9 +369,9 @@ class Search:
         key = f"{seed}:{eval_size}{fidelity}"
         return Outcome.from_dict(self.baselines.get(key) or self._failed_baselines[key])
 
-    def _run_jobs(self, gen: int, specs: list[tuple[str, int, np.ndarray, int, str]],
-                  eval_size: int | None, steps: int | None = None) -> dict[str, Outcome]:
-        """Evaluate (role, slot, theta, seed, id) specs through the executor, plus the paired
+    def _run_jobs(self, gen: int, specs: list[JobSpec], eval_size: int | None,
+                  steps: int | None = None) -> dict[str, Outcome]:
+        """Evaluate `specs` through the executor, plus the paired
         baseline on any seed not cached yet; jobs in this generation's journal are reused.
         `steps`: inner steps of these jobs (None: `search.evaluator.inner_steps`)."""
         ec = self.cfg.search.evaluator
@@ -755,14 +379,15 @@ class Search:
         journal = self.recorder.journalled(gen)
         need = []
         if ec.baseline is not None:
-            for s in dict.fromkeys(sp[3] for sp in specs):
+            for s in dict.fromkeys(sp.seed for sp in specs):
                 if f"{s}:{eval_size}{fid}" not in self.baselines:
-                    need.append(("baseline", -1, np.zeros(self.space.dim), s, "baseline"))
+                    need.append(JobSpec("baseline", -1, np.zeros(self.space.dim), s, "baseline"))
         self._hook("on_generation_start", gen, len(need) + len(specs))
         outs: dict[str, Outcome] = {}
         todo: list[Job] = []
         meta: dict[int, tuple[str, str, str]] = {}  # job index -> key, sha, id
-        for role, slot, theta, seed, cid in need + specs:
+        for sp in need + specs:
+            role, slot, theta, seed, cid = sp.role, sp.slot, sp.theta, sp.seed, sp.candidate_id
             key = job_key(role, slot, seed, fid)
             sha = "baseline" if role == "baseline" else self.space.sha(theta)
             e = journal.get(key)
@@ -812,30 +437,26 @@ class Search:
         inc = self.incumbent
         if not self.cfg.search.evaluator.reevaluate_incumbent or inc is None:
             return None
-        (s,) = self._score(gen, "incumbent", [inc["theta"]], [inc["id"]], seeds)
+        (s,) = self._score(gen, "incumbent", [inc.theta], [inc.id], seeds)
         if not s.ok:
-            log.warning("generation %d: re-evaluating the incumbent %s failed: %s", gen, inc["id"], s.error)
+            log.warning("generation %d: re-evaluating the incumbent %s failed: %s", gen, inc.id, s.error)
             return None
-        values = list(inc["values"]) + list(s.values)
-        inc.update(values=values, fitness=float(np.mean(values)),
-                   stderr=float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1
-                   else inc["stderr"])
+        self.incumbent = inc.with_values([*inc.values, *s.values])
+        # its place in the confirmation pool carries the re-evaluated values too (the pool keeps its order)
+        self.pool = [self.incumbent if p.id == inc.id else p for p in self.pool]
         return s.fitness
 
     def _offer(self, gen: int, cand: Candidate, s: Score) -> None:
         """A finished candidate may become the incumbent and may join the confirmation pool."""
         ec = self.cfg.search.evaluator
-        entry = {"theta": np.asarray(cand.theta, dtype=np.float64).copy(), "id": cand.id, "generation": gen,
-                 "values": list(s.values), "fitness": float(s.fitness), "stderr": s.stderr}
-
-        def crit(e: dict[str, Any]) -> float:
-            return criterion(e["fitness"], e["stderr"], ec.incumbent, ec.lcb_z)
-
-        if self.incumbent is None or crit(entry) > crit(self.incumbent):
+        entry = Entry(np.asarray(cand.theta, dtype=np.float64).copy(), cand.id, gen, tuple(s.values),
+                      float(s.fitness), s.stderr)
+        rule, z = ec.incumbent, ec.lcb_z
+        if self.incumbent is None or entry.rank(rule, z) > self.incumbent.rank(rule, z):
             self.incumbent = entry
         k = ec.confirm.top_k
         if k > 0:
-            self.pool = sorted([*self.pool, entry], key=lambda e: -crit(e))[:k]
+            self.pool = sorted([*self.pool, entry], key=lambda e: -e.rank(rule, z))[:k]
 
     # ------------------------------------------------------------------ confirmation
     def _confirm(self, gen: int) -> None:
@@ -844,18 +465,18 @@ class Search:
         seeds = confirmation_seeds(self.cfg.seed, ec.confirm.seeds)
         self._start_stage(gen)
         pool = self.pool
-        scores = self._score(gen, "confirm", [p["theta"] for p in pool], [p["id"] for p in pool], seeds)
+        scores = self._score(gen, "confirm", [p.theta for p in pool], [p.id for p in pool], seeds)
         rows = []
         for p, s in zip(pool, scores, strict=True):
-            rows.append({"id": p["id"], "search_fitness": p["fitness"], "search_stderr": p["stderr"],
+            rows.append({"id": p.id, "search_fitness": p.fitness, "search_stderr": p.stderr,
                          "status": s.status, "fitness": s.fitness, "stderr": s.stderr,
                          "values": list(s.values), "error": s.error})
         ok = [i for i, s in enumerate(scores) if s.ok]
         best = max(ok, key=lambda i: criterion(scores[i].fitness, scores[i].stderr, ec.incumbent, ec.lcb_z),
                    default=None)
         self.confirmation = {"seeds": seeds, "rows": rows, "reused_jobs": self._jobs_reused,
-                             "best": None if best is None else pool[best]["id"]}
-        children = [self._child(gen, i, p["id"], p["theta"], (p["id"],), "confirmation", s, "confirm")
+                             "best": None if best is None else pool[best].id}
+        children = [self._child(gen, i, p.id, p.theta, (p.id,), "confirmation", s, "confirm")
                     for i, (p, s) in enumerate(zip(pool, scores, strict=True))]
         self.recorder.submit(gen, self._baseline_logs + children, None, None, self._checkpoint(gen))
 
@@ -923,22 +544,24 @@ class Search:
         self.tracker.log_files(files)
 
     def _result(self, wall: float) -> SearchResult:
+        """The answer: the best confirmed candidate when the confirmation ran, else the incumbent."""
         run_ids = self.recorder.run_ids
         c = self.confirmation
+        common = {"history": self.history, "parent_run_id": self.parent_run, "registered_uri": None,
+                  "wall_s": wall, "timings": dict(self.timings), "confirmation": c,
+                  "inner_steps_spent": self.steps_spent}
         if c is not None and c["best"] is not None:
             row = next(r for r in c["rows"] if r["id"] == c["best"])
-            theta = next(p["theta"] for p in self.pool if p["id"] == c["best"])
-            rid = run_ids.get(run_key("confirm", c["best"]))
-            return SearchResult(np.asarray(theta), float(row["fitness"]), row["stderr"], c["best"], rid,
-                                self.history, self.parent_run, None, wall, dict(self.timings), c,
-                                self.steps_spent)
+            theta = next(p.theta for p in self.pool if p.id == c["best"])
+            return SearchResult(best_theta=np.asarray(theta), best_fitness=float(row["fitness"]),
+                                best_stderr=row["stderr"], best_id=c["best"],
+                                best_run_id=run_ids.get(run_key("confirm", c["best"])), **common)
         inc = self.incumbent
         if inc is None:
-            return SearchResult(self.strategy.recommendation(), float("nan"), None, None, None, self.history,
-                                self.parent_run, None, wall, dict(self.timings), c, self.steps_spent)
-        return SearchResult(np.asarray(inc["theta"]), float(inc["fitness"]), inc["stderr"], inc["id"],
-                            run_ids.get(inc["id"]), self.history, self.parent_run, None, wall,
-                            dict(self.timings), c, self.steps_spent)
+            return SearchResult(best_theta=self.strategy.recommendation(), best_fitness=float("nan"),
+                                best_stderr=None, best_id=None, best_run_id=None, **common)
+        return SearchResult(best_theta=np.asarray(inc.theta), best_fitness=float(inc.fitness),
+                            best_stderr=inc.stderr, best_id=inc.id, best_run_id=run_ids.get(inc.id), **common)
 
 
 def _nan(x: float | None) -> float:

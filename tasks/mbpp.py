@@ -26,11 +26,11 @@ compile) it writes the end record (`e <n_tests> 0`): a report without it was not
 harness could not start, the sandbox's own limits killed it, the report was cut), which `judge`
 types as an error (NaN, `REWARD_ERROR`) rather than scoring it 0. Because every test is timed by
 the harness, a program cannot turn its 0 into an excluded error by hanging (that rests, like the
-rest, on the harness being unreachable: with no uid drop a program can kill it). Operands without any name in them
-(`[1] * 3`) are evaluated by the harness itself before any child exists (`p` records). The parent
-takes exactly one record of each kind per test and decodes it strictly (`ast.literal_eval`, then
-every node checked); only None, bool, int, float, complex, str, bytes, list, tuple, set,
-frozenset, dict, Counter, OrderedDict and deque come out. A test fails on anything else: a
+rest, on the harness being unreachable: with no uid drop a program can kill it). Operands without
+any name in them (`[1] * 3`) are evaluated by the harness itself before any child exists (`p`
+records). The parent takes exactly one record of each kind per test and decodes it strictly
+(`ast.literal_eval`, then every node checked); only None, bool, int, float, complex, str, bytes,
+list, tuple, set, frozenset, dict, Counter, OrderedDict and deque come out. A test fails on anything else: a
 missing, repeated, truncated or malformed record, a wrong number of values, a value of another
 type, or of a subclass that defines its own comparison or truth method (always-equal and
 always-true objects; other subclasses, namedtuples say, are reported as their base value, and

@@ -292,7 +292,7 @@ def test_lineage_records_resolve_parents() -> None:
     """Structured parent ids: ES perturbations point at the virtual node `mean@gK`, elites at the
     candidate they copy; a real search's strategies produce exactly these."""
     from mirrorlab import strategies
-    from mirrorlab.search import GenerationRecord, lineage_records
+    from mirrorlab.journal import GenerationRecord, lineage_records
 
     es = strategies.get("gbmpo_es", dim=3, population=6, seed=0, generations=3)
     c0 = es.ask()

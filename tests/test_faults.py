@@ -23,7 +23,8 @@ from test_cli import _env
 from mirrorlab.config import config_from_dict
 from mirrorlab.evaluators import AnalyticEvaluator
 from mirrorlab.executors import FAILED, FINISHED, Job, ProcessExecutor, make_executor
-from mirrorlab.search import CheckpointError, Search, journal_path, read_journal
+from mirrorlab.journal import CheckpointError, journal_path, read_journal
+from mirrorlab.search import Search
 
 RAY_MISSING = "the ray executor needs the ray extra: pip install -e '.[ray]'"
 needs_ray = pytest.mark.skipif(__import__("importlib").util.find_spec("ray") is None, reason=RAY_MISSING)

@@ -19,8 +19,8 @@ from test_search import tiny_cfg
 from mirrorlab import variance
 from mirrorlab.config import config_from_dict, dump_config
 from mirrorlab.evaluators import AnalyticEvaluator, confirmation_seeds, generation_seeds
+from mirrorlab.journal import read_journal
 from mirrorlab.probe import Probe, draw_points, probe_seeds
-from mirrorlab.search import read_journal
 from mirrorlab.spaces import make_space
 
 

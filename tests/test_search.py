@@ -20,8 +20,9 @@ from mirrorlab.config import ConfigError, DivergenceConfig, config_from_dict
 from mirrorlab.divergences import MixtureDivergence
 from mirrorlab.evaluators import generation_seed, val_subset
 from mirrorlab.executors import FAILED, FINISHED
+from mirrorlab.journal import append_journal, atomic_write_json, read_journal
 from mirrorlab.maps import build_divergence, load_map
-from mirrorlab.search import Search, append_journal, atomic_write_json, read_journal
+from mirrorlab.search import Search
 from mirrorlab.spaces import MixtureSpace, load_space_map, make_space
 from mirrorlab.spaces import spaces as spaces_registry
 

@@ -18,8 +18,10 @@ from mlflow import MlflowClient
 from mirrorlab import strategies as S
 from mirrorlab.config import ConfigError, config_from_dict, dump_config
 from mirrorlab.evaluators import AnalyticEvaluator, confirmation_seeds, generation_seeds
+from mirrorlab.fitness import aggregate, paired_stderr, racing_rungs
+from mirrorlab.journal import journal_path, read_journal
 from mirrorlab.records import FINISHED, Job, Outcome
-from mirrorlab.search import Search, aggregate, journal_path, paired_stderr, racing_rungs, read_journal
+from mirrorlab.search import Search
 from mirrorlab.strategies import Candidate
 
 
@@ -248,7 +250,7 @@ def test_step_racing_spends_less_than_flat_and_keeps_the_clearly_better(tmp_path
     # a map dropped after 20 steps is never the incumbent, and the strategy ranks it below survivors
     full = [b == 160 for b in g.budget_steps]
     assert g.best_fitness == max(f for f, ok in zip(g.fitness, full, strict=True) if ok)
-    from mirrorlab.search import Score, tell_values
+    from mirrorlab.fitness import Score, tell_values
 
     sc = [Score(FINISHED, 0.9, 0.1, (0.9,), (1,), rung=0), Score(FINISHED, 0.2, 0.1, (0.2,), (1,), rung=1),
           Score("FAILED", None, None, (), (1,), rung=0)]
@@ -262,17 +264,17 @@ def test_step_racing_spends_less_than_flat_and_keeps_the_clearly_better(tmp_path
 
 def test_lcb_incumbent_prefers_the_reliable_candidate(tmp_path):
     s = Search(analytic_cfg(tmp_path, "lcb", [[0.0, 0.0]], {"incumbent": "lcb", "lcb_z": 2.0}))
-    from mirrorlab.search import Score
+    from mirrorlab.fitness import Score
 
     lucky = Score(FINISHED, 0.60, 0.10, (0.5, 0.7), (1, 2))
     steady = Score(FINISHED, 0.55, 0.01, (0.54, 0.56), (1, 2))
     s._offer(0, Candidate(np.zeros(2), "g0-0"), lucky)
     s._offer(0, Candidate(np.ones(2), "g0-1"), steady)
-    assert s.incumbent["id"] == "g0-1"  # 0.55 - 0.02 beats 0.60 - 0.20
+    assert s.incumbent.id == "g0-1"  # 0.55 - 0.02 beats 0.60 - 0.20
     s2 = Search(analytic_cfg(tmp_path, "mean", [[0.0, 0.0]]))
     s2._offer(0, Candidate(np.zeros(2), "g0-0"), lucky)
     s2._offer(0, Candidate(np.ones(2), "g0-1"), steady)
-    assert s2.incumbent["id"] == "g0-0"
+    assert s2.incumbent.id == "g0-0"
 
 
 def test_noise_config_errors_name_the_field():

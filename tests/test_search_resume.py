@@ -16,7 +16,8 @@ from mlflow import MlflowClient
 from test_search import children, tiny_cfg
 
 from mirrorlab.config import dump_config
-from mirrorlab.search import Search, read_journal
+from mirrorlab.journal import read_journal
+from mirrorlab.search import Search
 
 RUNNER = """
 import sys, torch
