@@ -146,6 +146,97 @@ class LocalExecutor(Executor):
         return outs
 
 
+# --------------------------------------------------------------------------- one scheduler
+@dataclass(frozen=True)
+class _Finished:
+    """A job's end as a worker pool reports it: its outcome, or the worker's death (`error`)."""
+
+    slot: int
+    outcome: Outcome | None
+    error: str = ""
+    worker: str = ""
+
+
+class PoolExecutor(Executor):
+    """Executors whose workers live apart (processes, Ray actors) share one scheduling loop:
+    a pending queue, each worker taking a job as soon as its own set-up is done (no barrier on
+    the slowest start-up), deadlines, and a dead or timed-out worker replaced while the others
+    go on. A subclass supplies the worker side: which slots are idle, submitting a job to one,
+    waiting for the next finished job (handling set-up completions itself), and replacing one."""
+
+    slack_s = 0.05  # a job is declared timed out this long after its limit (clock and wake-up jitter)
+
+    def _idle_slots(self) -> list[int]:
+        """Slots whose worker is ready and has no job, in the order they should take work."""
+        raise NotImplementedError
+
+    def _submit(self, slot: int, job: Job, started: float) -> None:
+        """Hand `job` to the worker in `slot` (started at monotonic time `started`)."""
+        raise NotImplementedError
+
+    def _wait_any(self, timeout: float | None) -> list[_Finished]:
+        """Block until something happens or `timeout` passes; the jobs that finished meanwhile."""
+        raise NotImplementedError
+
+    def _replace(self, slot: int) -> None:
+        """Stop the worker in `slot` for real and start its successor without waiting."""
+        raise NotImplementedError
+
+    def _worker_name(self, slot: int) -> str:
+        """The worker's name in an outcome it could not report itself (a timeout)."""
+        raise NotImplementedError
+
+    def _map_start(self) -> None:
+        """Called once at the start of `map`, after `launch`."""
+
+    def map(self, jobs: Sequence[Job], on_result: ResultCallback | None = None) -> list[Outcome]:
+        """Jobs go to each worker as soon as it is ready; a crashed or timed-out worker is
+        replaced while the others go on."""
+        self.launch()
+        self._map_start()
+        pending = deque(range(len(jobs)))
+        results: dict[int, Outcome] = {}
+        running: dict[int, tuple[int, float]] = {}  # slot -> (job index, start)
+
+        def finish(i: int, out: Outcome) -> None:
+            results[i] = out
+            if on_result is not None:
+                on_result(jobs[i], out)
+
+        while len(results) < len(jobs):
+            for slot in self._idle_slots():
+                if not pending:
+                    break
+                i, t0 = pending.popleft(), time.monotonic()
+                self._submit(slot, jobs[i], t0)
+                running[slot] = (i, t0)
+            deadlines = [t0 + jobs[i].timeout_s for i, t0 in running.values()
+                         if jobs[i].timeout_s is not None]
+            now = time.monotonic()
+            wait_s = max(0.0, min(deadlines) - now) + self.slack_s if deadlines else None
+            finished = self._wait_any(wait_s)
+            if not running:  # nothing ran meanwhile: pure start-up wait (overhead)
+                self.setup_s += time.monotonic() - now
+            for f in finished:
+                i, t0 = running.pop(f.slot)
+                out = f.outcome
+                if out is None:  # the worker died (segfault, OOM kill, ...)
+                    job = jobs[i]
+                    out = Outcome(job.generation, job.index, FAILED, label=job.role, worker=f.worker,
+                                  error=f.error, timings={"total_s": time.monotonic() - t0})
+                    self._replace(f.slot)
+                finish(i, out)
+            now = time.monotonic()
+            for slot, (i, t0) in list(running.items()):
+                job = jobs[i]
+                if job.timeout_s is not None and now - t0 > job.timeout_s + self.slack_s:
+                    running.pop(slot)
+                    name = self._worker_name(slot)
+                    self._replace(slot)  # really stops the work; the successor reloads the model
+                    finish(i, _timeout_outcome(job, name, now - t0))
+        return [results[i] for i in range(len(jobs))]
+
+
 # --------------------------------------------------------------------------- process
 def _pin_threads(threads: int) -> None:
     """One worker's torch intra- and inter-op threads (workers x threads <= cores: no oversubscription)."""
@@ -211,7 +302,7 @@ def _visible_gpus() -> list[str]:
         return []
 
 
-class ProcessExecutor(Executor):
+class ProcessExecutor(PoolExecutor):
     """One long-lived spawned worker per slot (per GPU on GPU machines); kills and restarts on timeout."""
 
     kind = "process"
@@ -291,71 +382,46 @@ class ProcessExecutor(Executor):
             w.conn.close()
             self._workers.pop(w.slot, None)
 
-    def _replace(self, w: _Worker) -> None:
-        """Kill `w` and spawn its successor without waiting: the others keep working meanwhile."""
-        self._kill(w)
+    def _replace(self, slot: int) -> None:
+        """Kill the worker in `slot` and spawn its successor without waiting: the others keep
+        working meanwhile."""
+        self._kill(self._workers[slot])
         self.restarts += 1
-        self._spawn(w.slot)
+        self._spawn(slot)
 
-    def map(self, jobs: Sequence[Job], on_result: ResultCallback | None = None) -> list[Outcome]:
-        """Jobs go to each worker as soon as it is ready (no barrier on the slowest start-up);
-        a crashed or timed-out worker is replaced while the others go on."""
-        self.launch()
-        pending = deque(range(len(jobs)))
-        results: dict[int, Outcome] = {}
+    def _idle_slots(self) -> list[int]:
+        return [w.slot for w in list(self._workers.values()) if w.ready and w.job is None]
 
-        def finish(i: int, out: Outcome) -> None:
-            results[i] = out
-            if on_result is not None:
-                on_result(jobs[i], out)
+    def _submit(self, slot: int, job: Job, started: float) -> None:
+        w = self._workers[slot]
+        w.started = started
+        job.deadline = None if job.timeout_s is None else started + job.timeout_s
+        w.job = job
+        w.conn.send(job)
 
-        index_of = {id(j): i for i, j in enumerate(jobs)}
-        while len(results) < len(jobs):
-            for w in list(self._workers.values()):
-                if w.ready and w.job is None and pending:
-                    i = pending.popleft()
-                    job = jobs[i]
-                    w.started = time.monotonic()
-                    job.deadline = None if job.timeout_s is None else w.started + job.timeout_s
-                    w.job = job
-                    w.conn.send(job)
-            busy = [w for w in self._workers.values() if w.job is not None]
-            starting = [w for w in self._workers.values() if not w.ready]
-            deadlines = [w.job.deadline for w in busy if w.job.deadline is not None]
-            now = time.monotonic()
-            wait_s = max(0.0, min(deadlines) - now) + 0.05 if deadlines else None
-            ready = wait([w.conn for w in busy + starting], timeout=wait_s)
-            if not busy:  # nothing ran meanwhile: pure start-up wait (overhead)
-                self.setup_s += time.monotonic() - now
-            by_conn = {w.conn: w for w in busy + starting}
-            for c in ready:
-                w = by_conn[c]
-                if not w.ready:
-                    self._take_ready(w)
-                    continue
-                job = w.job
-                try:
-                    kind, out = c.recv()
-                except (EOFError, OSError):  # worker crashed (segfault, OOM kill, ...)
-                    w.proc.join(5)
-                    out = Outcome(
-                        job.generation, job.index, FAILED, label=job.role,
-                        worker=f"process-{w.proc.pid}",
-                        error=f"worker died (exit code {w.proc.exitcode})",
-                        timings={"total_s": time.monotonic() - w.started},
-                    )
-                    self._replace(w)
-                else:
-                    w.job = None
-                finish(index_of[id(job)], out)
-            now = time.monotonic()
-            for w in list(self._workers.values()):
-                if w.job is not None and w.job.deadline is not None and now > w.job.deadline + 0.05:
-                    job = w.job
-                    out = _timeout_outcome(job, f"process-{w.proc.pid}", now - w.started)
-                    self._replace(w)  # really stops the work; the new worker reloads the model
-                    finish(index_of[id(job)], out)
-        return [results[i] for i in range(len(jobs))]
+    def _worker_name(self, slot: int) -> str:
+        return f"process-{self._workers[slot].proc.pid}"
+
+    def _wait_any(self, timeout: float | None) -> list[_Finished]:
+        busy = [w for w in self._workers.values() if w.job is not None]
+        starting = [w for w in self._workers.values() if not w.ready]
+        by_conn = {w.conn: w for w in busy + starting}
+        finished = []
+        for c in wait(list(by_conn), timeout=timeout):
+            w = by_conn[c]
+            if not w.ready:
+                self._take_ready(w)
+                continue
+            try:
+                _kind, out = c.recv()
+            except (EOFError, OSError):  # the worker crashed
+                w.proc.join(5)
+                finished.append(_Finished(w.slot, None, f"worker died (exit code {w.proc.exitcode})",
+                                          f"process-{w.proc.pid}"))
+            else:
+                w.job = None
+                finished.append(_Finished(w.slot, out))
+        return finished
 
     def request_stop(self) -> None:
         for w in self._workers.values():
@@ -411,7 +477,7 @@ def _token_auth_if_available() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
-class RayExecutor(Executor):
+class RayExecutor(PoolExecutor):
     """Ray actors with CPU/GPU resources; joins `address` or starts a local Ray instance.
 
     Like the process executor, each actor takes candidates as soon as its own set-up is done
@@ -433,6 +499,8 @@ class RayExecutor(Executor):
         self._actors: list[Any] = []
         self._setting_up: dict[Any, int] = {}  # setup() ref -> slot, for actors not ready yet
         self._ready: set[int] = set()
+        self._running: dict[Any, int] = {}  # evaluate() ref -> slot
+        self._free: deque[int] = deque()  # ready slots without a job, in the order they freed up
         self._ray_connected = False
         self._cls: Any = None
         self.restarts = 0
@@ -494,67 +562,49 @@ class RayExecutor(Executor):
             self._take_ready(ref)
         self.setup_s += time.monotonic() - t
 
+    slack_s = 0.1
+
     def _replace(self, slot: int) -> None:
         import ray
 
         ray.kill(self._actors[slot], no_restart=True)
         self._ready.discard(slot)
+        self._running = {ref: s for ref, s in self._running.items() if s != slot}
         self.restarts += 1
         self._actors[slot] = self._new_actor(slot)
 
-    def map(self, jobs: Sequence[Job], on_result: ResultCallback | None = None) -> list[Outcome]:
+    def _map_start(self) -> None:
+        self._free = deque(sorted(self._ready))
+
+    def _idle_slots(self) -> list[int]:
+        return list(self._free)
+
+    def _submit(self, slot: int, job: Job, started: float) -> None:
+        self._free.remove(slot)
+        job.deadline = None  # the actor sets its own from timeout_s (clocks differ)
+        self._running[self._actors[slot].evaluate.remote(job)] = slot
+
+    def _worker_name(self, slot: int) -> str:
+        return "ray"
+
+    def _wait_any(self, timeout: float | None) -> list[_Finished]:
         import ray
 
-        self.launch()
-        pending = deque(range(len(jobs)))
-        results: dict[int, Outcome] = {}
-        running: dict[Any, tuple[int, int, float]] = {}  # ref -> (job index, slot, start)
-        free = deque(sorted(self._ready))
-
-        def finish(i: int, out: Outcome) -> None:
-            results[i] = out
-            if on_result is not None:
-                on_result(jobs[i], out)
-
-        while len(results) < len(jobs):
-            while free and pending:
-                slot, i = free.popleft(), pending.popleft()
-                job = jobs[i]
-                t0 = time.monotonic()
-                job.deadline = None  # the actor sets its own from timeout_s (clocks differ)
-                running[self._actors[slot].evaluate.remote(job)] = (i, slot, t0)
-            deadlines = [
-                t0 + jobs[i].timeout_s for i, _, t0 in running.values() if jobs[i].timeout_s is not None
-            ]
-            now = time.monotonic()
-            wait_s = max(0.0, min(deadlines) - now) + 0.1 if deadlines else None
-            done, _ = ray.wait(list(running) + list(self._setting_up), num_returns=1, timeout=wait_s)
-            if not running:  # nothing ran meanwhile: pure start-up wait (overhead)
-                self.setup_s += time.monotonic() - now
-            for ref in done:
-                if ref in self._setting_up:
-                    free.append(self._take_ready(ref))
-                    continue
-                i, slot, t0 = running.pop(ref)
-                try:
-                    out = ray.get(ref)
-                except Exception as e:  # noqa: BLE001 - actor died
-                    job = jobs[i]
-                    out = Outcome(job.generation, job.index, FAILED, label=job.role, worker="ray",
-                                  error=f"ray worker failed: {type(e).__name__}: {e}",
-                                  timings={"total_s": time.monotonic() - t0})
-                    self._replace(slot)
-                else:
-                    free.append(slot)
-                finish(i, out)
-            now = time.monotonic()
-            for ref, (i, slot, t0) in list(running.items()):
-                job = jobs[i]
-                if job.timeout_s is not None and now - t0 > job.timeout_s + 0.1:
-                    running.pop(ref)
-                    self._replace(slot)  # ray.kill stops the work for real
-                    finish(i, _timeout_outcome(job, "ray", now - t0))
-        return [results[i] for i in range(len(jobs))]
+        done, _ = ray.wait(list(self._running) + list(self._setting_up), num_returns=1, timeout=timeout)
+        finished = []
+        for ref in done:
+            if ref in self._setting_up:
+                self._free.append(self._take_ready(ref))
+                continue
+            slot = self._running.pop(ref)
+            try:
+                out = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - the actor died
+                finished.append(_Finished(slot, None, f"ray worker failed: {type(e).__name__}: {e}", "ray"))
+            else:
+                self._free.append(slot)
+                finished.append(_Finished(slot, out))
+        return finished
 
     def close(self) -> None:
         if not self._actors and not self._ray_connected:
@@ -566,7 +616,7 @@ class RayExecutor(Executor):
                 ray.kill(a, no_restart=True)
             except Exception:  # noqa: BLE001
                 pass
-        self._actors, self._setting_up, self._ready = [], {}, set()
+        self._actors, self._setting_up, self._ready, self._running = [], {}, set(), {}
         if self._ray_connected:  # stops a local instance; only disconnects from a joined cluster
             ray.shutdown()
             self._ray_connected = False

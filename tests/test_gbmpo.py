@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -175,7 +176,7 @@ def test_reset_restores_weights_and_reproduces_run(tiny, task):
     h2 = tr.train(2)
     for a, b in zip(h1, h2, strict=True):
         assert a["loss"] == b["loss"] and a["reward_mean"] == b["reward_mean"]
-    tr.set_divergence(divergences.get("prob_l2"), coef=0.5)
+    tr.set_regulariser(dataclasses.replace(tr.reg, divergence=divergences.get("prob_l2"), coef=0.5))
     tr.reset()
     assert tr.coef == 0.5 and tr.divergence.name == "prob_l2"
 

@@ -28,7 +28,7 @@ import random
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +150,10 @@ def _grad_ratio(params: list[torch.nn.Parameter], reg_grads: list[Tensor]) -> Te
 
 
 class GBMPOTrainer:
-    """GBMPO on one task with one model; reusable across divergences via `reset` / `set_divergence`.
+    """GBMPO on one task with one model; reusable across regularisers via `reset` / `set_regulariser`.
+
+    The trainer holds one `Regulariser` (`self.reg`) from construction to the loss; `divergence`,
+    `coef`, `estimator`, `chunk_size`, `topk`, `placement`, `anchor` and `anchor_every` read it.
 
     `coef` is lambda; `estimator` is `sampled` (the paper's) or `full` (exact, over the
     vocabulary). `cfg.grad_ratio_every` > 0 computes the regulariser-to-PG gradient-norm ratio every
@@ -173,19 +176,19 @@ class GBMPOTrainer:
         topk: int = 32,
         anchor: str = "ref",
         anchor_every: int = 50,
+        reg: Regulariser | None = None,
     ) -> None:
+        """`reg`, when given, is the regulariser; otherwise one is made from `divergence`, `coef`,
+        `estimator`, `chunk_size`, `placement`, `topk`, `anchor` and `anchor_every`."""
         self.cfg = cfg or TrainConfig()
         self.model = model
         self.tokenizer = tokenizer
         self.task = task
-        self.estimator = estimator
-        self.chunk_size = chunk_size
-        self.topk = topk
-        self.anchor, self.anchor_every = _check_anchor(anchor, anchor_every)
+        self.reg = _checked(reg if reg is not None else Regulariser(
+            divergence, float(coef), estimator, chunk_size, placement, topk, anchor, anchor_every))
         self._start_weights: dict[str, Tensor] | None = None  # lagged anchor, full model: the start
         self._anchor_lora: dict[str, Tensor] | None = None  # lagged anchor, LoRA: the adapter's copy
         self._force_reanchor = False
-        self.placement = _check_placement(placement, estimator)
         self.device = next(model.parameters()).device
         if self.device.type == "cpu":
             allocator.tune_malloc()
@@ -203,9 +206,6 @@ class GBMPOTrainer:
             for m in (self.model, self.ref_model):
                 if m is not None:
                     precision.use_eager_attention(m)
-        self.divergence = None
-        self.coef = 0.0
-        self.set_divergence(divergence, coef)
         self._prompt_cache: dict[str, list[int]] = {}
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad)
@@ -230,21 +230,20 @@ class GBMPOTrainer:
                 ids.append(t[0])
         return sorted(set(ids))
 
-    def set_divergence(self, divergence: Divergence | None, coef: float | None = None) -> None:
-        """Use another divergence (and optionally another lambda) from the next step on."""
-        self.divergence = divergence
-        if coef is not None:
-            self.coef = float(coef)
-
     def set_regulariser(self, reg: Regulariser) -> None:
-        """Use another regulariser (divergence, lambda, estimator, chunk size, placement) from the
-        next step on."""
-        self.placement = _check_placement(reg.placement, reg.estimator)
-        self.set_divergence(reg.divergence, reg.coef)
-        self.estimator = reg.estimator
-        self.chunk_size = reg.chunk_size
-        self.topk = reg.topk
-        self.anchor, self.anchor_every = _check_anchor(reg.anchor, reg.anchor_every)
+        """Use another regulariser (divergence, lambda, estimator, chunk size, placement, anchor)
+        from the next step on."""
+        self.reg = _checked(reg)
+
+    # the regulariser's parts, read from the one object the trainer holds
+    divergence = property(lambda self: self.reg.divergence, doc="the divergence (None: no regulariser)")
+    coef = property(lambda self: self.reg.coef, doc="lambda")
+    estimator = property(lambda self: self.reg.estimator, doc="sampled | topk | full")
+    chunk_size = property(lambda self: self.reg.chunk_size, doc="vocabulary chunk of the full estimator")
+    topk = property(lambda self: self.reg.topk, doc="K of the topk estimator")
+    placement = property(lambda self: self.reg.placement, doc="loss | reward")
+    anchor = property(lambda self: self.reg.anchor, doc="ref | lagged")
+    anchor_every = property(lambda self: self.reg.anchor_every, doc="steps between lagged re-anchors")
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -1054,7 +1053,7 @@ class GBMPOTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
         self.seed = state["seed"]
-        self.coef = state["coef"]
+        self.reg = replace(self.reg, coef=float(state["coef"]))
         self._sampler.setstate(state["sampler"])
         self._order = list(state["order"])
         random.setstate(state["rng_python"])
@@ -1074,6 +1073,13 @@ def _check_anchor(anchor: str, every: int) -> tuple[str, int]:
     if int(every) < 1:
         raise ValueError(f"divergence.anchor_every must be >= 1, got {every}")
     return anchor, int(every)
+
+
+def _checked(reg: Regulariser) -> Regulariser:
+    """`reg` with its placement and anchor validated (ValueError naming the field otherwise)."""
+    _check_placement(reg.placement, reg.estimator)
+    anchor, every = _check_anchor(reg.anchor, reg.anchor_every)
+    return replace(reg, coef=float(reg.coef), anchor=anchor, anchor_every=every)
 
 
 def _check_placement(placement: str, estimator: str) -> str:
@@ -1104,7 +1110,4 @@ def build_trainer(cfg: Config, regulariser: Regulariser) -> GBMPOTrainer:
     seed_everything(cfg.train.seed)
     model, tokenizer = load_model(cfg.model)
     task = tasks.get(cfg.task.name, **cfg.task.params)
-    r = regulariser
-    return GBMPOTrainer(model, tokenizer, task, r.divergence, cfg.train, coef=r.coef,
-                        estimator=r.estimator, chunk_size=r.chunk_size, placement=r.placement, topk=r.topk,
-                        anchor=r.anchor, anchor_every=r.anchor_every)
+    return GBMPOTrainer(model, tokenizer, task, cfg=cfg.train, reg=regulariser)
