@@ -628,6 +628,55 @@ def _run_in_workers(cfg: Any, methods: list[Any], arm_key: dict[str, str], map_r
     return {(methods[j.candidate].label, j.seed): o.extra["arm"] for j, o in zip(jobs, outs, strict=True)}
 
 
+@dataclass(frozen=True)
+class ComparePlan:
+    """What a comparison runs, decided before any training: the methods and row labels, the
+    baseline row, each method's regulariser and what is recorded of it (`div_info`), and the key
+    under which methods with the same regulariser share one run per seed."""
+
+    methods: list[Any]
+    labels: list[str]
+    baseline: str
+    regs: dict[str, Any]
+    div_info: dict[str, dict[str, Any]]
+    arm_key: dict[str, str]
+
+    @property
+    def divergences(self) -> dict[str, Any]:
+        """The divergence of each method by label."""
+        return {label: r.divergence for label, r in self.regs.items()}
+
+
+def plan_compare(cfg: Any, map_refs: dict[str, str] | None = None,
+                 map_uris: dict[str, str] | None = None) -> ComparePlan:
+    """The `ComparePlan` of `cfg.compare`: builds every method's regulariser (maps resolved, the
+    registry URI recorded beside the local file it was read from)."""
+    methods = compare_methods(cfg)
+    with_start = cfg.compare.start_row
+    labels = ([START_LABEL] if with_start else []) + [m.label for m in methods]
+    uri = cfg.tracking.tracking_uri
+    regs = {m.label: build_divergence(m.divergence, map_refs=map_refs, tracking_uri=uri) for m in methods}
+    div_info = {}
+    for m in methods:
+        info = m.divergence.model_dump(mode="json")
+        if m.divergence.map is not None and map_refs and m.divergence.map in map_refs:
+            info["map"] = map_refs[m.divergence.map]
+            reg_uri = (map_uris or {}).get(m.divergence.map)
+            if reg_uri:  # the registry URI a user can load anywhere; the local file it was read from too
+                info["map"], info["map_path"] = reg_uri, map_refs[m.divergence.map]
+        sha = getattr(regs[m.label].divergence, "sha", None)
+        if isinstance(sha, str):
+            info["sha"] = sha
+        info["effective_coef"] = regs[m.label].coef  # a saved mixture map carries its searched lambda
+        div_info[m.label] = info
+    if with_start:
+        div_info[START_LABEL] = {"name": "untrained", "coef": None, "steps": 0}
+    # arms with the same regulariser train identically on a seed (reset(seed) restores everything):
+    # such a row reuses the first one's run (its child run is tagged mirrorlab.same_as)
+    arm_key = {m.label: json.dumps(div_info[m.label], sort_keys=True, default=str) for m in methods}
+    return ComparePlan(methods, labels, cfg.compare.baseline or labels[0], regs, div_info, arm_key)
+
+
 def run_compare(
     cfg: Any,
     out_dir: str | Path | None = None,
@@ -638,100 +687,24 @@ def run_compare(
 ) -> CompareResult:
     """Train every method on every seed (same settings otherwise), evaluate on `compare.split`.
 
-    One trainer is built once and reused: `reset(seed)` restores the starting weights and a
-    fresh optimiser, `set_regulariser` swaps the regulariser (divergence, lambda, estimator,
-    placement). Methods come from `compare_methods` (the standard baseline set first when
-    `compare.baselines: standard`); a method with the same regulariser as an earlier one reuses its
-    run on each seed. Writes `results.json`, `table.txt` and the PNGs into `out_dir` and logs
-    everything to MLflow: a parent run, a child run per (method, seed) with its completion tables,
-    and `completions_index.json` on the parent saying which child holds which tables.
+    Three steps: `plan_compare` (methods, regularisers, shared runs), `_run_arms` (one trainer
+    built once and reused: `reset(seed)` restores the starting weights and a fresh optimiser,
+    `set_regulariser` swaps the regulariser; or `compare.workers` processes), then `summarise`
+    (pure: the table, paired tests and verdicts) and `_write_outputs`. Writes `results.json`,
+    `table.txt` and the PNGs into `out_dir` and logs everything to MLflow: a parent run, a child
+    run per (method, seed) with its completion tables, and `completions_index.json` on the parent
+    saying which child holds which tables.
     """
     t_start = time.perf_counter()
-    methods = compare_methods(cfg)
-    with_start = cfg.compare.start_row
-    labels = ([START_LABEL] if with_start else []) + [m.label for m in methods]
-    baseline = cfg.compare.baseline or labels[0]
-    split = cfg.compare.split
-    uri = cfg.tracking.tracking_uri
-    regs = {m.label: build_divergence(m.divergence, map_refs=map_refs, tracking_uri=uri) for m in methods}
-    divs = {label: r.divergence for label, r in regs.items()}
-    div_info = {}
-    for m in methods:
-        info = m.divergence.model_dump(mode="json")
-        if m.divergence.map is not None and map_refs and m.divergence.map in map_refs:
-            info["map"] = map_refs[m.divergence.map]
-            uri = (map_uris or {}).get(m.divergence.map)
-            if uri:  # the registry URI a user can load anywhere; the local file it was read from beside it
-                info["map"], info["map_path"] = uri, map_refs[m.divergence.map]
-        sha = getattr(divs[m.label], "sha", None)
-        if isinstance(sha, str):
-            info["sha"] = sha
-        info["effective_coef"] = regs[m.label].coef  # a saved mixture map carries its searched lambda
-        div_info[m.label] = info
-    if with_start:
-        div_info[START_LABEL] = {"name": "untrained", "coef": None, "steps": 0}
-    # arms with the same regulariser train identically on a seed (reset(seed) restores everything):
-    # such a row reuses the first one's run (its child run is tagged mirrorlab.same_as)
-    arm_key = {m.label: json.dumps(div_info[m.label], sort_keys=True, default=str) for m in methods}
-    done: dict[tuple[str, int], tuple[RunResult, dict[str, Any]]] = {}
+    plan = plan_compare(cfg, map_refs, map_uris)
     tracker = CompareTracker(cfg)
     tracker.start(cfg)
-    runs: list[RunResult] = []
-    trainer = None
-    metric_name = "metric"
-    total = len(methods) * len(cfg.compare.seeds)
     status = "FAILED"
     prog = progress_bars(console) if progress else None
     try:
         if prog is not None:
             prog.start()
-        pre = _run_in_workers(cfg, methods, arm_key, map_refs, prog) if cfg.compare.workers > 1 else {}
-        if prog is not None:
-            runs_task = prog.add_task("runs", total=total, info="")
-        for seed in cfg.compare.seeds:
-            for m in methods:
-                prev = done.get((arm_key[m.label], seed))
-                if prev is not None:
-                    r = replace(prev[0], method=m.label, wall_s=0.0, curve=list(prev[0].curve), run_id=None)
-                    r.run_id = tracker.log_run(r, div_info[m.label], split, metric_name, prev[1],
-                                               same_as=prev[0].method)
-                    runs.append(r)
-                    if prog is not None:
-                        prog.update(runs_task, advance=1,
-                                    info=f"last: {m.label} s{seed} (same as {prev[0].method})")
-                    continue
-                arm = pre.get((m.label, seed))  # trained in a worker
-                if arm is None:
-                    run_cfg = cfg.model_copy(deep=True)
-                    run_cfg.train.seed = seed
-                    run_cfg.divergence = m.divergence
-                    if trainer is None:
-                        trainer = build_trainer(run_cfg, regs[m.label])
-                    else:
-                        trainer.reset(seed=seed)
-                    bar = (TrainProgress(cfg.train.steps, f"{m.label} seed {seed}", progress=prog)
-                           if prog is not None else None)
-                    arm = train_arm(trainer, regs[m.label], split, cfg.compare.eval_size,
-                                    with_start and m is methods[0], [bar] if bar is not None else [])
-                    if bar is not None:
-                        bar.close()
-                metric_name = arm["metric_name"]
-                st = arm["start"]
-                if st is not None:  # the start, on this seed's eval
-                    r = RunResult(START_LABEL, seed, st["metric"], st["stderr"], st["mean_length"], st["n"],
-                                  st["wall_s"], [], started_at=st.get("started_at"),
-                                  ended_at=st.get("ended_at"))
-                    r.run_id = tracker.log_run(r, div_info[START_LABEL], split, metric_name, st["samples"])
-                    runs.append(r)
-                r = RunResult(m.label, seed, arm["metric"], arm["stderr"], arm["mean_length"], arm["n"],
-                              arm["wall_s"], arm["curve"], started_at=arm.get("started_at"),
-                              ended_at=arm.get("ended_at"))
-                r.run_id = tracker.log_run(r, div_info[m.label], split, metric_name, arm["samples"])
-                done[(arm_key[m.label], seed)] = (r, arm["samples"])
-                runs.append(r)
-                if prog is not None:
-                    prog.update(runs_task, advance=1,
-                                info=f"last: {m.label} s{seed} {metric_name}={r.metric:.3f}")
+        runs, metric_name = _run_arms(cfg, plan, tracker, prog, map_refs)
         status = "FINISHED"
     finally:
         if prog is not None:
@@ -739,27 +712,91 @@ def run_compare(
         if status != "FINISHED":
             tracker.finish(None, [], status="FAILED")
     std = [lab for lab, _ in STANDARD_BASELINES] if cfg.compare.baselines == "standard" else None
-    result = summarise(runs, labels, baseline, metric_name, split, div_info, best_of=std)
+    result = summarise(runs, plan.labels, plan.baseline, metric_name, cfg.compare.split, plan.div_info,
+                       best_of=std)
     result.wall_s = time.perf_counter() - t_start
     result.meta = {"seeds": list(cfg.compare.seeds), "steps": cfg.train.steps, "lr": cfg.train.optim.lr,
                    "task": cfg.task.name, "model": cfg.model.name, "eval_size": cfg.compare.eval_size,
                    "baselines": cfg.compare.baselines, "baseline_coef": cfg.compare.baseline_coef,
                    "mlflow_run_id": tracker.parent_run_id}
-    files: list[Path] = []
-    if out_dir is not None:
-        d = Path(out_dir)
-        files.append(result.save(d / "results.json"))
-        (d / "table.txt").write_text(results_text(result))
-        files.append(d / "table.txt")
-        files += write_plots(result, d)
-        try:  # the regularisers compared, as mirror maps (those with a potential)
-            pot = {lab: dv for lab, dv in divs.items() if isinstance(dv, PotentialMixin)}
-            if pot:
-                files.append(divergences.plot_maps(pot, d / "maps.png"))
-        except Exception as e:  # noqa: BLE001 - a plot must never lose a finished comparison
-            result.meta["maps_plot_error"] = str(e)
+    files = _write_outputs(result, out_dir, plan) if out_dir is not None else []
     tracker.finish(result, files)
     return result
+
+
+def _run_arms(cfg: Any, plan: ComparePlan, tracker: CompareTracker, prog: Any,
+              map_refs: dict[str, str] | None) -> tuple[list[RunResult], str]:
+    """Every (method, seed) run of `plan`, logged as it finishes; a method sharing an earlier one's
+    regulariser reuses its run. Returns the runs (start rows included) and the metric's name."""
+    methods, split = plan.methods, cfg.compare.split
+    with_start = cfg.compare.start_row
+    done: dict[tuple[str, int], tuple[RunResult, dict[str, Any]]] = {}
+    runs: list[RunResult] = []
+    trainer = None
+    metric_name = "metric"
+    pre = (_run_in_workers(cfg, methods, plan.arm_key, map_refs, prog) if cfg.compare.workers > 1 else {})
+    runs_task = (prog.add_task("runs", total=len(methods) * len(cfg.compare.seeds), info="")
+                 if prog is not None else None)
+    for seed in cfg.compare.seeds:
+        for m in methods:
+            prev = done.get((plan.arm_key[m.label], seed))
+            if prev is not None:
+                r = replace(prev[0], method=m.label, wall_s=0.0, curve=list(prev[0].curve), run_id=None)
+                r.run_id = tracker.log_run(r, plan.div_info[m.label], split, metric_name, prev[1],
+                                           same_as=prev[0].method)
+                runs.append(r)
+                if prog is not None:
+                    prog.update(runs_task, advance=1,
+                                info=f"last: {m.label} s{seed} (same as {prev[0].method})")
+                continue
+            arm = pre.get((m.label, seed))  # trained in a worker
+            if arm is None:
+                run_cfg = cfg.model_copy(deep=True)
+                run_cfg.train.seed = seed
+                run_cfg.divergence = m.divergence
+                if trainer is None:
+                    trainer = build_trainer(run_cfg, plan.regs[m.label])
+                else:
+                    trainer.reset(seed=seed)
+                bar = (TrainProgress(cfg.train.steps, f"{m.label} seed {seed}", progress=prog)
+                       if prog is not None else None)
+                arm = train_arm(trainer, plan.regs[m.label], split, cfg.compare.eval_size,
+                                with_start and m is methods[0], [bar] if bar is not None else [])
+                if bar is not None:
+                    bar.close()
+            metric_name = arm["metric_name"]
+            st = arm["start"]
+            if st is not None:  # the start, on this seed's eval
+                r = RunResult(START_LABEL, seed, st["metric"], st["stderr"], st["mean_length"], st["n"],
+                              st["wall_s"], [], started_at=st.get("started_at"), ended_at=st.get("ended_at"))
+                r.run_id = tracker.log_run(r, plan.div_info[START_LABEL], split, metric_name, st["samples"])
+                runs.append(r)
+            r = RunResult(m.label, seed, arm["metric"], arm["stderr"], arm["mean_length"], arm["n"],
+                          arm["wall_s"], arm["curve"], started_at=arm.get("started_at"),
+                          ended_at=arm.get("ended_at"))
+            r.run_id = tracker.log_run(r, plan.div_info[m.label], split, metric_name, arm["samples"])
+            done[(plan.arm_key[m.label], seed)] = (r, arm["samples"])
+            runs.append(r)
+            if prog is not None:
+                prog.update(runs_task, advance=1,
+                            info=f"last: {m.label} s{seed} {metric_name}={r.metric:.3f}")
+    return runs, metric_name
+
+
+def _write_outputs(result: CompareResult, out_dir: str | Path, plan: ComparePlan) -> list[Path]:
+    """results.json, table.txt, the plots and the compared maps into `out_dir`; the files written."""
+    d = Path(out_dir)
+    files = [result.save(d / "results.json")]
+    (d / "table.txt").write_text(results_text(result))
+    files.append(d / "table.txt")
+    files += write_plots(result, d)
+    try:  # the regularisers compared, as mirror maps (those with a potential)
+        pot = {lab: dv for lab, dv in plan.divergences.items() if isinstance(dv, PotentialMixin)}
+        if pot:
+            files.append(divergences.plot_maps(pot, d / "maps.png"))
+    except Exception as e:  # noqa: BLE001 - a plot must never lose a finished comparison
+        result.meta["maps_plot_error"] = str(e)
+    return files
 
 
 def log_single_run(

@@ -2,7 +2,7 @@
 
 One `GBMPOTrainer` holds a model, its reference, an optimiser and a prompt sampler. It is
 built for reuse: `reset()` restores the starting weights from memory (or re-initialises the
-LoRA adapter) and `set_divergence()` swaps the regulariser, so a search scores many mirror
+LoRA adapter) and `set_regulariser()` swaps the regulariser, so a search scores many mirror
 maps without reloading the model.
 
 What the step avoids, by design (timed against TRL in benchmarks/inner_step.py): prompts are
