@@ -87,3 +87,7 @@ class StartsWithOne:
         return [1.0 if c.startswith("1") else 0.0 for c in completions]
 
     scores = rewards
+
+    def judge(self, completions: list[str], examples: list) -> tuple[list[float], list[float]]:
+        r = self.rewards(completions, examples)
+        return r, list(r)
