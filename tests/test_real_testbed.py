@@ -28,6 +28,9 @@ def test_real_testbed_config_is_what_the_docs_say() -> None:
     assert cfg.probe.points >= 3 and cfg.search.evaluator.baseline.name == "kl_k3"
     assert cfg.search.evaluator.inner_steps == cfg.train.steps and cfg.search.evaluator.confirm is not None
     assert any(m.divergence.map == "search:best" for m in cfg.compare.methods)
+    # the search's lambda starts at the random-init neural arm's, not at KL's (inert for a neural map)
+    rand = next(m for m in cfg.compare.methods if m.label == "neural (random init)")
+    assert cfg.divergence.name == "neural" and cfg.divergence.coef == rand.divergence.coef
 
 
 def test_real_testbed_shortened_compare(tmp_path: Path, smollm2) -> None:
