@@ -414,14 +414,15 @@ def _finished_search_map(cfg: Config) -> tuple[dict[str, str], dict[str, str]]:
     if not uses:
         return {}, {}
     summary = Path(cfg.output_dir) / cfg.name / "search" / "search.json"
-    best = json.loads(summary.read_text()).get("best_map") if summary.is_file() else None
+    found = json.loads(summary.read_text()) if summary.is_file() else {}
+    best = found.get("best_map")
     if not best or not Path(best).exists():
         raise ConfigError(
             f"compare.methods.{uses[0]}.divergence.map: {BEST_MAP_REF!r} is the map a finished search of "
             f"this config found, and there is none ({summary} "
             f"{'names no map' if summary.is_file() else 'does not exist'}): run `mirrorlab run` (search, "
             f"then compare) or `mirrorlab search` first, or name a map file or models:/ URI")
-    uri = json.loads(summary.read_text()).get("registered_uri")
+    uri = found.get("registered_uri")
     return {BEST_MAP_REF: str(Path(best).resolve())}, ({BEST_MAP_REF: uri} if uri else {})
 
 

@@ -29,6 +29,12 @@ def is_reward_error(x: float) -> bool:
     return math.isnan(x)
 
 
+def score_of_reward(reward: float) -> float:
+    """The default evaluation score of a reward: 1 when it is full (>= 1), else 0; a reward the
+    task could not judge stays `REWARD_ERROR`."""
+    return reward if is_reward_error(reward) else (1.0 if reward >= 1.0 else 0.0)
+
+
 class SplitOverlapError(ValueError):
     """Raised when two splits of a task share an example (same id or same problem text)."""
 
@@ -168,8 +174,7 @@ class Task:
     def score(self, completion: str, example: Example) -> float:
         """The evaluation metric of one completion in [0, 1] (default: reward == 1; a reward the
         task could not judge stays `REWARD_ERROR`)."""
-        r = self.reward(completion, example)
-        return r if is_reward_error(r) else (1.0 if r >= 1.0 else 0.0)
+        return score_of_reward(self.reward(completion, example))
 
     def extra_metrics(self, completions: Sequence[str],
                       examples: Sequence[Example]) -> dict[str, list[float]]:

@@ -74,7 +74,16 @@ from typing import Any
 
 from mirrorlab.sandbox import Program, SandboxLimits, SandboxPool, SandboxResult
 
-from .base import REWARD_ERROR, Example, Task, _normalise, data_dir, load_rows
+from .base import (
+    REWARD_ERROR,
+    Example,
+    Task,
+    _normalise,
+    data_dir,
+    is_reward_error,
+    load_rows,
+    score_of_reward,
+)
 
 SPLIT_IDS = {"prompt": (1, 10), "test": (11, 510), "val": (511, 600), "train": (601, 974)}
 VALUE_CAP = 256 * 1024  # bytes of encoded values one test may report
@@ -568,7 +577,10 @@ def harness_program(
 
 def fraction_passed(report: str, checks: Sequence[Check | None]) -> float:
     """Fraction of the tests that pass, judged here from the harness's report."""
-    records = parse_report(report, len(checks))
+    return _fraction(parse_report(report, len(checks)), checks)
+
+
+def _fraction(records: dict[tuple[str, int], str | None], checks: Sequence[Check | None]) -> float:
     return sum(check_passed(k, records, i) for i, k in enumerate(checks)) / len(checks) if checks else 0.0
 
 
@@ -594,7 +606,7 @@ def judge(result: SandboxResult, checks: Sequence[Check | None]) -> Judgement:
     the report is missing, truncated or malformed."""
     records = parse_report(result.report, len(checks))
     if ("e", len(checks)) in records:
-        return Judgement(fraction_passed(result.report, checks))
+        return Judgement(_fraction(records, checks))
     if result.timed_out:
         why = (f"killed by the sandbox's wall clock after {result.duration_s:.1f} s, "
                "before the harness finished")
@@ -629,11 +641,6 @@ def assert_fractions(
     """For each program, the fraction of its assert statements that pass, NaN (`REWARD_ERROR`)
     where the harness could not judge it (`judge_programs` says why)."""
     return [j.passed for j in judge_programs(codes, tests, pool, setups, test_timeout_s)]
-
-
-def _pass_at_1(reward: float) -> float:
-    """1 when every assert passed, 0 otherwise, NaN (a harness error) stays NaN."""
-    return reward if math.isnan(reward) else (1.0 if reward >= 1.0 else 0.0)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -769,13 +776,13 @@ class MBPP(Task):
 
     def scores(self, completions: Sequence[str], examples: Sequence[Example]) -> list[float]:
         """pass@1 per example: 1 when every assert passes (NaN where the harness could not judge)."""
-        return [_pass_at_1(r) for r in self.rewards(completions, examples)]
+        return [score_of_reward(r) for r in self.rewards(completions, examples)]
 
     def judge(self, completions: Sequence[str],
               examples: Sequence[Example]) -> tuple[list[float], list[float]]:
         """Rewards and pass@1 scores from one sandbox run per completion."""
         rewards = self.rewards(completions, examples)
-        return rewards, [_pass_at_1(r) for r in rewards]
+        return rewards, [score_of_reward(r) for r in rewards]
 
     def pass_at_k(self, completions: Sequence[Sequence[str]], examples: Sequence[Example], k: int) -> float:
         """Mean unbiased pass@k over examples, from n >= k completions per example; completions the
@@ -785,7 +792,7 @@ class MBPP(Task):
         scores = self.scores(flat, owners)
         vals, i = [], 0
         for cs in completions:
-            judged = [x for x in scores[i : i + len(cs)] if not math.isnan(x)]
+            judged = [x for x in scores[i : i + len(cs)] if not is_reward_error(x)]
             if len(judged) >= k:
                 vals.append(pass_at_k(len(judged), int(sum(judged)), k))
             i += len(cs)
