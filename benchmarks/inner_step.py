@@ -209,8 +209,8 @@ def run_pair(model_dir: Path, n_gen: int, max_new: int, warmup: int, steps: int,
             "trainer_build_s": trainer.build_s,
             "raw": {"trl": rec["trl"], "mirrorlab": r["mirrorlab"]},
         }
-        if trainer.engine is not None:  # vllm: engine start-up and the weight push before each generation
-            out["engine_startup_s"] = trainer.engine.stats.startup_s
+        if trainer.backend == "vllm":  # vllm: engine start-up and the weight push before each generation
+            out["engine_startup_s"] = trainer.rollouts.engine.stats.startup_s
             out["vllm_kv_cache_mb"] = kv_cache_mb
             out["engine_sync_s_per_step"] = statistics.median(r["sync"][warmup:] or r["sync"])
             out["raw"]["engine_sync_s"] = r["sync"]

@@ -16,7 +16,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mirrorlab import divergences, strategies, tasks
+from mirrorlab import divergences, rollouts, strategies, tasks
 from mirrorlab.evaluators import evaluators
 from mirrorlab.executors import executors
 from mirrorlab.registry import Registry
@@ -52,15 +52,16 @@ class Section(BaseModel):
         return data
 
 
-def registered(registry: Registry[Any], paths: bool = False) -> AfterValidator:
-    """A field validator: the value must be a name in `registry` (the error lists the allowed
-    names), or, with `paths`, a `package.module:factory` import path."""
+def registered(registry: Registry[Any], paths: bool = False, also: tuple[str, ...] = ()) -> AfterValidator:
+    """A field validator: the value must be a name in `registry` or in `also` (the error lists the
+    allowed names), or, with `paths`, a `package.module:factory` import path."""
 
     def check(name: str) -> str:
-        if name in registry or (paths and ":" in name):
+        if name in registry or name in also or (paths and ":" in name):
             return name
         extra = " or package.module:factory" if paths else ""
-        raise ValueError(f"unknown {registry.kind} {name!r}; allowed: {', '.join(registry.names())}{extra}")
+        allowed = ", ".join(registry.names() + list(also))
+        raise ValueError(f"unknown {registry.kind} {name!r}; allowed: {allowed}{extra}")
 
     return AfterValidator(check)
 
@@ -71,6 +72,7 @@ StrategyName = Annotated[str, registered(strategies.registry)]
 SpaceKind = Annotated[str, registered(spaces)]
 ExecutorKind = Annotated[str, registered(executors)]
 EvaluatorKind = Annotated[str, registered(evaluators, paths=True)]
+BackendName = Annotated[str, registered(rollouts.backends, also=("auto",))]
 
 
 # --------------------------------------------------------------------------- model
@@ -178,12 +180,12 @@ class GenerationConfig(Section):
     min_new_tokens: int = Field(
         0, ge=0, description="stop tokens are suppressed before this many tokens (benchmarks of fixed "
         "length)")
-    backend: Literal["hf", "fast", "vllm", "auto"] = Field(
+    backend: BackendName = Field(
         "fast", description="fast: mirrorlab's lean KV-cached sampler (same distribution, prompt prefilled "
         "once per group); hf: transformers' generate; vllm: a colocated vLLM engine in this process "
         "(built once, weights pushed in memory after optimiser steps; needs vLLM installed, see "
         "docs/architecture.md); auto: vllm where vLLM is installed and the model has >= 50M parameters "
-        "(where it measured faster), else fast")
+        "(where it measured faster), else fast; or a backend registered in mirrorlab.rollouts.backends")
     cuda_graph: bool = Field(
         True, description="fast backend on CUDA: replay each decode step as one captured CUDA graph "
         "(ignored on CPU)")

@@ -112,7 +112,9 @@ def test_sampling_logps_match_a_fresh_forward(tiny, task):
     model, tok = tiny
     tr = _trainer(model, tok, task, "fast", temperature=0.8, top_k=6)
     torch.manual_seed(1)
-    ids, att, comp, cmask, old = tr._generate([task.train[0], task.train[4]], repeats=4, with_logps=True)
+    gen = tr._generate([task.train[0], task.train[4]], repeats=4, with_logps=True)
+    ids, att, comp, cmask, old = (gen.prompt_ids, gen.prompt_mask, gen.completion_ids, gen.completion_mask,
+                                  gen.logps)
     full = torch.cat([ids, comp], 1)
     fatt = torch.cat([att, torch.ones_like(comp)], 1)
     pos = (fatt.cumsum(-1) - 1).clamp(min=0)

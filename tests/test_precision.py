@@ -26,6 +26,12 @@ from mirrorlab.gbmpo.sampling import LeanDecoder, SamplingParams, _rotate_half, 
 from mirrorlab.gbmpo.trainer import token_logps
 
 
+def _packed(tr: GBMPOTrainer, batch: int):
+    """The fast backend's packed decode weights at the trainer's current weights."""
+    tr.rollouts.sync(tr.weights_version)
+    return tr.rollouts.packed(batch)
+
+
 def _cfg(dtype: str, **kw) -> TrainConfig:
     g = dict(num_generations=4, max_new_tokens=12)
     g.update(kw.pop("gen", {}))
@@ -129,7 +135,7 @@ def test_sample_with_packed_weights_is_seeded_and_stops(tiny, task):
     tr = GBMPOTrainer(model, tok, task, None, _cfg("bfloat16", gen=dict(max_new_tokens=20)))
     ids, att = tr._left_pad([tr._prompt_ids(task.train[i]) for i in (0, 3)])
     p = SamplingParams(max_new_tokens=20)
-    packed = tr._packed_decoder(8)
+    packed = _packed(tr, 8)
     assert packed is not None
     runs = []
     for _ in range(2):
@@ -160,10 +166,10 @@ def test_packed_weights_follow_every_optimiser_step_and_reset(tiny, task):
     model, tok = tiny
     tr = GBMPOTrainer(copy.deepcopy(model), tok, task, divergences.get("kl_k3"), _cfg("bfloat16", lr=1e-2),
                       coef=0.04)
-    first = tr._packed_decoder(12)
-    assert tr._packed_decoder(12) is first  # cached while the weights do not change (evaluation)
+    first = _packed(tr, 12)
+    assert _packed(tr, 12) is first  # cached while the weights do not change (evaluation)
     tr.train_step()
-    second = tr._packed_decoder(12)
+    second = _packed(tr, 12)
     assert second is not first
 
     def head(pk):  # the packed lm_head is the model's head in bf16 (read back through a matmul)
@@ -173,7 +179,7 @@ def test_packed_weights_follow_every_optimiser_step_and_reset(tiny, task):
     torch.testing.assert_close(head(second), tr.model.lm_head.weight.detach().bfloat16().float())
     assert not torch.equal(head(first), head(second))
     tr.reset()
-    torch.testing.assert_close(head(tr._packed_decoder(12)), head(first))
+    torch.testing.assert_close(head(_packed(tr, 12)), head(first))
 
 
 # --------------------------------------------------------------------------- the training pass

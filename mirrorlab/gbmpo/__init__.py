@@ -1,7 +1,8 @@
 """GBMPO: group-based mirror policy optimisation (DESIGN section 3).
 
-Pure loss functions (`advantages`, `policy_loss`, `aggregate`, `gbmpo_loss`) and the trainer
-(`GBMPOTrainer`, `build_trainer`) that runs them on a model and a task.
+Pure loss functions (`advantages`, `policy_loss`, `aggregate`, `gbmpo_loss`), the trainer
+(`GBMPOTrainer`, `build_trainer`) that runs them on a model and a task, and the generation
+backends behind `mirrorlab.rollouts.RolloutBackend` (`rollout_fast`, `rollout_hf`, `rollout_vllm`).
 """
 
 from mirrorlab.gbmpo.losses import (

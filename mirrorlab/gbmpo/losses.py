@@ -33,6 +33,12 @@ Estimator = Literal["sampled", "topk", "full"]
 STD_EPS = 1e-4
 
 
+def token_logps(logits: Tensor, ids: Tensor) -> Tensor:
+    """log softmax(logits) gathered at `ids`, in float32."""
+    logits = logits.float()
+    return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
 def advantages(rewards: Tensor, group_size: int, kind: AdvantageKind = "dr_grpo") -> Tensor:
     """Per-completion advantages; rewards are laid out group by group ([q0 x G, q1 x G, ...]).
 

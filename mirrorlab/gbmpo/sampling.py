@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,20 +21,9 @@ from torch import Tensor
 
 from mirrorlab.gbmpo.precision import PackedDecoder, autocast
 from mirrorlab.models import base_model
+from mirrorlab.rollouts import SamplingParams
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Decoding settings with HF semantics (top_k = 0 and top_p = 1 mean off)."""
-
-    max_new_tokens: int
-    greedy: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_new_tokens: int = 0
 
 
 def process_logits(scores: Tensor, step: int, p: SamplingParams, stop_ids: Tensor) -> Tensor:

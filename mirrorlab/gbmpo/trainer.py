@@ -11,8 +11,9 @@ tokenised once per example; log-probs are computed only at completion positions
 one no-grad forward per generated batch (LoRA: the same module with the adapter disabled); there
 is never a separate "old" forward (mu = 1: old = detached current; mu > 1: the log-probs of the
 sampling logits, kept from generation); step metrics stay on the device until one host transfer
-at the end of the step. Generation uses `mirrorlab.gbmpo.sampling` (`generation.backend: fast`:
-no per-token HF machinery, prompt prefilled once per group, fused AdamW) or HF generate (`hf`).
+at the end of the step. Generation goes through one `mirrorlab.rollouts.RolloutBackend`
+(`self.rollouts`, chosen by `generation.backend`): `fast` (`rollout_fast`: no per-token HF
+machinery, prompt prefilled once per group), `hf` (`rollout_hf`) or `vllm` (`rollout_vllm`).
 What remains is compute: the decode matmuls, one reference forward, one policy forward and
 backward per pass; on CPUs with native bf16 (`train.compute_dtype: auto`) those run as bf16
 matmuls with the loss in fp32 (`mirrorlab.gbmpo.precision`).
@@ -48,10 +49,20 @@ from mirrorlab.gbmpo.losses import (
     masked_max,
     penalised_rewards,
     regulariser_probe,
+    token_logps,
 )
 from mirrorlab.gbmpo.losses import advantages as compute_advantages
 from mirrorlab.models import is_peft, load_model
 from mirrorlab.repro import seed_everything
+from mirrorlab.rollouts import (
+    Completions,
+    RolloutBackend,
+    RolloutContext,
+    SamplingParams,
+    completion_mask_from,
+    left_pad,
+)
+from mirrorlab.rollouts import build as build_rollouts
 from mirrorlab.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -118,22 +129,6 @@ def _position_ids(attention_mask: Tensor) -> Tensor:
     return pos.clamp(min=0)
 
 
-def completion_mask_from(ids: Tensor, stop_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Mask up to and including the first stop token; also whether no stop token occurred."""
-    is_stop = torch.isin(ids, stop_ids)
-    # number of stop tokens strictly before each position
-    before = torch.cumsum(is_stop.long(), dim=1) - is_stop.long()
-    mask = (before == 0).long()
-    truncated = ~is_stop.any(dim=1)
-    return mask, truncated
-
-
-def token_logps(logits: Tensor, ids: Tensor) -> Tensor:
-    """log softmax(logits) gathered at `ids`, in float32."""
-    logits = logits.float()
-    return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
 def _entropy(logits: Tensor) -> Tensor:
     logp = torch.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
@@ -193,7 +188,6 @@ class GBMPOTrainer:
         if self.device.type == "cpu":
             allocator.tune_malloc()
         self.compute_dtype = precision.resolve_compute_dtype(self.cfg.compute_dtype, self.device)
-        self._packed: tuple[object, Any] | None = None  # (weights token, bf16 decode weights)
         self.is_peft = is_peft(model)
         if self.is_peft:
             self.ref_model = None
@@ -213,6 +207,12 @@ class GBMPOTrainer:
         # stop strings longer than one token: applied after decoding (`_cut_at_stop_strings`)
         self.stop_strings = [st for st in self.task.stop_strings
                              if len(self.tokenizer(st, add_special_tokens=False)["input_ids"]) > 1]
+        # the generation backend (`train.generation.backend`; `auto` resolved, a vLLM engine built
+        # once per process and model and reused)
+        self.rollouts: RolloutBackend = build_rollouts(RolloutContext(
+            model=model, tokenizer=tokenizer, device=self.device, pad_id=self.pad_id,
+            stop_ids=tuple(self.stop_ids), compute_dtype=self.compute_dtype, generation=self.cfg.generation,
+            seed=self.cfg.seed))
         self.reset(self.cfg.seed)
 
     # ------------------------------------------------------------------ setup
@@ -244,6 +244,7 @@ class GBMPOTrainer:
     placement = property(lambda self: self.reg.placement, doc="loss | reward")
     anchor = property(lambda self: self.reg.anchor, doc="ref | lagged")
     anchor_every = property(lambda self: self.reg.anchor_every, doc="steps between lagged re-anchors")
+    backend = property(lambda self: self.rollouts.name, doc="the generation backend in use (auto resolved)")
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -268,20 +269,21 @@ class GBMPOTrainer:
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         # a new optimiser comes with new weights (reset, checkpoint load); every step changes them:
-        # the vLLM engine is re-synced before the next generation
+        # the backend is synced to the new version before the next generation
         self._weights_changed()
         self.optimizer.register_step_post_hook(lambda *_: self._weights_changed())
 
     def _weights_changed(self) -> None:
-        """Mark the policy's weights as changed (a generation through the vLLM engine pushes them
-        first). Call it after modifying `self.model`'s weights from outside the trainer."""
-        self._weights_token = object()
+        """Mark the policy's weights as changed (`rollouts.sync` before the next generation: the vLLM
+        engine pushes them, the fast sampler packs them again). Call it after modifying
+        `self.model`'s weights from outside the trainer."""
+        self.weights_version = object()
 
     def reset(self, seed: int | None = None) -> None:
         """Back to the starting weights (from memory), a fresh optimiser, step 0, re-seeded RNGs."""
         seed = self.cfg.seed if seed is None else seed
         self.seed = seed
-        self._setup_backend()  # first call: resolve `auto`, build (or reuse) the vLLM engine
+        self.rollouts.reset()
         seed_everything(seed)
         with torch.no_grad():
             if self.is_peft:
@@ -327,31 +329,16 @@ class GBMPOTrainer:
         return out
 
     def _left_pad(self, seqs: Sequence[list[int]]) -> tuple[Tensor, Tensor]:
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        att = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            if s:
-                ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-                att[i, width - len(s):] = 1
-        return ids.to(self.device), att.to(self.device)
+        return left_pad(seqs, self.pad_id, self.device)
 
     # ------------------------------------------------------------------ generation
-    def _gen_config(self, greedy: bool, max_new_tokens: int) -> Any:
-        from transformers import GenerationConfig
-
+    def sampling_params(self, greedy: bool = False, max_new_tokens: int | None = None) -> SamplingParams:
+        """The `train.generation` settings as one backend-neutral `SamplingParams` (greedy: argmax,
+        no minimum length)."""
         g = self.cfg.generation
-        kw: dict[str, Any] = dict(
-            max_new_tokens=max_new_tokens, pad_token_id=self.pad_id, eos_token_id=self.stop_ids,
-            use_cache=True,
-        )
-        if greedy:
-            kw.update(do_sample=False)
-        else:
-            kw.update(do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
-            if g.min_new_tokens:
-                kw.update(min_new_tokens=min(g.min_new_tokens, max_new_tokens))
-        return GenerationConfig(**kw)
+        max_new = max_new_tokens or g.max_new_tokens
+        return SamplingParams(max_new_tokens=max_new, greedy=greedy, temperature=g.temperature, top_k=g.top_k,
+                              top_p=g.top_p, min_new_tokens=0 if greedy else min(g.min_new_tokens, max_new))
 
     @torch.no_grad()
     def generate(self, examples: Sequence[Any], repeats: int = 1, greedy: bool = False,
@@ -360,80 +347,22 @@ class GBMPOTrainer:
 
         Returns (prompt_ids, prompt_mask, completion_ids, completion_mask).
         """
-        return self._generate(examples, repeats, greedy, max_new_tokens)[:4]
+        c = self._generate(examples, repeats, greedy, max_new_tokens)
+        return c.prompt_ids, c.prompt_mask, c.completion_ids, c.completion_mask
 
     @torch.no_grad()
     def _generate(self, examples: Sequence[Any], repeats: int = 1, greedy: bool = False,
-                  max_new_tokens: int | None = None, with_logps: bool = False) -> tuple:
-        """`generate` plus, when asked, the sampling policy's log-probs of the sampled tokens.
-
-        Those come from the decoding logits themselves (the KV-cached forward that sampled the
-        token), so with mu > 1 the "old" log-probs cost no extra forward pass.
-        """
-        max_new = max_new_tokens or self.cfg.generation.max_new_tokens
-        if self.backend == "vllm":
-            out = self._generate_vllm(examples, repeats, greedy, max_new)
-        elif self.backend == "fast":
-            out = self._generate_fast(examples, repeats, greedy, max_new, with_logps)
-        else:
-            out = self._generate_hf(examples, repeats, greedy, max_new, with_logps)
-        ids, att, comp, cmask, old = out
-        comp, cmask = self._cut_at_stop_strings(comp, cmask)
-        return ids, att, comp, cmask, old
-
-    def _generate_hf(self, examples: Sequence[Any], repeats: int, greedy: bool, max_new: int,
-                     with_logps: bool) -> tuple:
-        """`_generate` through transformers' `model.generate` (`generation.backend: hf`)."""
-        seqs = [self._prompt_ids(ex) for ex in examples for _ in range(repeats)]
-        ids, att = self._left_pad(seqs)
-        was_training = self.model.training
-        self.model.eval()
-        gc = self._gen_config(greedy, max_new)
-        if with_logps:
-            gc.output_logits = True
-            gc.return_dict_in_generate = True
-        with precision.autocast(self.device, self.compute_dtype):
-            out = self.model.generate(input_ids=ids, attention_mask=att, generation_config=gc)
-        if was_training:
-            self.model.train()
-        seq = out.sequences if with_logps else out
-        comp = seq[:, ids.shape[1]:]
-        old = None
-        if comp.shape[1] == 0:
-            comp = torch.full((ids.shape[0], 1), self.pad_id, dtype=torch.long, device=self.device)
-        elif with_logps:
-            logits = torch.stack(out.logits, dim=1)[:, : comp.shape[1]]
-            t = self.cfg.generation.temperature
-            old = token_logps(logits / t if t != 1.0 else logits, comp)
-        stop = torch.tensor(self.stop_ids, device=self.device)
-        cmask, _ = completion_mask_from(comp, stop)
-        return ids, att, comp, cmask, old
-
-    def _generate_fast(self, examples: Sequence[Any], repeats: int, greedy: bool, max_new: int,
-                       with_logps: bool) -> tuple:
-        """`_generate` through mirrorlab's lean sampler (`generation.backend: fast`)."""
-        from mirrorlab.gbmpo.sampling import SamplingParams, sample
-
-        g = self.cfg.generation
-        ids, att = self._left_pad([self._prompt_ids(ex) for ex in examples])
-        params = SamplingParams(
-            max_new_tokens=max_new, greedy=greedy, temperature=g.temperature, top_k=g.top_k,
-            top_p=g.top_p, min_new_tokens=0 if greedy else min(g.min_new_tokens, max_new))
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            comp, old = sample(self.model, ids, att, params, self.stop_ids, self.pad_id,
-                               repeats=repeats, with_logps=with_logps, cuda_graph=g.cuda_graph,
-                               compute_dtype=self.compute_dtype,
-                               packed=self._packed_decoder(len(examples) * repeats))
-        finally:
-            if was_training:
-                self.model.train()
-        if repeats > 1:
-            ids, att = ids.repeat_interleave(repeats, dim=0), att.repeat_interleave(repeats, dim=0)
-        stop = torch.tensor(self.stop_ids, device=self.device)
-        cmask, _ = completion_mask_from(comp, stop)
-        return ids, att, comp, cmask, old
+                  max_new_tokens: int | None = None, with_logps: bool = False) -> Completions:
+        """The backend's completions (weights synced first), cut at the task's multi-token stop
+        strings. With `with_logps`, the sampling policy's log-probs of the drawn tokens come from the
+        decoding logits themselves (the KV-cached forward that sampled each token), so with mu > 1
+        the "old" log-probs cost no extra forward pass (the vLLM backend gives `engine_logps`)."""
+        self.rollouts.sync(self.weights_version)
+        out = self.rollouts.generate([self._prompt_ids(ex) for ex in examples],
+                                     self.sampling_params(greedy, max_new_tokens), repeats=repeats,
+                                     with_logps=with_logps)
+        comp, cmask = self._cut_at_stop_strings(out.completion_ids, out.completion_mask)
+        return replace(out, completion_ids=comp, completion_mask=cmask)
 
     def _cut_at_stop_strings(self, comp: Tensor, cmask: Tensor) -> tuple[Tensor, Tensor]:
         """End each completion at the token that completes the first multi-token stop string of the
@@ -470,82 +399,6 @@ class GBMPOTrainer:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return any(st in text for st in self.stop_strings)
 
-    def _packed_decoder(self, batch: int) -> Any:
-        """bf16 prepacked decode weights of the current policy (CPU, compute_dtype bf16), packed
-        again after each weight change; None where they do not apply (fp32, CUDA, LoRA)."""
-        from mirrorlab.gbmpo.sampling import LeanDecoder
-
-        if self.compute_dtype != torch.bfloat16 or self.device.type != "cpu" or self.is_peft \
-                or not LeanDecoder.supports(self.model):
-            return None
-        if self._packed is None or self._packed[0] is not self._weights_token:
-            self._packed = (self._weights_token, precision.pack_decoder(self.model, batch))
-        return self._packed[1]
-
-    def _setup_backend(self) -> None:
-        """Resolve `generation.backend` (auto: vllm or fast) and, for vllm, get the process's engine
-        for this model (built once, reused by every reset and candidate). Runs once per trainer."""
-        if getattr(self, "backend", None) is not None:
-            return
-        from mirrorlab.gbmpo import vllm_engine
-
-        g = self.cfg.generation
-        backend = vllm_engine.resolve_backend(g.backend, self.model)
-        self.engine: Any = None
-        self._engine_logps: Tensor | None = None
-        self._engine_sync_s = 0.0
-        if backend == "vllm":
-            try:
-                self.engine = vllm_engine.VLLMEngine.for_model(
-                    self.model, self.tokenizer, dtype=g.vllm_dtype, seed=self.cfg.seed,
-                    kv_cache_mb=g.vllm_kv_cache_mb, device=self.device.type)
-            except vllm_engine.VLLMUnavailableError as e:
-                if g.backend != "auto":
-                    raise
-                log.warning("generation backend auto: %s; using fast", e)
-                backend = "fast"
-        self.backend = backend
-
-    def _sync_engine(self) -> None:
-        """Push the policy's weights into the vLLM engine unless it already holds them."""
-        if self.engine.loaded is not self._weights_token:
-            self._engine_sync_s += self.engine.load_weights(self.model, self._weights_token)
-
-    def _generate_vllm(self, examples: Sequence[Any], repeats: int, greedy: bool, max_new: int) -> tuple:
-        """`_generate` through the colocated vLLM engine (`generation.backend: vllm`). The engine's
-        log-probs of the drawn tokens are kept for the rollout (`engine_logps`); the old log-probs
-        slot stays None (the trainer's own log-probs are recomputed for the loss)."""
-        from mirrorlab.gbmpo.sampling import SamplingParams
-
-        g = self.cfg.generation
-        self._sync_engine()
-        prompts = [self._prompt_ids(ex) for ex in examples]
-        params = SamplingParams(max_new_tokens=max_new, greedy=greedy, temperature=g.temperature,
-                                top_k=g.top_k, top_p=g.top_p,
-                                min_new_tokens=0 if greedy else min(g.min_new_tokens, max_new))
-        # per-request seeds from the trainer's seeded RNG: a fixed engine and seed reproduce
-        seed = None if greedy else int(torch.randint(0, 2**30, (1,)).item())
-        toks, lps = self.engine.generate(prompts, params, self.stop_ids, repeats=repeats, seed=seed)
-        T = max(1, max(len(t) for t in toks))
-        comp = torch.full((len(toks), T), self.pad_id, dtype=torch.long)
-        elp = torch.zeros((len(toks), T), dtype=torch.float32)
-        for i, (t, lp) in enumerate(zip(toks, lps, strict=True)):
-            if t:
-                comp[i, :len(t)] = torch.tensor(t, dtype=torch.long)
-                elp[i, :len(t)] = torch.tensor(lp, dtype=torch.float32)
-        comp, self._engine_logps = comp.to(self.device), elp.to(self.device)
-        ids, att = self._left_pad(prompts)
-        if repeats > 1:
-            ids, att = ids.repeat_interleave(repeats, dim=0), att.repeat_interleave(repeats, dim=0)
-        stop = torch.tensor(self.stop_ids, device=self.device)
-        cmask, _ = completion_mask_from(comp, stop)
-        return ids, att, comp, cmask, None
-
-    def _pop_engine_logps(self) -> Tensor | None:
-        """The engine log-probs of the last vLLM generation (None for the other backends), once."""
-        out, self._engine_logps = self._engine_logps, None
-        return out
-
     def _decode(self, comp: Tensor, cmask: Tensor) -> list[str]:
         ids = comp.masked_fill(cmask == 0, self.pad_id).tolist()
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
@@ -555,7 +408,8 @@ class GBMPOTrainer:
         mu > 1) keeps the sampling policy's log-probs of the drawn tokens as `old_logps`."""
         G = self.cfg.generation.num_generations
         want = self.cfg.mu > 1 if with_logps is None else with_logps
-        p_ids, p_att, comp, cmask, old = self._generate(examples, repeats=G, with_logps=want)
+        gen = self._generate(examples, repeats=G, with_logps=want)
+        p_ids, p_att, comp, cmask = gen.prompt_ids, gen.prompt_mask, gen.completion_ids, gen.completion_mask
         stop = torch.tensor(self.stop_ids, device=self.device)
         _, truncated = completion_mask_from(comp, stop)
         texts = self._decode(comp, cmask)
@@ -571,8 +425,8 @@ class GBMPOTrainer:
         return Rollout(
             input_ids=torch.cat([p_ids, comp], dim=1), attention_mask=att,
             position_ids=_position_ids(att), completion_ids=comp, completion_mask=cmask,
-            truncated=truncated, texts=texts, rewards=rewards, scores=scores, old_logps=old,
-            engine_logps=self._pop_engine_logps(), reward_errors=errors,
+            truncated=truncated, texts=texts, rewards=rewards, scores=scores, old_logps=gen.logps,
+            engine_logps=gen.engine_logps, reward_errors=errors,
         )
 
     # ------------------------------------------------------------------ log-probs
@@ -863,7 +717,7 @@ class GBMPOTrainer:
         if "engine_logp_mismatch" in acc:  # vllm backend: sampler vs trainer, and the weight push
             m["engine_logp_mismatch"], m["is_weight_mean"] = torch.stack(
                 [acc["engine_logp_mismatch"], acc["is_weight_mean"]]).tolist()
-            m["engine_sync_s"], self._engine_sync_s = self._engine_sync_s, 0.0
+        m.update(self.rollouts.pop_metrics())  # the backend's own (vllm: engine_sync_s, the weight pushes)
         if not math.isfinite(m["loss"]):
             raise FloatingPointError(f"non-finite loss at step {self.step}: {m['loss']}")
         return m

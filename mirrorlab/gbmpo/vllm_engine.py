@@ -1,4 +1,4 @@
-"""A colocated vLLM rollout engine: the `vllm` generation backend of the GBMPO trainer.
+"""A colocated vLLM rollout engine: what the `vllm` generation backend (`rollout_vllm`) drives.
 
 `VLLMEngine` runs vLLM in the trainer's own process (`distributed_executor_backend="uni"`,
 V1 multiprocessing off) on a local model directory. It is built once per (model directory,
@@ -20,13 +20,13 @@ log-probs of the loss itself and corrects for the difference with a truncated im
 (`truncated_is_weight`).
 
 Nothing here imports vLLM at module level: the pure functions (`truncated_is_weight`,
-`hf_state_dict`, `vllm_available`) work without it.
+`hf_state_dict`) work without it. The `auto` rule (vLLM from 50M parameters, where it measured
+faster) is `mirrorlab.rollouts.resolve`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import math
 import os
 import random
@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mirrorlab.gbmpo.sampling import SamplingParams
 from mirrorlab.models import is_peft
+from mirrorlab.rollouts import BackendUnavailableError, SamplingParams, vllm_available
 
 INSTALL_HINT = (
     "install vLLM beside torch in its own virtual environment, e.g. `python3 -m venv .venv-vllm && "
@@ -50,20 +50,8 @@ INSTALL_HINT = (
     "torchvision torchaudio torchcodec` and `pip install -e . --no-deps`; see .ci/vllm), or set "
     "train.generation.backend: fast"
 )
-# measured on the 2-core development CPU (benchmarks/README.md): on the 1.7M and 4.2M tiny models
-# the fast sampler is faster (16 x 64: 0.19 s vs 0.29 s); on SmolLM2-135M vLLM generates faster:
-# 2.2x against the fp32 lean sampler, 1.1x (8 x 64) to 1.5x (32 x 8 x 64) against the bf16 one;
-# `auto` picks vLLM from this size up
-AUTO_MIN_PARAMS = 50_000_000
-
-
-class VLLMUnavailableError(RuntimeError):
+class VLLMUnavailableError(BackendUnavailableError):
     """vLLM is not importable, or cannot run the model; the message names the fix."""
-
-
-def vllm_available() -> bool:
-    """Whether `import vllm` would find a package (it is not imported)."""
-    return importlib.util.find_spec("vllm") is not None
 
 
 def truncated_is_weight(trainer_logp: Tensor, engine_logp: Tensor, cap: float | None,
@@ -290,14 +278,3 @@ class VLLMEngine:
                             for d, t in zip(lp, ids, strict=True)])
         self.stats.generate_s.append(time.perf_counter() - t0)
         return toks, lps
-
-
-def resolve_backend(name: str, model: Any) -> str:
-    """`auto` -> `vllm` where vLLM is installed and the model is large enough for it to be the
-    faster sampler (>= AUTO_MIN_PARAMS parameters, measured), else `fast`; other names pass."""
-    if name != "auto":
-        return name
-    if not vllm_available():
-        return "fast"
-    n = sum(p.numel() for p in model.parameters())
-    return "vllm" if n >= AUTO_MIN_PARAMS else "fast"
