@@ -4,6 +4,8 @@ One ask/tell interface (`Strategy`, `Candidate`) for maximisation with exact che
 Built in: `openai_es`, `gbmpo_es`, `random`, `nevergrad` (any nevergrad optimiser by name).
 Build one with `get(name, dim, population, seed, x0=None, **params)`; register your own with
 `register(name, factory)` where `factory(dim=, population=, seed=, x0=, **params) -> Strategy`.
+A strategy's own mutable state is one dataclass (`strategy.state`), checkpointed by the generic
+`encode_state` / `decode_state`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 from mirrorlab.registry import Registry
 
-from .base import Candidate, Strategy, centered_ranks
+from .base import PICKLED, Candidate, Strategy, centered_ranks, decode_state, encode_state
 from .es import GBMPOES, OpenAIES
 from .random_search import RandomInit
 
@@ -72,5 +74,5 @@ def check_params(name: str, params: dict[str, Any]) -> None:
 
 __all__ = [
     "Candidate", "Strategy", "centered_ranks", "registry", "get", "register", "names", "param_names",
-    "check_params", "OpenAIES", "GBMPOES", "RandomInit",
+    "check_params", "OpenAIES", "GBMPOES", "RandomInit", "encode_state", "decode_state", "PICKLED",
 ]

@@ -3,23 +3,31 @@
 A `Strategy` proposes `Candidate`s (float64 parameter vectors with a lineage pointer), is told
 their fitness (maximised), tracks the best candidate seen, and can be checkpointed with
 `state_dict()` / `load_state_dict()` so that a resumed search asks exactly what an uninterrupted
-one would. Every built-in `state_dict()` is JSON-serialisable (arrays as lists, RNG states as
-dicts, nevergrad optimisers as base64 pickles).
+one would. A strategy keeps all its own mutable state in one dataclass, `self.state`, which one
+generic codec (`encode_state` / `decode_state`) turns into JSON-able data and back, field by field
+from the type annotations; every built-in `state_dict()` is JSON-serialisable.
 """
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import functools
 import math
+import pickle
+import types
+import typing
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 import numpy as np
 
 from mirrorlab.values import jsonable
 
-STATE_VERSION = 1
+# 2: the subclass state ("own") is written by `encode_state`; 1 (hand-written `_state`) is still read
+STATE_VERSION = 2
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,14 +104,192 @@ def _float_or_none(x: float) -> float | None:
     return None if not math.isfinite(x) else float(x)
 
 
+# --------------------------------------------------------------------------- state codec
+class _Pickled:
+    """Type of the `PICKLED` marker."""
+
+    def __repr__(self) -> str:
+        return "PICKLED"
+
+
+PICKLED = _Pickled()
+"""Annotate a state field `Annotated[T, PICKLED]` to store it as one base64 pickle: for objects
+that cannot be described field by field (a nevergrad optimiser)."""
+
+T = TypeVar("T")
+_SUPPORTED = ("np.ndarray (bool/int/uint/float), np.random.Generator, int, float, bool, str, bytes, None, "
+              "X | None, list[X], tuple[X, ...], tuple[X, Y], dict[str, X], a dataclass, "
+              "Annotated[X, PICKLED]")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool | np.bool_)
+
+
+# leaf type -> (accepts value, converts it); the same both ways (JSON gives the plain Python types)
+_LEAVES: dict[Any, tuple[Callable[[Any], bool], Callable[[Any], Any]]] = {
+    type(None): (lambda v: v is None, lambda v: None),
+    bool: (lambda v: isinstance(v, bool | np.bool_), bool),
+    int: (_is_int, int),
+    float: (lambda v: _is_int(v) or isinstance(v, float | np.floating), float),  # inf/nan: json keeps them
+    str: (lambda v: isinstance(v, str), str),
+}
+
+
+def _pickled(args: tuple[Any, ...]) -> bool:
+    return any(m is PICKLED for m in args[1:])
+
+
+def _items(tp: Any, args: tuple[Any, ...], n: int) -> tuple[Any, ...]:
+    """Item annotations of a list / tuple annotation for `n` items."""
+    if typing.get_origin(tp) is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+        return args
+    return (args[0],) * n
+
+
+@functools.cache
+def _fields(cls: type) -> tuple[tuple[str, Any, bool], ...]:
+    """(name, resolved annotation, init) per field of dataclass `cls`, every type checked up front."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    out = tuple((f.name, hints[f.name], f.init) for f in dataclasses.fields(cls))
+    for name, tp, _ in out:
+        _check_type(tp, f"{cls.__name__}.{name}")
+    return out
+
+
+def _check_type(tp: Any, path: str) -> None:
+    """TypeError naming field `path` when the codec cannot handle annotation `tp`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return None if _pickled(args) else _check_type(args[0], path)
+    if origin in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
+        return _check_type(next(a for a in args if a is not type(None)), path)
+    if origin in (list, tuple) and args:
+        for i, a in enumerate(_items(tp, args, 1)):
+            _check_type(a, f"{path}[{i}]")
+        return None
+    if origin is dict and args and args[0] is str:
+        return _check_type(args[1], f"{path}[]")
+    if tp in _LEAVES or tp in (np.ndarray, np.random.Generator, bytes) or origin is np.ndarray:
+        return None
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        _fields(tp)
+        return None
+    raise TypeError(f"state field {path}: type {tp!r} is not supported by the state codec "
+                    f"(supported: {_SUPPORTED})")
+
+
+def _fail(path: str, want: str, value: Any) -> ValueError:
+    return ValueError(f"state field {path}: expected {want}, got {type(value).__name__} {value!r:.60}")
+
+
+def _walk(v: Any, tp: Any, path: str, enc: bool) -> Any:
+    """`v` (annotated `tp`, already checked) encoded to JSON-able data (`enc`) or decoded from it."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        if not _pickled(args):
+            return _walk(v, args[0], path, enc)
+        if enc:
+            return base64.b64encode(pickle.dumps(v)).decode("ascii")
+        if not isinstance(v, str):
+            raise _fail(path, "a base64 pickle", v)
+        return pickle.loads(base64.b64decode(v))
+    if origin in (typing.Union, types.UnionType):
+        return None if v is None else _walk(v, next(a for a in args if a is not type(None)), path, enc)
+    if origin in (list, tuple):
+        if not isinstance(v, list | tuple):
+            raise _fail(path, "a list", v)
+        items = _items(tp, args, len(v))
+        if len(items) != len(v):
+            raise _fail(path, f"{len(items)} items", v)
+        out = [_walk(x, a, f"{path}[{i}]", enc) for i, (x, a) in enumerate(zip(v, items, strict=True))]
+        return out if enc or origin is list else tuple(out)
+    if origin is dict:
+        if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
+            raise _fail(path, "a dict with str keys", v)
+        return {k: _walk(x, args[1], f"{path}[{k!r}]", enc) for k, x in v.items()}
+    if tp is np.ndarray or origin is np.ndarray:
+        return _encode_array(v, path) if enc else _decode_array(v, path)
+    if tp is np.random.Generator:
+        if enc and isinstance(v, np.random.Generator):
+            return rng_state(v)
+        if not enc and isinstance(v, dict) and "bit_generator" in v:
+            return rng_from_state(v)
+        raise _fail(path, "a numpy Generator" if enc else "a Generator state dict", v)
+    if tp is bytes:
+        if not isinstance(v, bytes if enc else str):
+            raise _fail(path, "bytes" if enc else "a base64 str", v)
+        return base64.b64encode(v).decode("ascii") if enc else base64.b64decode(v)
+    if tp in _LEAVES:
+        accepts, convert = _LEAVES[tp]
+        if not accepts(v):
+            raise _fail(path, tp.__name__, v)
+        return convert(v)
+    fields = _fields(tp)  # a dataclass
+    if enc:
+        if not isinstance(v, tp):
+            raise _fail(path, tp.__name__, v)
+        return {name: _walk(getattr(v, name), ftp, f"{path}.{name}", True) for name, ftp, _ in fields}
+    if not isinstance(v, dict):
+        raise _fail(path, f"a dict of {tp.__name__}'s fields", v)
+    missing, unknown = sorted({f[0] for f in fields} - set(v)), sorted(set(v) - {f[0] for f in fields})
+    if missing or unknown:
+        raise ValueError(f"state {path}: missing field(s) {missing}, unknown field(s) {unknown}")
+    values = {name: _walk(v[name], ftp, f"{path}.{name}", False) for name, ftp, _ in fields}
+    obj = tp(**{name: values[name] for name, _, init in fields if init})
+    for name, _, init in fields:
+        if not init:
+            object.__setattr__(obj, name, values[name])
+    return obj
+
+
+def _encode_array(a: Any, path: str) -> dict[str, Any]:
+    """dtype, shape and the flat values (`.tolist()`: exact for bool, integer and float dtypes)."""
+    if not isinstance(a, np.ndarray) or a.dtype.kind not in "biuf":
+        raise _fail(path, "a numpy array of bool, int, uint or float dtype", a)
+    return {"dtype": a.dtype.name, "shape": list(a.shape), "data": a.ravel().tolist()}
+
+
+def _decode_array(d: Any, path: str) -> np.ndarray:
+    """Inverse of `_encode_array`; a bare (nested) list, as version-1 state dicts wrote, is read as
+    numpy reads it (float64 for floats, int64 for integers)."""
+    if isinstance(d, dict):
+        try:
+            return np.array(d["data"], dtype=np.dtype(d["dtype"])).reshape(d["shape"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"state field {path}: not an encoded array ({e})") from None
+    if isinstance(d, list | int | float) and not isinstance(d, bool):
+        return np.array(d)
+    raise _fail(path, "an encoded array", d)
+
+
+def encode_state(obj: Any) -> dict[str, Any]:
+    """JSON-able dict of the dataclass instance `obj`, walked field by field by type annotation
+    (`_SUPPORTED`): arrays keep dtype and shape (float64 exactly), floats may be inf/nan."""
+    if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+        raise TypeError(f"encode_state needs a dataclass instance, got {type(obj).__name__}")
+    return _walk(obj, type(obj), type(obj).__name__, True)
+
+
+def decode_state(cls: type[T], d: dict[str, Any]) -> T:
+    """A fresh `cls` instance from `encode_state` output (or a JSON / pickle round trip of it);
+    ValueError naming the field when `d` does not fit `cls`."""
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"decode_state needs a dataclass type, got {cls!r}")
+    return _walk(d, cls, cls.__name__, False)
+
+
 # --------------------------------------------------------------------------- base class
 class Strategy(ABC):
     """Base of all strategies: batch ask/tell for maximisation, best tracking, checkpointing.
 
-    Subclasses implement `_ask() -> list[Candidate]`, `_tell(candidates, fitnesses)` and
-    `_state()` / `_load_state(d)` for their own fields; this class validates every `tell`
-    (exactly the pending batch, in any order, one finite fitness each), numbers generations and
-    keeps `best`. `ask()` returns `population` candidates unless a subclass documents otherwise.
+    Subclasses implement `_ask() -> list[Candidate]` and `_tell(candidates, fitnesses)` and keep
+    all their own mutable state in one dataclass instance, `self.state` (None: no state), which
+    `state_dict()` writes with `encode_state`; this class validates every `tell` (exactly the
+    pending batch, in any order, one finite fitness each), numbers generations and keeps `best`.
+    `ask()` returns `population` candidates unless a subclass documents otherwise. A subclass
+    written before state dataclasses may still define `_state() -> dict` / `_load_state(d)`
+    instead; `state_dict()` / `load_state_dict()` then call those.
     """
 
     name: ClassVar[str] = "base"
@@ -127,6 +313,7 @@ class Strategy(ABC):
         self._best_theta: np.ndarray | None = None
         self._best_fitness = -math.inf
         self._best_id: str | None = None
+        self.state: Any = None  # the subclass's state dataclass, set by its __init__
 
     # ------------------------------------------------------------------ public API
     @property
@@ -228,16 +415,23 @@ class Strategy(ABC):
             "best_theta": None if self._best_theta is None else self._best_theta.tolist(),
             "best_fitness": _float_or_none(self._best_fitness),
             "best_id": self._best_id,
-            "own": self._state(),
+            "own": self._state() if self._legacy_state else (
+                {} if self.state is None else encode_state(self.state)),
         }
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
-        """Restore a `state_dict()`; the strategy must be built with the same name, dim, population."""
+        """Restore a `state_dict()` of this version or version 1 (checkpoints written before the state
+        codec); the strategy must be built with the same name, dim, population."""
         for key, mine in (("strategy", self.name), ("dim", self.dim), ("population", self.population)):
             if d.get(key) != mine:
                 raise ValueError(f"state_dict is for {key}={d.get(key)!r}, this strategy has {mine!r}")
-        if d.get("version") != STATE_VERSION:
-            raise ValueError(f"unsupported strategy state version {d.get('version')!r}")
+        version = d.get("version")
+        if version not in (1, STATE_VERSION):
+            raise ValueError(f"unsupported strategy state version {version!r}")
+        own = None
+        if not self._legacy_state and self.state is not None:  # decode first: a bad state changes nothing
+            raw = d["own"] if version == STATE_VERSION else self._upgrade_state(d["own"], version)
+            own = decode_state(type(self.state), raw)
         self.seed = int(d["seed"])
         self.generations = d["generations"]
         self._generation = int(d["generation"])
@@ -246,7 +440,10 @@ class Strategy(ABC):
         self._best_theta = None if d["best_theta"] is None else np.asarray(d["best_theta"], np.float64)
         self._best_fitness = -math.inf if d["best_fitness"] is None else float(d["best_fitness"])
         self._best_id = d["best_id"]
-        self._load_state(d["own"])
+        if self._legacy_state:
+            self._load_state(d["own"])
+        elif own is not None:
+            self.state = own
 
     # ------------------------------------------------------------------ for subclasses
     def _cid(self, slot: int) -> str:
@@ -258,11 +455,16 @@ class Strategy(ABC):
     @abstractmethod
     def _tell(self, candidates: list[Candidate], fitnesses: np.ndarray) -> None: ...
 
-    @abstractmethod
-    def _state(self) -> dict[str, Any]: ...
+    @classmethod
+    def _upgrade_state(cls, own: dict[str, Any], version: int) -> dict[str, Any]:
+        """`own` of an older state `version` in this version's layout. Version 1 wrote arrays as bare
+        lists, which the codec still reads; override where a field's form changed."""
+        return own
 
-    @abstractmethod
-    def _load_state(self, d: dict[str, Any]) -> None: ...
+    @property
+    def _legacy_state(self) -> bool:
+        """True for a subclass that hand-writes `_state()` / `_load_state(d)` (pre-codec plugins)."""
+        return callable(getattr(self, "_state", None)) and callable(getattr(self, "_load_state", None))
 
     def __repr__(self) -> str:
         return (

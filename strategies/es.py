@@ -4,11 +4,12 @@ GBMPO paper's variant, for faithful reproduction). Both are dimension-agnostic a
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .base import Candidate, Strategy, centered_ranks, rng_from_state, rng_state
+from .base import Candidate, Strategy, centered_ranks
 
 
 def antithetic_noise(rng: np.random.Generator, n: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -30,54 +31,81 @@ def es_gradient(eps: np.ndarray, rows: np.ndarray, weights: np.ndarray, sigma: f
     return g / (max(len(weights), 1) * sigma)
 
 
+@dataclass(kw_only=True)
+class GaussianESState:
+    """Mutable state of a Gaussian ES: search mean, sigma, the seeded Generator, and the pending
+    batch's noise (`eps`, `rows` as from `antithetic_noise`; `slots`: the perturbation slots)."""
+
+    mean: np.ndarray
+    sigma: float
+    rng: np.random.Generator
+    eps: np.ndarray | None = None
+    rows: np.ndarray | None = None
+    slots: list[int] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class OpenAIESState(GaussianESState):
+    """`openai_es` state: the Gaussian ES fields plus the optimiser's moments (`m`: Adam first
+    moment / SGD velocity, `v`: Adam second moment) and Adam's step count `t`."""
+
+    m: np.ndarray
+    v: np.ndarray
+    t: int = 0
+
+
+@dataclass(kw_only=True)
+class GBMPOESState(GaussianESState):
+    """`gbmpo_es` state: the Gaussian ES fields plus the best population mean so far, the elites
+    carried into the next batch and, per iteration, whether the mean stepped."""
+
+    best_mean: float = -math.inf
+    elites: list[Candidate] = field(default_factory=list)
+    stepped: list[bool] = field(default_factory=list)
+
+
 class _GaussianES(Strategy):
     """Shared machinery: a mean, a sigma, a seeded Generator and the pending batch's noise."""
+
+    state: GaussianESState
 
     def __init__(self, dim: int, population: int, seed: int, x0: Any = None,
                  generations: int | None = None, sigma: float = 0.05) -> None:
         super().__init__(dim, population, seed, x0, generations)
         if not sigma > 0:
             raise ValueError(f"sigma must be > 0, got {sigma}")
-        self.mean = self.x0.copy()
-        self.sigma = float(sigma)
-        self._rng = np.random.default_rng(self.seed)
-        self._eps: np.ndarray | None = None  # noise of the pending batch
-        self._rows: np.ndarray | None = None
-        self._slots: list[int] = []  # candidate slots that are perturbations (rows align)
+        rng = np.random.default_rng(self.seed)
+        self.state = self._new_state(mean=self.x0.copy(), sigma=float(sigma), rng=rng)
+
+    def _new_state(self, **common: Any) -> GaussianESState:
+        return GaussianESState(**common)
+
+    @property
+    def mean(self) -> np.ndarray:
+        """The current search mean (the live array)."""
+        return self.state.mean
+
+    @property
+    def sigma(self) -> float:
+        """The current perturbation std."""
+        return self.state.sigma
 
     def recommendation(self) -> np.ndarray:
         """The current search mean."""
-        return self.mean.copy()
+        return self.state.mean.copy()
 
     def _perturbations(self, n: int, first_slot: int) -> list[Candidate]:
-        eps, rows = antithetic_noise(self._rng, n, self.dim)
-        self._eps, self._rows = eps, rows
-        self._slots = list(range(first_slot, first_slot + n))
+        st = self.state
+        eps, rows = antithetic_noise(st.rng, n, self.dim)
+        st.eps, st.rows = eps, rows
+        st.slots = list(range(first_slot, first_slot + n))
         g = self._generation
         out = []
-        for slot, (k, s) in zip(self._slots, rows, strict=True):
-            theta = self.mean + s * self.sigma * eps[k]
+        for slot, (k, s) in zip(st.slots, rows, strict=True):
+            theta = st.mean + s * st.sigma * eps[k]
             out.append(Candidate(theta, self._cid(slot), parent_ids=(f"mean@g{g}",),
                                  note=f"mean@g{g}{'+' if s > 0 else '-'}eps[{k}]"))
         return out
-
-    def _base_state(self) -> dict[str, Any]:
-        return {
-            "mean": self.mean.tolist(),
-            "sigma": self.sigma,
-            "rng": rng_state(self._rng),
-            "eps": None if self._eps is None else self._eps.tolist(),
-            "rows": None if self._rows is None else self._rows.tolist(),
-            "slots": list(self._slots),
-        }
-
-    def _load_base_state(self, d: dict[str, Any]) -> None:
-        self.mean = np.asarray(d["mean"], dtype=np.float64)
-        self.sigma = float(d["sigma"])
-        self._rng = rng_from_state(d["rng"])
-        self._eps = None if d["eps"] is None else np.asarray(d["eps"], dtype=np.float64).reshape(-1, self.dim)
-        self._rows = None if d["rows"] is None else np.asarray(d["rows"], dtype=np.int64).reshape(-1, 2)
-        self._slots = list(d["slots"])
 
 
 class OpenAIES(_GaussianES):
@@ -115,45 +143,38 @@ class OpenAIES(_GaussianES):
         self.weight_decay = float(weight_decay)
         self.sigma_decay, self.sigma_min = float(sigma_decay), float(sigma_min)
         self.eval_mean = bool(eval_mean)
-        self._m = np.zeros(self.dim)  # Adam first moment / SGD velocity
-        self._v = np.zeros(self.dim)  # Adam second moment
-        self._t = 0
+
+    def _new_state(self, **common: Any) -> OpenAIESState:
+        return OpenAIESState(**common, m=np.zeros(self.dim), v=np.zeros(self.dim))
 
     def _ask(self) -> list[Candidate]:
         out = []
         if self.eval_mean:
-            out.append(Candidate(self.mean.copy(), self._cid(0), note=f"mean@g{self._generation}"))
+            out.append(Candidate(self.state.mean.copy(), self._cid(0), note=f"mean@g{self._generation}"))
         out += self._perturbations(self.population - len(out), len(out))
         return out
 
     def _tell(self, candidates: list[Candidate], fitnesses: np.ndarray) -> None:
-        assert self._eps is not None and self._rows is not None
-        u = centered_ranks(fitnesses[self._slots])
-        g = es_gradient(self._eps, self._rows, u, self.sigma)  # ascent direction
-        grad = -g + self.weight_decay * self.mean  # descent form, as for a loss
-        self.mean = self.mean + self._step(grad)
-        self.sigma = max(self.sigma * self.sigma_decay, self.sigma_min)
-        self._eps = self._rows = None
-        self._slots = []
+        st = self.state
+        assert st.eps is not None and st.rows is not None
+        u = centered_ranks(fitnesses[st.slots])
+        g = es_gradient(st.eps, st.rows, u, st.sigma)  # ascent direction
+        grad = -g + self.weight_decay * st.mean  # descent form, as for a loss
+        st.mean = st.mean + self._step(grad)
+        st.sigma = max(st.sigma * self.sigma_decay, self.sigma_min)
+        st.eps = st.rows = None
+        st.slots = []
 
     def _step(self, grad: np.ndarray) -> np.ndarray:
+        st = self.state
         if self.optimizer == "sgd":
-            self._m = self.momentum * self._m + (1.0 - self.momentum) * grad
-            return -self.lr * self._m
-        self._t += 1
-        a = self.lr * math.sqrt(1 - self.beta2**self._t) / (1 - self.beta1**self._t)
-        self._m = self.beta1 * self._m + (1 - self.beta1) * grad
-        self._v = self.beta2 * self._v + (1 - self.beta2) * grad * grad
-        return -a * self._m / (np.sqrt(self._v) + 1e-8)
-
-    def _state(self) -> dict[str, Any]:
-        return {**self._base_state(), "m": self._m.tolist(), "v": self._v.tolist(), "t": self._t}
-
-    def _load_state(self, d: dict[str, Any]) -> None:
-        self._load_base_state(d)
-        self._m = np.asarray(d["m"], dtype=np.float64)
-        self._v = np.asarray(d["v"], dtype=np.float64)
-        self._t = int(d["t"])
+            st.m = self.momentum * st.m + (1.0 - self.momentum) * grad
+            return -self.lr * st.m
+        st.t += 1
+        a = self.lr * math.sqrt(1 - self.beta2**st.t) / (1 - self.beta1**st.t)
+        st.m = self.beta1 * st.m + (1 - self.beta1) * grad
+        st.v = self.beta2 * st.v + (1 - self.beta2) * grad * grad
+        return -a * st.m / (np.sqrt(st.v) + 1e-8)
 
 
 class GBMPOES(_GaussianES):
@@ -196,46 +217,53 @@ class GBMPOES(_GaussianES):
             raise ValueError(
                 f"gbmpo_es needs population >= {self.n_elites + 2} (elites + one antithetic pair)"
             )
-        self.best_mean = -math.inf
-        self.elites: list[Candidate] = []
-        self.stepped: list[bool] = []  # per iteration: did the mean move
+
+    def _new_state(self, **common: Any) -> GBMPOESState:
+        return GBMPOESState(**common)
+
+    @classmethod
+    def _upgrade_state(cls, own: dict[str, Any], version: int) -> dict[str, Any]:
+        """Version 1 wrote a best_mean of -inf as None."""
+        return {**own, "best_mean": -math.inf if own["best_mean"] is None else own["best_mean"]}
+
+    @property
+    def best_mean(self) -> float:
+        """The highest population mean of any iteration so far (-inf before the first)."""
+        return self.state.best_mean
+
+    @property
+    def elites(self) -> list[Candidate]:
+        """The candidates carried into the next batch (empty after a step)."""
+        return self.state.elites
+
+    @property
+    def stepped(self) -> list[bool]:
+        """Per iteration: did the mean move."""
+        return self.state.stepped
 
     def _ask(self) -> list[Candidate]:
         out = [
             Candidate(e.theta.copy(), self._cid(i), parent_ids=(e.id,), note="elite")
-            for i, e in enumerate(self.elites)
+            for i, e in enumerate(self.state.elites)
         ]
         out += self._perturbations(self.population - len(out), len(out))
         return out
 
     def _tell(self, candidates: list[Candidate], fitnesses: np.ndarray) -> None:
-        assert self._eps is not None and self._rows is not None
-        f = fitnesses[self._slots]
+        st = self.state
+        assert st.eps is not None and st.rows is not None
+        f = fitnesses[st.slots]
         pop_mean = float(f.mean())
-        if pop_mean > self.best_mean:
-            g = es_gradient(self._eps, self._rows, f - pop_mean, self.sigma)
-            self.mean = self.mean + self.step * g
-            self.best_mean = pop_mean
-            self.elites = []
-            self.stepped.append(True)
+        if pop_mean > st.best_mean:
+            g = es_gradient(st.eps, st.rows, f - pop_mean, st.sigma)
+            st.mean = st.mean + self.step * g
+            st.best_mean = pop_mean
+            st.elites = []
+            st.stepped.append(True)
         else:
             order = np.argsort(-fitnesses, kind="stable")[: self.n_elites]
-            self.elites = [candidates[int(i)] for i in order]
-            self.stepped.append(False)
-        self.sigma *= self.sigma_decay
-        self._eps = self._rows = None
-        self._slots = []
-
-    def _state(self) -> dict[str, Any]:
-        return {
-            **self._base_state(),
-            "best_mean": None if not math.isfinite(self.best_mean) else self.best_mean,
-            "elites": [e.to_dict() for e in self.elites],
-            "stepped": list(self.stepped),
-        }
-
-    def _load_state(self, d: dict[str, Any]) -> None:
-        self._load_base_state(d)
-        self.best_mean = -math.inf if d["best_mean"] is None else float(d["best_mean"])
-        self.elites = [Candidate.from_dict(e) for e in d["elites"]]
-        self.stepped = list(d["stepped"])
+            st.elites = [candidates[int(i)] for i in order]
+            st.stepped.append(False)
+        st.sigma *= self.sigma_decay
+        st.eps = st.rows = None
+        st.slots = []

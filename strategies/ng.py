@@ -10,11 +10,12 @@ import pickle
 import random
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 import numpy as np
 
-from .base import Candidate, Strategy
+from .base import PICKLED, Candidate, Strategy
 
 _SUGGESTED = ("CMA", "TBPSA", "NGOpt", "OnePlusOne", "DE", "TwoPointsDE", "PSO", "RandomSearch")
 
@@ -49,6 +50,27 @@ def _private_global_rngs(states: dict[str, Any]) -> Iterator[None]:
         random.setstate(outer_py)
 
 
+@dataclass
+class NevergradObjects:
+    """The live nevergrad objects: the optimiser, the pending batch's nevergrad candidates by our id,
+    nevergrad uid -> our id (for lineage) and the private global-RNG states (`np`, `py`)."""
+
+    opt: Any
+    pending: dict[str, Any]
+    uid_to_id: dict[str, str]
+    rngs: dict[str, Any]
+
+
+@dataclass
+class NevergradState:
+    """`nevergrad` state. The optimiser cannot be described field by field, so `live` is stored as
+    one base64 pickle (one, so the candidates it shares with the optimiser stay shared);
+    `optimizer` names the optimiser so that its state is never loaded into another one."""
+
+    optimizer: str
+    live: Annotated[NevergradObjects, PICKLED]
+
+
 class NevergradStrategy(Strategy):
     """A nevergrad optimiser over R^dim: `optimizer` (a name in `nevergrad.optimizers.registry`,
     default "NGOpt"), budget = population * generations (required: NGOpt and others choose by
@@ -59,10 +81,11 @@ class NevergradStrategy(Strategy):
     continues, when there is one; its note reads "ng:<optimizer>@g<k>". Seeded through the
     parametrisation's random_state plus private copies of the global numpy/Python RNGs (some
     optimisers draw from those); `state_dict` pickles the optimiser with its pending candidates
-    (base64), so a resume asks exactly the same points.
+    (base64, see `NevergradState`), so a resume asks exactly the same points.
     """
 
     name = "nevergrad"
+    state: NevergradState
 
     @staticmethod
     def check_params(params: dict[str, Any]) -> None:
@@ -82,59 +105,58 @@ class NevergradStrategy(Strategy):
         cls = resolve_optimizer(optimizer)
         self.optimizer_name, self.sigma = optimizer, float(sigma)
         rs = np.random.RandomState(self.seed % 2**32)
-        self._rngs = {"np": rs.get_state(), "py": random.Random(self.seed).getstate()}
+        rngs = {"np": rs.get_state(), "py": random.Random(self.seed).getstate()}
+        self.state = NevergradState(optimizer, NevergradObjects(None, {}, {}, rngs))
         param = ng.p.Array(init=self.x0.copy()).set_mutation(sigma=self.sigma)
         param.random_state = np.random.RandomState((self.seed + 1) % 2**32)
         budget = self.population * self.generations
         with self._ctx():
-            self._opt = cls(parametrization=param, budget=budget, num_workers=self.population)
-        self._ng_pending: dict[str, Any] = {}
-        self._uid_to_id: dict[str, str] = {}  # nevergrad uid -> our candidate id (for lineage)
+            self.state.live.opt = cls(parametrization=param, budget=budget, num_workers=self.population)
 
     @contextlib.contextmanager
     def _ctx(self) -> Iterator[None]:
-        with _private_global_rngs(self._rngs), warnings.catch_warnings():
+        with _private_global_rngs(self.state.live.rngs), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # budget / num_workers advisories
             yield
 
     def _ask(self) -> list[Candidate]:
-        out = []
+        out, live = [], self.state.live
         with self._ctx():
             for i in range(self.population):
-                c = self._opt.ask()
+                c = live.opt.ask()
                 cid = self._cid(i)
                 lineage = c.heritage.get("lineage")
-                parents = ((self._uid_to_id[lineage],)
-                           if lineage in self._uid_to_id and lineage != c.uid else ())
-                self._uid_to_id[c.uid] = cid
-                self._ng_pending[cid] = c
+                parents = ((live.uid_to_id[lineage],)
+                           if lineage in live.uid_to_id and lineage != c.uid else ())
+                live.uid_to_id[c.uid] = cid
+                live.pending[cid] = c
                 out.append(Candidate(np.array(c.value, dtype=np.float64).reshape(-1), cid, parent_ids=parents,
                                      note=f"ng:{self.optimizer_name}@g{self._generation}"))
         return out
 
     def _tell(self, candidates: list[Candidate], fitnesses: np.ndarray) -> None:
+        live = self.state.live
         with self._ctx():
             for c, f in zip(candidates, fitnesses, strict=True):
-                self._opt.tell(self._ng_pending.pop(c.id), -float(f))
-        self._ng_pending.clear()
+                live.opt.tell(live.pending.pop(c.id), -float(f))
+        live.pending.clear()
 
     def recommendation(self) -> np.ndarray:
         """nevergrad's recommendation, computed on a copy so the live optimiser is untouched."""
-        opt, _ = pickle.loads(pickle.dumps((self._opt, None)))
-        with _private_global_rngs(dict(self._rngs)):
+        opt, _ = pickle.loads(pickle.dumps((self.state.live.opt, None)))
+        with _private_global_rngs(dict(self.state.live.rngs)):
             return np.array(opt.provide_recommendation().value, dtype=np.float64).reshape(-1)
 
-    def _state(self) -> dict[str, Any]:
-        blob = pickle.dumps((self._opt, self._ng_pending, self._uid_to_id, self._rngs))
-        return {
-            "optimizer": self.optimizer_name,
-            "sigma": self.sigma,
-            "pickle": base64.b64encode(blob).decode("ascii"),
-        }
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        """`Strategy.load_state_dict`, refusing the state of another nevergrad optimiser."""
+        own = d.get("own")
+        theirs = own.get("optimizer", self.optimizer_name) if isinstance(own, dict) else self.optimizer_name
+        if theirs != self.optimizer_name:
+            raise ValueError(f"state is for optimizer {theirs!r}, not {self.optimizer_name!r}")
+        super().load_state_dict(d)
 
-    def _load_state(self, d: dict[str, Any]) -> None:
-        if d["optimizer"] != self.optimizer_name:
-            raise ValueError(f"state is for optimizer {d['optimizer']!r}, not {self.optimizer_name!r}")
-        self._opt, self._ng_pending, self._uid_to_id, self._rngs = pickle.loads(
-            base64.b64decode(d["pickle"])
-        )
+    @classmethod
+    def _upgrade_state(cls, own: dict[str, Any], version: int) -> dict[str, Any]:
+        """Version 1 pickled a bare (optimiser, pending, uid map, RNG states) tuple, next to sigma."""
+        live = NevergradObjects(*pickle.loads(base64.b64decode(own["pickle"])))
+        return {"optimizer": own["optimizer"], "live": base64.b64encode(pickle.dumps(live)).decode("ascii")}

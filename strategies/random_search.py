@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,13 @@ def gaussian_sampler(center: np.ndarray, scale: float) -> Sampler:
         return center + scale * np.random.default_rng(seed).standard_normal(center.shape)
 
     return sample
+
+
+@dataclass
+class RandomInitState:
+    """`random` state: how many candidates have been drawn (the next one's seed index)."""
+
+    count: int = 0
 
 
 class RandomInit(Strategy):
@@ -57,22 +65,21 @@ class RandomInit(Strategy):
             )
         self.sampler_name = sampler if isinstance(sampler, str) else getattr(sampler, "__name__", "custom")
         self.scale = float(scale)
-        self._count = 0  # candidates drawn so far
+        self.state = RandomInitState()
 
     def _ask(self) -> list[Candidate]:
         out = []
         for i in range(self.population):
-            s = derive_seed(self.seed, self._count + i)
+            s = derive_seed(self.seed, self.state.count + i)
             theta = as_vector(self._sample(s), self.dim, what=f"sampler({s})")
             out.append(Candidate(theta, self._cid(i), note=f"random_init:seed={s}"))
-        self._count += self.population
+        self.state.count += self.population
         return out
 
     def _tell(self, candidates: list[Candidate], fitnesses: np.ndarray) -> None:
         return None
 
-    def _state(self) -> dict[str, Any]:
-        return {"count": self._count, "sampler": self.sampler_name, "scale": self.scale}
-
-    def _load_state(self, d: dict[str, Any]) -> None:
-        self._count = int(d["count"])
+    @classmethod
+    def _upgrade_state(cls, own: dict[str, Any], version: int) -> dict[str, Any]:
+        """Version 1 also recorded the sampler name and scale (settings, never read back)."""
+        return {"count": own["count"]}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,15 @@ tasks.register("double", Double, overwrite=True)
 
 
 # --------------------------------------------------------------------------- a strategy
+@dataclass
+class HillClimbState:
+    """Everything the climb changes: checkpointed by the strategies' state codec, field by field."""
+
+    center: np.ndarray
+    center_fitness: float
+    rng: np.random.Generator
+
+
 class HillClimb(Strategy):
     """(1, lambda) hill climbing: Gaussian steps around the best point so far (maximises)."""
 
@@ -61,28 +71,18 @@ class HillClimb(Strategy):
     def __init__(self, dim: int, population: int, seed: int, x0: Any = None,
                  generations: int | None = None, sigma: float = 0.1) -> None:
         super().__init__(dim, population, seed, x0, generations)
-        self.sigma = float(sigma)
-        self.center = self.x0.copy()
-        self.center_fitness = -math.inf
-        self.rng = np.random.default_rng(self.seed)
+        self.sigma = float(sigma)  # a setting, not state
+        self.state = HillClimbState(self.x0.copy(), -math.inf, np.random.default_rng(self.seed))
 
     def _ask(self) -> list[Candidate]:
-        return [Candidate(self.center + self.sigma * self.rng.standard_normal(self.dim), self._cid(i),
+        s = self.state
+        return [Candidate(s.center + self.sigma * s.rng.standard_normal(self.dim), self._cid(i),
                           note="center") for i in range(self.population)]
 
     def _tell(self, candidates: list[Candidate], fitnesses: np.ndarray) -> None:
         i = int(np.argmax(fitnesses))
-        if fitnesses[i] > self.center_fitness:
-            self.center, self.center_fitness = candidates[i].theta.copy(), float(fitnesses[i])
-
-    def _state(self) -> dict[str, Any]:
-        fit = self.center_fitness if math.isfinite(self.center_fitness) else None
-        return {"center": self.center.tolist(), "center_fitness": fit, "rng": self.rng.bit_generator.state}
-
-    def _load_state(self, d: dict[str, Any]) -> None:
-        self.center = np.asarray(d["center"], dtype=np.float64)
-        self.center_fitness = -math.inf if d["center_fitness"] is None else float(d["center_fitness"])
-        self.rng.bit_generator.state = d["rng"]
+        if fitnesses[i] > self.state.center_fitness:
+            self.state.center, self.state.center_fitness = candidates[i].theta.copy(), float(fitnesses[i])
 
 
 strategies.register("hill_climb", HillClimb, overwrite=True)
