@@ -726,8 +726,9 @@ def run_compare(
 
 def _run_arms(cfg: Any, plan: ComparePlan, tracker: CompareTracker, prog: Any,
               map_refs: dict[str, str] | None) -> tuple[list[RunResult], str]:
-    """Every (method, seed) run of `plan`, logged as it finishes; a method sharing an earlier one's
-    regulariser reuses its run. Returns the runs (start rows included) and the metric's name."""
+    """Every (method, seed) run of `plan`, logged as it finishes (with `compare.workers` > 1: once
+    every worker run is back, in plan order); a method sharing an earlier one's regulariser reuses
+    its run. Returns the runs (start rows included) and the metric's name."""
     methods, split = plan.methods, cfg.compare.split
     with_start = cfg.compare.start_row
     done: dict[tuple[str, int], tuple[RunResult, dict[str, Any]]] = {}
