@@ -399,9 +399,12 @@ def cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
     refs, uris = _finished_search_map(cfg)
     preflight(cfg, "compare", allow_refs=tuple(refs))
     d = run_dir(cfg, "compare")
-    result = compare.run_compare(cfg, out_dir=d, console=err, map_refs=refs or None, map_uris=uris or None)
+    result = compare.run_compare(cfg, out_dir=d, console=err, map_refs=refs or None, map_uris=uris or None,
+                                 resume=args.resume)
     out.print(compare.results_table(result))
-    out.print(f"wall time {result.wall_s:.0f} s; results: {d}")
+    reused = result.meta.get("resumed_runs", 0)
+    out.print(f"wall time {result.wall_s:.0f} s; results: {d}"
+              + (f" ({reused} runs reused from the journal)" if reused else ""))
     _ui_hint(cfg)
     return 0
 
@@ -437,7 +440,7 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     d = run_dir(cfg, "compare")
     uris = {BEST_MAP_REF: res["best_ref"]} if str(res["best_ref"]).startswith("models:/") else None
     result = compare.run_compare(cfg, out_dir=d, console=err, map_refs={BEST_MAP_REF: res["best_map"]},
-                                 map_uris=uris)
+                                 map_uris=uris, resume=args.resume)
     wall = time.perf_counter() - t0
     out.print(compare.results_table(result))
     out.print(f"total wall time {wall:.0f} s (search {res['wall_s']:.0f} s, compare {result.wall_s:.0f} s)")
@@ -640,11 +643,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="methods x seeds with mean +- std and paired tests")
     _common(p)
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the runs a killed compare finished (its compare.journal.jsonl)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("run", help="search, then compare with the best map found (map: search:best)")
     _common(p)
-    p.add_argument("--resume", action="store_true", help="resume the search")
+    p.add_argument("--resume", action="store_true",
+                   help="resume the search, then reuse the compare runs it had finished")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("quickstart", help="`run experiments/quickstart.yaml` (accepts --set)")

@@ -9,8 +9,10 @@ small pure functions so they can be tested without training anything.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import logging
 import math
 import random
 import re
@@ -28,11 +30,15 @@ from mirrorlab.config import STANDARD_BASELINES, START_LABEL, MethodConfig, stan
 from mirrorlab.divergences import PotentialMixin
 from mirrorlab.executors import make_executor
 from mirrorlab.gbmpo import build_trainer, sample_tables
+from mirrorlab.journal import append_journal, read_journal
 from mirrorlab.maps import URI_SCHEMES, build_divergence
 from mirrorlab.progress import TrainProgress, progress_bars
 from mirrorlab.records import FINISHED, Job, Outcome
 from mirrorlab.tracking import MlflowSession
 from mirrorlab.values import fmt, jsonable
+
+log = logging.getLogger(__name__)
+JOURNAL = "compare.journal.jsonl"
 
 # --------------------------------------------------------------------------- statistics
 
@@ -562,6 +568,61 @@ def train_arm(trainer: Any, reg: Any, split: str, eval_size: int | None, start: 
     return out
 
 
+def compare_settings(cfg: Any) -> str:
+    """Digest of what a (method, seed) run depends on besides its regulariser and seed (model, task,
+    training settings but the seed, split, evaluation size, the start row): a journalled run is
+    reused on resume only under the same settings."""
+    train = cfg.train.model_dump(mode="json")
+    train.pop("seed", None)
+    key = {"model": cfg.model.model_dump(mode="json"), "task": cfg.task.model_dump(mode="json"),
+           "train": train, "split": cfg.compare.split, "eval_size": cfg.compare.eval_size,
+           "start": cfg.compare.start_row}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class CompareJournal:
+    """The finished (arm, seed) runs of a comparison, one fsynced line each (`compare.journal.jsonl`
+    beside results.json), written as each run returns, from the in-process loop or a worker. A
+    killed compare keeps them, and `mirrorlab compare --resume` trains only the rest: an entry is
+    reused when its regulariser (`arm_key`: the divergence, its map's path and sha), seed and
+    settings (`compare_settings`) are those of this comparison."""
+
+    def __init__(self, path: Path | None, cfg: Any, resume: bool = False) -> None:
+        self.path, self.settings = path, compare_settings(cfg)
+        self.done: dict[str, dict[str, Any]] = {}
+        self.stale = 0
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            path.unlink(missing_ok=True)
+        for key, e in read_journal(path).items():
+            if e.get("settings") == self.settings:
+                self.done[key] = e["arm"]
+            else:
+                self.stale += 1
+        if self.stale:
+            log.warning("%s: %d finished runs were made under other settings (model, task, train, split "
+                        "or eval size changed) and are run again", path, self.stale)
+
+    @staticmethod
+    def key(arm_key: str, seed: int) -> str:
+        """Journal key of one run: a digest of its regulariser's record and the seed."""
+        return f"{hashlib.sha256(arm_key.encode()).hexdigest()[:16]}:{seed}"
+
+    def get(self, arm_key: str, seed: int) -> dict[str, Any] | None:
+        """The journalled run of this regulariser on `seed` (as `train_arm` returned it), or None."""
+        return self.done.get(self.key(arm_key, seed))
+
+    def add(self, arm_key: str, seed: int, label: str, arm: dict[str, Any]) -> None:
+        """Record a finished run (fsynced before this returns)."""
+        key = self.key(arm_key, seed)
+        self.done[key] = arm
+        if self.path is not None:
+            append_journal(self.path, {"key": key, "method": label, "seed": seed,
+                                       "settings": self.settings, "arm": jsonable(arm)})
+
+
 class CompareEvaluator:
     """One (method, seed) run of a comparison in a worker process (`compare.workers` > 1): the same
     reset -> regulariser -> train -> evaluate as the in-process loop, on a trainer built once per
@@ -594,21 +655,27 @@ class CompareEvaluator:
 
 
 def _run_in_workers(cfg: Any, methods: list[Any], arm_key: dict[str, str], map_refs: dict[str, str] | None,
-                    prog: Any) -> dict[tuple[str, int], dict[str, Any]]:
-    """Every distinct (arm, seed) run of the comparison on `compare.workers` worker processes; a
-    failed run raises (a comparison has no failure policy: a missing cell would bias the table)."""
+                    prog: Any, journal: CompareJournal) -> None:
+    """Every distinct (arm, seed) run of the comparison not in `journal`, on `compare.workers` worker
+    processes, each journalled as it returns; then a failed run raises (a comparison has no failure
+    policy: a missing cell would bias the table; `--resume` re-runs only the missing ones)."""
     jobs, seen = [], set()
     for seed in cfg.compare.seeds:
         for i, m in enumerate(methods):
-            if (arm_key[m.label], seed) in seen:
+            if (arm_key[m.label], seed) in seen or journal.get(arm_key[m.label], seed) is not None:
                 continue
             seen.add((arm_key[m.label], seed))
             jobs.append(Job(0, len(jobs), np.zeros(1), seed, candidate=i,
                             measure={"start": cfg.compare.start_row and i == 0}))
+    if not jobs:
+        return
     w = cfg.compare.workers
     task = prog.add_task("runs (workers)", total=len(jobs), info="") if prog is not None else None
 
     def done(job: Job, out: Outcome) -> None:
+        m = methods[job.candidate]
+        if out.status == FINISHED:
+            journal.add(arm_key[m.label], job.seed, m.label, out.extra["arm"])
         if prog is not None:
             info = f"last: {methods[job.candidate].label} s{job.seed}"
             tail = f" {out.fitness:.3f}" if out.status == FINISHED else " FAILED"
@@ -624,8 +691,8 @@ def _run_in_workers(cfg: Any, methods: list[Any], arm_key: dict[str, str], map_r
     bad = [(methods[j.candidate].label, j.seed, o.error) for j, o in zip(jobs, outs, strict=True)
            if o.status != FINISHED]
     if bad:
-        raise RuntimeError(f"compare runs failed: {bad[:3]}")
-    return {(methods[j.candidate].label, j.seed): o.extra["arm"] for j, o in zip(jobs, outs, strict=True)}
+        raise RuntimeError(f"compare runs failed (the {len(jobs) - len(bad)} finished are journalled: "
+                           f"`--resume` re-runs only these): {bad[:3]}")
 
 
 @dataclass(frozen=True)
@@ -684,6 +751,7 @@ def run_compare(
     map_refs: dict[str, str] | None = None,
     progress: bool = True,
     map_uris: dict[str, str] | None = None,
+    resume: bool = False,
 ) -> CompareResult:
     """Train every method on every seed (same settings otherwise), evaluate on `compare.split`.
 
@@ -693,10 +761,13 @@ def run_compare(
     (pure: the table, paired tests and verdicts) and `_write_outputs`. Writes `results.json`,
     `table.txt` and the PNGs into `out_dir` and logs everything to MLflow: a parent run, a child
     run per (method, seed) with its completion tables, and `completions_index.json` on the parent
-    saying which child holds which tables.
+    saying which child holds which tables. Each finished run is journalled in `out_dir` as it
+    returns (`CompareJournal`); with `resume`, the journalled runs are reused, not trained again.
     """
     t_start = time.perf_counter()
     plan = plan_compare(cfg, map_refs, map_uris)
+    journal = CompareJournal(Path(out_dir) / JOURNAL if out_dir is not None else None, cfg, resume)
+    resumed = len(journal.done)
     tracker = CompareTracker(cfg)
     tracker.start(cfg)
     status = "FAILED"
@@ -704,7 +775,7 @@ def run_compare(
     try:
         if prog is not None:
             prog.start()
-        runs, metric_name = _run_arms(cfg, plan, tracker, prog, map_refs)
+        runs, metric_name = _run_arms(cfg, plan, tracker, prog, map_refs, journal)
         status = "FINISHED"
     finally:
         if prog is not None:
@@ -718,24 +789,26 @@ def run_compare(
     result.meta = {"seeds": list(cfg.compare.seeds), "steps": cfg.train.steps, "lr": cfg.train.optim.lr,
                    "task": cfg.task.name, "model": cfg.model.name, "eval_size": cfg.compare.eval_size,
                    "baselines": cfg.compare.baselines, "baseline_coef": cfg.compare.baseline_coef,
-                   "mlflow_run_id": tracker.parent_run_id}
+                   "mlflow_run_id": tracker.parent_run_id, "resumed_runs": resumed}
     files = _write_outputs(result, out_dir, plan) if out_dir is not None else []
     tracker.finish(result, files)
     return result
 
 
 def _run_arms(cfg: Any, plan: ComparePlan, tracker: CompareTracker, prog: Any,
-              map_refs: dict[str, str] | None) -> tuple[list[RunResult], str]:
-    """Every (method, seed) run of `plan`, logged as it finishes (with `compare.workers` > 1: once
-    every worker run is back, in plan order); a method sharing an earlier one's regulariser reuses
-    its run. Returns the runs (start rows included) and the metric's name."""
+              map_refs: dict[str, str] | None, journal: CompareJournal) -> tuple[list[RunResult], str]:
+    """Every (method, seed) run of `plan` not in `journal`, journalled as it returns and logged to
+    MLflow in plan order (with `compare.workers` > 1: once every worker run is back; a killed
+    compare keeps the journal, not the MLflow runs); a method sharing an earlier one's regulariser
+    reuses its run. Returns the runs (start rows included) and the metric's name."""
     methods, split = plan.methods, cfg.compare.split
     with_start = cfg.compare.start_row
     done: dict[tuple[str, int], tuple[RunResult, dict[str, Any]]] = {}
     runs: list[RunResult] = []
     trainer = None
     metric_name = "metric"
-    pre = (_run_in_workers(cfg, methods, plan.arm_key, map_refs, prog) if cfg.compare.workers > 1 else {})
+    if cfg.compare.workers > 1:
+        _run_in_workers(cfg, methods, plan.arm_key, map_refs, prog, journal)
     runs_task = (prog.add_task("runs", total=len(methods) * len(cfg.compare.seeds), info="")
                  if prog is not None else None)
     for seed in cfg.compare.seeds:
@@ -750,7 +823,7 @@ def _run_arms(cfg: Any, plan: ComparePlan, tracker: CompareTracker, prog: Any,
                     prog.update(runs_task, advance=1,
                                 info=f"last: {m.label} s{seed} (same as {prev[0].method})")
                 continue
-            arm = pre.get((m.label, seed))  # trained in a worker
+            arm = journal.get(plan.arm_key[m.label], seed)  # trained in a worker, or before a resume
             if arm is None:
                 run_cfg = cfg.model_copy(deep=True)
                 run_cfg.train.seed = seed
@@ -765,6 +838,7 @@ def _run_arms(cfg: Any, plan: ComparePlan, tracker: CompareTracker, prog: Any,
                                 with_start and m is methods[0], [bar] if bar is not None else [])
                 if bar is not None:
                     bar.close()
+                journal.add(plan.arm_key[m.label], seed, m.label, arm)
             metric_name = arm["metric_name"]
             st = arm["start"]
             if st is not None:  # the start, on this seed's eval
