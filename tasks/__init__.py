@@ -1,7 +1,7 @@
 """Tasks (DESIGN section 7): registered by name, selectable from configs (`task.name`).
 
-`get("arithmetic")`, `get("chat_arithmetic")`, `get("gsm8k")`, `get("mbpp")` build the built-in
-tasks; users add their own with `register("name", factory)` (or `@register("name")`), and
+`get("arithmetic")`, `get("chat_arithmetic")`, `get("chat_order")`, `get("gsm8k")`, `get("mbpp")`
+build the built-in tasks; users add their own with `register("name", factory)` (or `@register("name")`), and
 `TaskConfig` accepts them.
 """
 
@@ -34,14 +34,17 @@ def names() -> list[str]:
 from .arithmetic import Arithmetic, ChatArithmetic  # noqa: E402
 from .gsm8k import GSM8K, extract_prediction  # noqa: E402
 from .mbpp import MBPP, extract_code, pass_at_k  # noqa: E402
+from .order import ChatOrder  # noqa: E402
 
 register("arithmetic", Arithmetic)
 register("chat_arithmetic", ChatArithmetic)
 register("gsm8k", GSM8K)
 register("mbpp", MBPP)
+register("chat_order", ChatOrder)
 
 __all__ = [
-    "GSM8K", "MBPP", "REWARD_ERROR", "Arithmetic", "Example", "SplitOverlapError", "Task", "check_disjoint",
+    "GSM8K", "MBPP", "REWARD_ERROR", "Arithmetic", "ChatOrder", "Example",
+    "SplitOverlapError", "Task", "check_disjoint",
     "data_dir", "is_reward_error",
     "extract_code", "extract_prediction", "pass_at_k",
     "get", "names", "register", "registry",
