@@ -610,9 +610,12 @@ class CompareJournal:
         """Journal key of one run: a digest of its regulariser's record and the seed."""
         return f"{hashlib.sha256(arm_key.encode()).hexdigest()[:16]}:{seed}"
 
-    def get(self, arm_key: str, seed: int) -> dict[str, Any] | None:
-        """The journalled run of this regulariser on `seed` (as `train_arm` returned it), or None."""
-        return self.done.get(self.key(arm_key, seed))
+    def get(self, arm_key: str, seed: int, need_start: bool = False) -> dict[str, Any] | None:
+        """The journalled run of this regulariser on `seed` (as `train_arm` returned it), or None;
+        with `need_start`, None unless it also measured the untrained start (the first method's run
+        does: a resume with the methods reordered trains the new first one again)."""
+        arm = self.done.get(self.key(arm_key, seed))
+        return None if arm is None or (need_start and arm.get("start") is None) else arm
 
     def add(self, arm_key: str, seed: int, label: str, arm: dict[str, Any]) -> None:
         """Record a finished run (fsynced before this returns)."""
@@ -662,11 +665,12 @@ def _run_in_workers(cfg: Any, methods: list[Any], arm_key: dict[str, str], map_r
     jobs, seen = [], set()
     for seed in cfg.compare.seeds:
         for i, m in enumerate(methods):
-            if (arm_key[m.label], seed) in seen or journal.get(arm_key[m.label], seed) is not None:
+            start = cfg.compare.start_row and i == 0
+            if (arm_key[m.label], seed) in seen or journal.get(arm_key[m.label], seed, start) is not None:
                 continue
             seen.add((arm_key[m.label], seed))
             jobs.append(Job(0, len(jobs), np.zeros(1), seed, candidate=i,
-                            measure={"start": cfg.compare.start_row and i == 0}))
+                            measure={"start": start}))
     if not jobs:
         return
     w = cfg.compare.workers
@@ -691,8 +695,8 @@ def _run_in_workers(cfg: Any, methods: list[Any], arm_key: dict[str, str], map_r
     bad = [(methods[j.candidate].label, j.seed, o.error) for j, o in zip(jobs, outs, strict=True)
            if o.status != FINISHED]
     if bad:
-        raise RuntimeError(f"compare runs failed (the {len(jobs) - len(bad)} finished are journalled: "
-                           f"`--resume` re-runs only these): {bad[:3]}")
+        raise RuntimeError(f"{len(bad)} compare runs failed (the {len(jobs) - len(bad)} finished ones are "
+                           f"journalled: `--resume` runs only the failed ones again): {bad[:3]}")
 
 
 @dataclass(frozen=True)
@@ -823,7 +827,8 @@ def _run_arms(cfg: Any, plan: ComparePlan, tracker: CompareTracker, prog: Any,
                     prog.update(runs_task, advance=1,
                                 info=f"last: {m.label} s{seed} (same as {prev[0].method})")
                 continue
-            arm = journal.get(plan.arm_key[m.label], seed)  # trained in a worker, or before a resume
+            # trained in a worker, or before a resume
+            arm = journal.get(plan.arm_key[m.label], seed, with_start and m is methods[0])
             if arm is None:
                 run_cfg = cfg.model_copy(deep=True)
                 run_cfg.train.seed = seed
@@ -840,7 +845,7 @@ def _run_arms(cfg: Any, plan: ComparePlan, tracker: CompareTracker, prog: Any,
                     bar.close()
                 journal.add(plan.arm_key[m.label], seed, m.label, arm)
             metric_name = arm["metric_name"]
-            st = arm["start"]
+            st = arm["start"] if with_start and m is methods[0] else None  # (a journalled run may hold one)
             if st is not None:  # the start, on this seed's eval
                 r = RunResult(START_LABEL, seed, st["metric"], st["stderr"], st["mean_length"], st["n"],
                               st["wall_s"], [], started_at=st.get("started_at"), ended_at=st.get("ended_at"))

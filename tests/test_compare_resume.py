@@ -50,6 +50,8 @@ def test_journal_reuses_a_run_only_under_the_same_settings(tmp_path: Path) -> No
     assert back is not None and back["metric"] == 0.25 and back["curve"] == [{"loss": 1.5}]
     assert CompareJournal(path, cfg, resume=True).get('{"name": "kl_k3"}', 4) is None  # another seed
     assert CompareJournal(path, cfg, resume=True).get('{"name": "prob_l2"}', 3) is None  # another arm
+    # the first method's run must also hold the untrained start (methods reordered: trained again)
+    assert CompareJournal(path, cfg, resume=True).get('{"name": "kl_k3"}', 3, need_start=True) is None
     # another training length, or the seed of the config's own train section (compare sets it)
     longer = config_from_dict(tiny(tmp_path, "j", 1, steps=3))
     stale = CompareJournal(path, longer, resume=True)
