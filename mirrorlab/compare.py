@@ -771,7 +771,8 @@ def run_compare(
     t_start = time.perf_counter()
     plan = plan_compare(cfg, map_refs, map_uris)
     journal = CompareJournal(Path(out_dir) / JOURNAL if out_dir is not None else None, cfg, resume)
-    resumed = len(journal.done)
+    resumed = len({CompareJournal.key(plan.arm_key[m.label], s) for m in plan.methods
+                   for s in cfg.compare.seeds} & set(journal.done))  # this plan's runs found journalled
     tracker = CompareTracker(cfg)
     tracker.start(cfg)
     status = "FAILED"
