@@ -681,7 +681,7 @@ def _run_in_workers(cfg: Any, methods: list[Any], arm_key: dict[str, str], map_r
         if out.status == FINISHED:
             journal.add(arm_key[m.label], job.seed, m.label, out.extra["arm"])
         if prog is not None:
-            info = f"last: {methods[job.candidate].label} s{job.seed}"
+            info = f"last: {m.label} s{job.seed}"
             tail = f" {out.fitness:.3f}" if out.status == FINISHED else " FAILED"
             prog.update(task, advance=1, info=info + tail)
 
@@ -771,8 +771,9 @@ def run_compare(
     t_start = time.perf_counter()
     plan = plan_compare(cfg, map_refs, map_uris)
     journal = CompareJournal(Path(out_dir) / JOURNAL if out_dir is not None else None, cfg, resume)
-    resumed = len({CompareJournal.key(plan.arm_key[m.label], s) for m in plan.methods
-                   for s in cfg.compare.seeds} & set(journal.done))  # this plan's runs found journalled
+    first = plan.methods[0] if cfg.compare.start_row else None  # its run must hold the start
+    resumed = len({(plan.arm_key[m.label], s) for m in plan.methods for s in cfg.compare.seeds
+                   if journal.get(plan.arm_key[m.label], s, m is first) is not None})  # as _run_arms reuses
     tracker = CompareTracker(cfg)
     tracker.start(cfg)
     status = "FAILED"

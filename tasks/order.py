@@ -68,7 +68,7 @@ class ChatOrder(Task):
         rng = random.Random(f"mirrorlab.chat_order:{seed}")
         sizes = {"test": n_test, "val": n_val, "train": n_train}
         seen: set[tuple[str, tuple[int, ...]]] = set()
-        pool: list[Example] = []
+        pool: list[tuple[str, tuple[int, ...]]] = []  # (kind, numbers), in draw order
         misses = 0
         while len(pool) < sum(sizes.values()):
             kind, k = rng.choice(kinds), rng.choice(counts)
@@ -80,16 +80,20 @@ class ChatOrder(Task):
                                      "lo..hi or add counts")
                 continue
             seen.add((kind, nums))
-            answer = max(nums) if kind == "largest" else min(nums)
-            pool.append(Example("", template.format(kind=kind, numbers=numbers_text(nums)), answer,
-                                {"kind": kind, "count": k, "numbers": list(nums), "level": f"{kind}{k}"}))
+            pool.append((kind, nums))
         splits: dict[str, list[Example]] = {}
         start = 0
         for split, n in sizes.items():
-            splits[split] = [Example(f"order-{split}-{i}", e.question, e.answer, e.meta)
-                             for i, e in enumerate(pool[start:start + n])]
+            splits[split] = [self._example(f"order-{split}-{i}", kind, nums)
+                             for i, (kind, nums) in enumerate(pool[start:start + n])]
             start += n
         super().__init__(splits["train"], splits["val"], splits["test"], chat=chat)
+
+    def _example(self, id_: str, kind: str, nums: tuple[int, ...]) -> Example:
+        """One problem: the question in the template's words, the answer, what it was drawn from."""
+        answer = max(nums) if kind == "largest" else min(nums)
+        meta = {"kind": kind, "count": len(nums), "numbers": list(nums), "level": f"{kind}{len(nums)}"}
+        return Example(id_, self.template.format(kind=kind, numbers=numbers_text(nums)), answer, meta)
 
     def format_prompt(self, example: Example) -> str:
         """The question itself: "Which is the largest of 14, 73 and 51? Answer with the number only."."""
