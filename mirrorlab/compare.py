@@ -450,6 +450,9 @@ class CompareTracker:
             self.session.log_table(self.parent_run_id, summary_rows(result), "summary.json")
             self._write_back(result)
             self.session.client.set_tag(self.parent_run_id, "mlflow.note.content", results_markdown(result))
+            # how many (method, seed) runs came from the journal of an interrupted compare, not trained here
+            self.session.client.set_tag(self.parent_run_id, "mirrorlab.resumed_runs",
+                                        str(result.meta.get("resumed_runs", 0)))
         if self.samples_index:  # where each (method, seed)'s completion tables are (its child run)
             with tempfile.TemporaryDirectory() as d:
                 f = Path(d) / "completions_index.json"

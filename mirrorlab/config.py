@@ -251,6 +251,10 @@ class TrainConfig(Section):
         "forwards/backward under bf16 autocast (fp32 weights, optimiser state, log-softmax and loss) and "
         "decodes with prepacked bf16 weights; auto: bfloat16 on a CPU with AMX or AVX512-BF16 (2-5x "
         "faster matmuls there), float32 elsewhere (AVX2-only CPUs, where bf16 is slower, and CUDA)")
+    share_trunk: bool = Field(
+        True, description="LoRA on the top layers only (model.lora.top_layers): run the frozen layers "
+        "below once per batch and reuse their output for the reference and every optimisation pass "
+        "(the same logits bit for bit; benchmarks/trunk_share.py); False runs every forward in full")
     micro_batch_size: int | None = Field(
         None, ge=1, description="completions per forward/backward (None: the whole batch); the loss is the "
         "same")

@@ -599,6 +599,65 @@ def apply_lora(model: Any, cfg: ModelConfig) -> Any:
     return get_peft_model(model, pc)
 
 
+def _decoder_stack(model: Any) -> Any:
+    """The transformers decoder (`.layers` ModuleList, `.norm`) under a causal-LM head, or None."""
+    base = base_model(model)
+    inner = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", None)
+    ok = (inner is not None and isinstance(getattr(inner, "layers", None), torch.nn.ModuleList)
+          and isinstance(getattr(inner, "norm", None), torch.nn.Module))
+    return inner if ok else None
+
+
+def frozen_trunk_depth(model: Any) -> int:
+    """How many of a LoRA model's lowest decoder layers carry no adapter and no trainable weight
+    (`model.lora.top_layers`): their output is the same for the policy, the reference (adapter off)
+    and every optimisation pass, so the trainer computes it once per batch. 0 where that does not
+    hold or the stack cannot be cut (not peft, trainable embeddings, per-layer attention types)."""
+    inner = _decoder_stack(model) if is_peft(model) else None
+    if inner is None or any(p.requires_grad for p in inner.embed_tokens.parameters()):
+        return 0
+    kinds = getattr(getattr(inner, "config", None), "layer_types", None)
+    if kinds is not None and len(set(kinds)) > 1:  # Qwen2/3 index layer_types by loop position
+        return 0
+    depth = 0
+    for layer in inner.layers:
+        adapted = any(p.requires_grad for p in layer.parameters()) or any(
+            "lora_" in name for name, _ in layer.named_modules())
+        if adapted:
+            break
+        depth += 1
+    return depth if depth < len(inner.layers) else 0
+
+
+@contextlib.contextmanager
+def decoder_layers(model: Any, start: int, stop: int | None = None, norm: bool = True) -> Iterator[None]:
+    """Within the block, `model` runs only decoder layers [start, stop) (and its final norm only with
+    `norm`): the trunk/top split of `frozen_trunk_depth`. The layer modules are the model's own."""
+    inner = _decoder_stack(model)
+    if inner is None:
+        raise ValueError("this model's decoder layers cannot be split (no .layers ModuleList and .norm)")
+    layers, final = inner.layers, inner.norm
+    inner._modules["layers"] = torch.nn.ModuleList(list(layers)[start:stop])
+    if not norm:
+        inner._modules["norm"] = torch.nn.Identity()
+    try:
+        yield
+    finally:
+        inner._modules["layers"], inner._modules["norm"] = layers, final
+
+
+@torch.no_grad()
+def trunk_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor, depth: int) -> torch.Tensor:
+    """The hidden states entering decoder layer `depth` ([B, L, H]); feed them back with
+    `inputs_embeds=` under `decoder_layers(model, depth)` to finish the forward."""
+    inner = _decoder_stack(model)
+    with decoder_layers(model, 0, depth, norm=False):
+        out = inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    use_cache=False)
+    return out.last_hidden_state
+
+
 def preset_info(name: str, cfg: ModelConfig | None = None) -> dict[str, Any]:
     """The build record of a preset (params, build time, starting accuracy for `tiny`)."""
     return json.loads((PRESETS[name](cfg) / "mirrorlab.json").read_text())

@@ -235,15 +235,15 @@ class _Recording(GBMPOTrainer):
         self.seen["ro"].append(ro)
         return ro
 
-    def _reference(self, ro, rows):
-        lp, logits = super()._reference(ro, rows)
+    def _reference(self, ro, rows, trunk=None):
+        lp, logits = super()._reference(ro, rows, trunk)
         self.seen["ref"].append(lp)
         return lp, logits
 
-    def _optimise(self, ro, adv, mask, slices, totals, refs, olds, in_loss, want_ratio):
+    def _optimise(self, ro, adv, mask, slices, totals, refs, olds, in_loss, want_ratio, trunks=None):
         self.seen["adv"].append(adv.clone())
         self.seen["in_loss"].append(in_loss)
-        return super()._optimise(ro, adv, mask, slices, totals, refs, olds, in_loss, want_ratio)
+        return super()._optimise(ro, adv, mask, slices, totals, refs, olds, in_loss, want_ratio, trunks)
 
 
 def _watch(div):

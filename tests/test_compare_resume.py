@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import mlflow
 import pytest
 from _helpers import assert_killed, kill9_when, killable, wait_group_gone
 from test_cli import _cmd, run_cli
@@ -89,6 +90,8 @@ def test_kill9_compare_then_resume_matches_uninterrupted(tmp_path: Path) -> None
     assert f"({len(done)} runs reused from the journal)" in r.stdout
     res = json.loads((out / "results.json").read_text())
     assert res["meta"]["resumed_runs"] == len(done)
+    parent = mlflow.MlflowClient(cfg.tracking.tracking_uri).get_run(res["meta"]["mlflow_run_id"])
+    assert parent.data.tags["mirrorlab.resumed_runs"] == str(len(done))
     assert table(res["runs"]) == table(ref_runs)  # each run as without the kill
     assert len(read_journal(journal)) == 6
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -190,6 +191,69 @@ def test_reset_reinitialises_lora(task):
     assert any(p.abs().max() > 0 for p in lora_b)
     tr.reset()
     assert all(torch.equal(p, torch.zeros_like(p)) for p in lora_b)
+
+
+def test_frozen_trunk_depth_and_split_forward(tiny):
+    """LoRA on the top layers leaves a frozen trunk below them (none for LoRA everywhere or a full
+    model); running the trunk, then the layers above it from its output, gives the full forward's
+    logits bit for bit, with the adapter on and off."""
+    from mirrorlab import models
+
+    base, _ = tiny
+    n = base.config.num_hidden_layers
+    assert models.frozen_trunk_depth(base) == 0
+    assert models.frozen_trunk_depth(load_model(ModelConfig(name="tiny", lora=LoraConfig(r=4)))[0]) == 0
+    m, _ = load_model(ModelConfig(name="tiny", lora=LoraConfig(r=4, alpha=8, top_layers=1)))
+    d = models.frozen_trunk_depth(m)
+    assert d == n - 1
+    torch.manual_seed(0)
+    for name, p in m.named_parameters():
+        if "lora_B" in name:  # a trained adapter, so that on and off differ
+            torch.nn.init.normal_(p, std=0.05)
+    ids = torch.randint(4, base.config.vocab_size, (3, 10))
+    att = torch.ones_like(ids)
+    att[0, :4] = 0  # left padding
+    pos = (att.cumsum(1) - 1).clamp(min=0)
+    h = models.trunk_hidden(m, ids, att, pos, d)
+    outs = []
+    for ctx in (contextlib.nullcontext, m.disable_adapter):
+        with ctx():
+            full = m(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=False).logits
+            with models.decoder_layers(m, d):
+                split = m(inputs_embeds=h, attention_mask=att, position_ids=pos, use_cache=False).logits
+        assert torch.equal(full, split)
+        outs.append(full)
+    assert not torch.equal(outs[0], outs[1])
+    assert len(models._decoder_stack(m).layers) == n  # the model is whole again afterwards
+
+
+@pytest.mark.parametrize("kw", [
+    dict(coef=0.04),
+    dict(coef=0.04, mu=2, micro_batch_size=8),
+    dict(coef=0.04, placement="reward"),
+    dict(coef=0.04, anchor="lagged", anchor_every=2),
+    dict(coef=0.0),
+], ids=["kl", "mu2-micro", "reward-placement", "lagged-anchor", "lambda0"])
+def test_shared_trunk_training_is_bitwise_the_unshared_one(task, kw):
+    """`train.share_trunk` (the default) changes nothing but the time: two steps of GBMPO with the
+    frozen trunk computed once per batch give the same losses, D and LoRA weights as full forwards."""
+    kw = dict(kw)
+    cfg_kw = {k: kw.pop(k) for k in ("mu", "micro_batch_size") if k in kw}
+    runs = []
+    for share in (True, False):
+        m, tok = load_model(ModelConfig(name="tiny", lora=LoraConfig(r=4, alpha=8, top_layers=1)))
+        tr = GBMPOTrainer(m, tok, task, divergences.get("kl_k3"),
+                          _cfg(share_trunk=share, optim=OptimConfig(lr=1e-2), **cfg_kw), **kw)
+        assert tr.trunk_depth == (1 if share else 0)
+        hist = tr.train(2)
+        runs.append((hist, {n: p.detach().clone() for n, p in tr.model.named_parameters()
+                            if p.requires_grad}))
+    (h1, w1), (h2, w2) = runs
+    for a, b in zip(h1, h2, strict=True):
+        for key in ("loss", "pg_loss", "reg_loss", "div_mean", "grad_norm", "reward_mean"):
+            assert a[key] == b[key], key
+    assert h1[-1]["div_mean"] > 0 or kw["coef"] == 0.0
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[n], w2[n]) for n in w1)
 
 
 @pytest.mark.parametrize("lora", [False, True])

@@ -52,7 +52,7 @@ from mirrorlab.gbmpo.losses import (
     token_logps,
 )
 from mirrorlab.gbmpo.losses import advantages as compute_advantages
-from mirrorlab.models import is_peft, load_model
+from mirrorlab.models import decoder_layers, frozen_trunk_depth, is_peft, load_model, trunk_hidden
 from mirrorlab.repro import seed_everything
 from mirrorlab.rollouts import (
     Completions,
@@ -189,6 +189,8 @@ class GBMPOTrainer:
             allocator.tune_malloc()
         self.compute_dtype = precision.resolve_compute_dtype(self.cfg.compute_dtype, self.device)
         self.is_peft = is_peft(model)
+        # LoRA on the top layers only: the layers below run once per batch (`_trunk`)
+        self.trunk_depth = frozen_trunk_depth(model) if self.cfg.share_trunk else 0
         if self.is_peft:
             self.ref_model = None
         else:
@@ -430,21 +432,39 @@ class GBMPOTrainer:
         )
 
     # ------------------------------------------------------------------ log-probs
-    def _logits(self, model: Any, ids: Tensor, att: Tensor, pos: Tensor, T: int) -> Tensor:
+    def _logits(self, model: Any, ids: Tensor, att: Tensor, pos: Tensor, T: int,
+                trunk: Tensor | None = None) -> Tensor:
         """Temperature-scaled float32 logits at the T completion positions only ([B, T, V]); the
-        forward under bf16 autocast when `compute_dtype` is bf16."""
+        forward under bf16 autocast when `compute_dtype` is bf16. With `trunk` (the rows' hidden
+        states above the frozen layers, `_trunk`) only the layers above it run."""
         with precision.autocast(self.device, self.compute_dtype):
-            out = model(input_ids=ids, attention_mask=att, position_ids=pos, logits_to_keep=T + 1,
-                        use_cache=False)
+            if trunk is None:
+                out = model(input_ids=ids, attention_mask=att, position_ids=pos, logits_to_keep=T + 1,
+                            use_cache=False)
+            else:
+                with decoder_layers(model, self.trunk_depth):
+                    out = model(inputs_embeds=trunk, attention_mask=att, position_ids=pos,
+                                logits_to_keep=T + 1, use_cache=False)
         logits = out.logits[:, :-1].float()
         t = self.cfg.generation.temperature
         return logits / t if t != 1.0 else logits
 
     @torch.no_grad()
-    def _reference(self, ro: Rollout, rows: slice) -> tuple[Tensor, Tensor | None]:
+    def _trunk(self, ro: Rollout, rows: slice) -> Tensor | None:
+        """The hidden states of rows of a rollout entering the first adapted layer, computed once
+        for the reference and every pass (`train.share_trunk`); None when there is no frozen trunk."""
+        if not self.trunk_depth:
+            return None
+        with precision.autocast(self.device, self.compute_dtype):
+            return trunk_hidden(self.model, ro.input_ids[rows], ro.attention_mask[rows],
+                                ro.position_ids[rows], self.trunk_depth)
+
+    @torch.no_grad()
+    def _reference(self, ro: Rollout, rows: slice,
+                   trunk: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Reference log-probs (and logits for the `full` estimator) of rows of a rollout."""
         T = ro.completion_ids.shape[1]
-        args = (ro.input_ids[rows], ro.attention_mask[rows], ro.position_ids[rows], T)
+        args = (ro.input_ids[rows], ro.attention_mask[rows], ro.position_ids[rows], T, trunk)
         if self.is_peft and self._anchor_lora is not None:  # lagged anchor: the adapter's copy
             with self._lora_weights(self._anchor_lora):
                 logits = self._logits(self.model, *args)
@@ -490,11 +510,11 @@ class GBMPOTrainer:
         return self.divergence is not None and self.coef != 0.0
 
     @torch.no_grad()
-    def _policy_logps(self, ro: Rollout) -> Tensor:
+    def _policy_logps(self, ro: Rollout, trunk: Tensor | None = None) -> Tensor:
         """The current policy's log-probs of the sampled tokens (reward placement, when the sampler
         kept none)."""
         T = ro.completion_ids.shape[1]
-        logits = self._logits(self.model, ro.input_ids, ro.attention_mask, ro.position_ids, T)
+        logits = self._logits(self.model, ro.input_ids, ro.attention_mask, ro.position_ids, T, trunk)
         return token_logps(logits, ro.completion_ids)
 
     # ------------------------------------------------------------------ training
@@ -533,14 +553,16 @@ class GBMPOTrainer:
         slices = self._micro_slices(B)
         totals = BatchTotals(num_seqs=B, num_tokens=mask.sum(), num_micro=len(slices))
         # --- reference pass (no grad) and the old policy (mu > 1: the sampling log-probs)
-        refs = [self._reference(ro, s) if need_ref else (None, None) for s in slices]
+        trunks = [self._trunk(ro, s) for s in slices]  # the frozen layers' output, once per batch
+        refs = [self._reference(ro, s, trunks[k]) if need_ref else (None, None) for k, s in enumerate(slices)]
         olds = [ro.old_logps[s] for s in slices] if cfg.mu > 1 and ro.old_logps is not None \
             else [None] * len(slices)  # None with mu > 1 (vllm): the first pass's log-probs
         # --- the regulariser in the reward (before the group advantage) or in the loss
         rewards, penalty, div_mean = ro.rewards, None, None
         if in_reward:
             ref_lp = torch.cat([r[0] for r in refs]) if len(refs) > 1 else refs[0][0]
-            lp = ro.old_logps if ro.old_logps is not None else self._policy_logps(ro)
+            lp = ro.old_logps if ro.old_logps is not None else self._policy_logps(
+                ro, None if trunks[0] is None else torch.cat(trunks))
             d_tok = self.divergence.sampled(lp.float(), ref_lp.float(), ro.completion_mask).detach()
             rewards, penalty = penalised_rewards(ro.rewards, d_tok, ro.completion_mask, self.coef)
             div_mean = (d_tok.float() * mask).sum() / totals.num_tokens.clamp(min=1.0)
@@ -553,7 +575,7 @@ class GBMPOTrainer:
         # --- mu clipped passes over the batch, one optimiser step each
         self.model.train()
         acc, grad_norm, ratio = self._optimise(ro, adv, mask, slices, totals, refs, olds, in_loss,
-                                               want_ratio)
+                                               want_ratio, trunks)
         if div_mean is not None:
             acc["div_mean"] = div_mean
             acc["div_max"] = masked_max(d_tok, mask)
@@ -589,11 +611,14 @@ class GBMPOTrainer:
 
     def _optimise(self, ro: Rollout, adv: Tensor, mask: Tensor, slices: list[slice], totals: BatchTotals,
                   refs: list[tuple[Tensor | None, Tensor | None]], olds: list[Tensor | None], in_loss: bool,
-                  want_ratio: bool) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+                  want_ratio: bool, trunks: list[Tensor | None] | None = None,
+                  ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         """The mu passes: per micro-batch forward, loss, backward (plus, on grad-ratio steps, the
         regulariser's own gradient); clip and step after each pass. `in_loss`: lambda * D is part of
-        the loss (placement loss, lambda != 0). Returns the first pass's token-weighted loss parts,
-        the last gradient norm and the regulariser-to-PG ratio."""
+        the loss (placement loss, lambda != 0); `trunks`: per micro-batch, the frozen layers' output
+        (or None). Returns the first pass's token-weighted loss parts, the last gradient norm and the
+        regulariser-to-PG ratio."""
+        trunks = trunks if trunks is not None else [None] * len(slices)
         cfg, spec = self.cfg, self.loss_spec()
         T = ro.completion_ids.shape[1]
         params = self._trainable()
@@ -606,7 +631,7 @@ class GBMPOTrainer:
             reg_grads: list[Tensor] | None = None
             for k, s in enumerate(slices):
                 logits = self._logits(self.model, ro.input_ids[s], ro.attention_mask[s], ro.position_ids[s],
-                                      T)
+                                      T, trunks[k])
                 lp = token_logps(logits, ro.completion_ids[s])
                 if it == 0 and cfg.mu > 1 and olds[k] is None:
                     olds[k] = lp.detach()  # the sampling weights' own log-probs (pass 0 is at them)
