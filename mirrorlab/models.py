@@ -612,13 +612,18 @@ def frozen_trunk_depth(model: Any) -> int:
     """How many of a LoRA model's lowest decoder layers carry no adapter and no trainable weight
     (`model.lora.top_layers`): their output is the same for the policy, the reference (adapter off)
     and every optimisation pass, so the trainer computes it once per batch. 0 where that does not
-    hold or the stack cannot be cut (not peft, trainable embeddings, per-layer attention types)."""
+    hold or the stack cannot be cut (not peft, trainable embeddings, per-layer attention types,
+    dropout in the decoder)."""
     inner = _decoder_stack(model) if is_peft(model) else None
     if inner is None or any(p.requires_grad for p in inner.embed_tokens.parameters()):
         return 0
-    kinds = getattr(getattr(inner, "config", None), "layer_types", None)
+    config = getattr(inner, "config", None)
+    kinds = getattr(config, "layer_types", None)
     if kinds is not None and len(set(kinds)) > 1:  # Qwen2/3 index layer_types by loop position
         return 0
+    if float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0.0 or any(
+            isinstance(mod, torch.nn.Dropout) and mod.p > 0 for mod in inner.layers.modules()):
+        return 0  # a training-mode forward would drop different units than the shared no-grad trunk
     depth = 0
     for layer in inner.layers:
         adapted = any(p.requires_grad for p in layer.parameters()) or any(

@@ -225,6 +225,8 @@ def test_frozen_trunk_depth_and_split_forward(tiny):
         outs.append(full)
     assert not torch.equal(outs[0], outs[1])
     assert len(models._decoder_stack(m).layers) == n  # the model is whole again afterwards
+    m.config.attention_dropout = 0.1  # dropout would differ between the shared trunk and a full pass
+    assert models.frozen_trunk_depth(m) == 0
 
 
 @pytest.mark.parametrize("kw", [
