@@ -574,9 +574,11 @@ def train_arm(trainer: Any, reg: Any, split: str, eval_size: int | None, start: 
 def compare_settings(cfg: Any) -> str:
     """Digest of what a (method, seed) run depends on besides its regulariser and seed (model, task,
     training settings but the seed, split, evaluation size, the start row): a journalled run is
-    reused on resume only under the same settings."""
+    reused on resume only under the same settings. Left out: the seed (a run's own), and
+    `share_trunk`, which changes the time, not one bit of the run (tests/test_gbmpo.py)."""
     train = cfg.train.model_dump(mode="json")
-    train.pop("seed", None)
+    for name in ("seed", "share_trunk"):
+        train.pop(name, None)
     key = {"model": cfg.model.model_dump(mode="json"), "task": cfg.task.model_dump(mode="json"),
            "train": train, "split": cfg.compare.split, "eval_size": cfg.compare.eval_size,
            "start": cfg.compare.start_row}

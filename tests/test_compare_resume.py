@@ -60,6 +60,10 @@ def test_journal_reuses_a_run_only_under_the_same_settings(tmp_path: Path) -> No
     d = tiny(tmp_path, "j", 1)
     reseeded = config_from_dict({**d, "train": {**d["train"], "seed": 9}})
     assert CompareJournal(path, reseeded, resume=True).get('{"name": "kl_k3"}', 3) is not None
+    # nor whether the frozen trunk is shared (the same bits, faster): a journal written before the
+    # field existed has the same settings digest
+    unshared = config_from_dict({**d, "train": {**d["train"], "share_trunk": False}})
+    assert CompareJournal(path, unshared, resume=True).get('{"name": "kl_k3"}', 3) is not None
     # without resume the journal starts empty
     assert not CompareJournal(path, cfg).done and not read_journal(path)
 
