@@ -66,8 +66,9 @@ def test_two_searches_and_a_comparison_on_one_new_sqlite_store_lose_no_run(tmp_p
 
 
 # --------------------------------------------------------------------------- killed workers
-def _kill_when_started(pid_dir: Path, job: Job, timeout_s: float = 120.0) -> threading.Thread:
-    """A thread that SIGKILLs the process running `job` as soon as its pid file appears."""
+def _kill_when_started(pid_dir: Path, job: Job, timeout_s: float = 600.0) -> threading.Thread:
+    """A thread that SIGKILLs the process running `job` as soon as its pid file appears (waiting up
+    to `timeout_s`: Ray's start on a 2-core machine busy with other jobs took over 120 s once)."""
 
     def run() -> None:
         f = pid_dir / f"{job.generation}-{job.index}.pid"

@@ -164,10 +164,18 @@ def test_partial_and_wrong_rewards(mbpp: MBPP) -> None:
 
 @needs_data
 @pytest.mark.slow
-def test_all_reference_solutions(mbpp: MBPP) -> None:
+def test_all_reference_solutions() -> None:
+    """Every reference solution passes its own tests but the three known bad ones. Run with 30 CPU
+    seconds a test, not the task's default 5: this checks the harness judges correct code as
+    correct, and task 123 (amicable numbers to 9999) needs 3.5-4.3 CPU s, which a loaded or slower
+    machine pushes past 5 (seen on a 2-core AMD EPYC with four jobs running)."""
+    mbpp = tasks.get("mbpp", workers=2, cpu_s=30)
     exs = mbpp.prompts + mbpp.test + mbpp.val + mbpp.train
     assert len(exs) == 974
-    rewards = mbpp.rewards([e.answer for e in exs], exs)
+    try:
+        rewards = mbpp.rewards([e.answer for e in exs], exs)
+    finally:
+        mbpp.pool.close()
     failing = {e.meta["task_id"] for e, r in zip(exs, rewards, strict=True) if r < 1.0}
     assert failing == KNOWN_BAD
 
