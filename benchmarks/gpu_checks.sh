@@ -46,7 +46,7 @@ timeout 240 python3 benchmarks/inner_step.py --device cuda --skip-tiny --skip-sm
   2>&1 | grep -v "it/s" | tail -6 | tee "$OUT/inner_step_qwen05b_bf16.txt"
 stamp "inner step qwen2.5-0.5b shape bf16 done"
 # The real testbed's first arm-seed (experiments/real_testbed.yaml: LoRA top 8 layers, chat_order,
-# 12 steps) on a random-init model of SmolLM2-135M's shape, at its 4 prompts and at 32: carry the
+# 24 steps) on a random-init model of SmolLM2-135M's shape, at its 4 prompts and at 32: carry the
 # shape files made on the CPU machine with `python benchmarks/real_testbed_gpu.py --prepare .shape/smollm2`.
 if [ -d .shape/smollm2 ]; then
   timeout 300 python3 benchmarks/real_testbed_gpu.py --shape .shape/smollm2 --prompts 4,32 --steps 4 \
