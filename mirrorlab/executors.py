@@ -19,6 +19,7 @@ import multiprocessing as mp
 import os
 import pickle
 import sys
+import threading
 import time
 import traceback
 from collections import deque
@@ -251,8 +252,24 @@ def _pin_threads(threads: int) -> None:
         pass
 
 
-def _process_worker(conn: Connection, payload: bytes, env: dict[str, str], threads: int) -> None:
-    """Worker main: pin env, build the evaluator once, then evaluate jobs until told to stop."""
+def _exit_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
+    """Exit this worker as soon as the process that spawned it is gone (it was re-parented), not
+    after its current job: a killed search or compare leaves no orphan training on for minutes."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="mirrorlab-parent-watch", daemon=True).start()
+
+
+def _process_worker(conn: Connection, payload: bytes, env: dict[str, str], threads: int,
+                    parent_pid: int | None = None) -> None:
+    """Worker main: pin env, build the evaluator once, then evaluate jobs until told to stop (or
+    until the parent dies, `_exit_with_parent`)."""
+    if parent_pid is not None:
+        _exit_with_parent(parent_pid)
     os.environ.update(env)
     _pin_threads(threads)
     name = f"process-{os.getpid()}"
@@ -329,7 +346,7 @@ class ProcessExecutor(PoolExecutor):
         os.environ.update(env)  # spawned children inherit it before anything imports torch
         try:
             proc = self._ctx.Process(
-                target=_process_worker, args=(child, self._payload, env, self.threads),
+                target=_process_worker, args=(child, self._payload, env, self.threads, os.getpid()),
                 name=f"mirrorlab-worker-{slot}", daemon=True,
             )
             proc.start()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers import assert_killed, kill9_when, killable
 from mlflow import MlflowClient
 from test_cli import _env
 
@@ -97,6 +98,40 @@ def test_process_worker_killed_from_outside_is_failed_and_replaced(tmp_path):
         killer.join(5)
         _check_killed_map(outs, ex.restarts, "worker died (exit code -9)")
         assert ex.map([Job(1, 0, np.zeros(3), seed=1)])[0].status == FINISHED  # the pool still works
+
+
+_LONG_JOB = """
+import sys
+import numpy as np
+from mirrorlab.evaluators import AnalyticEvaluator
+from mirrorlab.executors import Job, ProcessExecutor
+with ProcessExecutor(AnalyticEvaluator(delay_s=300, pid_dir=sys.argv[1]), workers=1) as ex:
+    ex.map([Job(0, 0, np.zeros(3), seed=1)])
+"""
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or only its zombie (a container's init may not reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_process_worker_exits_when_its_parent_is_killed_mid_job(tmp_path):
+    """SIGKILL of the process that owns the pool (a killed search or compare) ends its workers
+    within seconds, not after their current job (here a 300 s one): no orphan trains on."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    pid_file = tmp_path / "0-0.pid"
+    with killable([sys.executable, "-c", _LONG_JOB, str(tmp_path)], cwd=tmp_path, env=env) as proc:
+        kill9_when(proc, pid_file.is_file, timeout_s=120)
+        worker = int(pid_file.read_text())
+        assert worker != proc.pid
+        end = time.monotonic() + 30
+        while not _gone(worker) and time.monotonic() < end:
+            time.sleep(0.1)
+        assert _gone(worker), "the worker outlived its killed parent"
+    assert_killed(proc)
 
 
 @pytest.mark.slow

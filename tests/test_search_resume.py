@@ -69,8 +69,8 @@ def test_kill9_mid_generation_then_resume_matches_uninterrupted(tmp_path, execut
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with killable([sys.executable, "-c", RUNNER, str(cfg_file)], cwd=tmp_path, env=env) as proc:
         kill9_when(proc, lambda: bool(read_journal(journal)), timeout_s=240)  # in generation 1
-        # orphaned process workers notice the closed pipe and exit by themselves (their current
-        # candidate finishes first); nothing of the killed search lingers
+        # orphaned process workers see their parent gone and exit by themselves, mid-candidate
+        # (test_faults.py); nothing of the killed search lingers
         assert wait_group_gone(proc.pid, 60), "workers of the killed search are still running"
     assert_killed(proc)
     done = read_journal(journal)
