@@ -615,7 +615,9 @@ def frozen_trunk_depth(model: Any) -> int:
     hold or the stack cannot be cut (not peft, trainable embeddings, per-layer attention types,
     dropout in the decoder)."""
     inner = _decoder_stack(model) if is_peft(model) else None
-    if inner is None or any(p.requires_grad for p in inner.embed_tokens.parameters()):
+    embed = inner.get_input_embeddings() if inner is not None and hasattr(inner, "get_input_embeddings") \
+        else None
+    if embed is None or any(p.requires_grad for p in embed.parameters()):
         return 0
     config = getattr(inner, "config", None)
     kinds = getattr(config, "layer_types", None)

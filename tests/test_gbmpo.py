@@ -227,6 +227,11 @@ def test_frozen_trunk_depth_and_split_forward(tiny):
     assert len(models._decoder_stack(m).layers) == n  # the model is whole again afterwards
     m.config.attention_dropout = 0.1  # dropout would differ between the shared trunk and a full pass
     assert models.frozen_trunk_depth(m) == 0
+    m.config.attention_dropout = 0.0
+    m.get_input_embeddings().weight.requires_grad_(True)  # trained embeddings: nothing is frozen
+    assert models.frozen_trunk_depth(m) == 0
+    m.get_input_embeddings().weight.requires_grad_(False)
+    assert models.frozen_trunk_depth(m) == d
 
 
 @pytest.mark.parametrize("kw", [
