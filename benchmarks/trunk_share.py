@@ -57,9 +57,9 @@ def main() -> None:
     n_layers = trainers[True].model.config.num_hidden_layers
     load0 = list(os.getloadavg())
     rec: dict[bool, dict[str, list[float]]] = {s: {"step": [], "gen": []} for s in trainers}
+    cuda = args.device.startswith("cuda")
     for i in range(args.warmup + args.steps):
         ms = {}
-        cuda = args.device.startswith("cuda")
         rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),  # sampling draws from
                torch.cuda.get_rng_state_all() if cuda else None)  # these: each step starts both alike
         for share, tr in trainers.items():
@@ -68,7 +68,6 @@ def main() -> None:
             torch.set_rng_state(rng[2])
             if cuda:
                 torch.cuda.set_rng_state_all(rng[3])
-            if cuda:
                 torch.cuda.synchronize()
             t = time.perf_counter()
             ms[share] = tr.train_step()
@@ -95,7 +94,7 @@ def main() -> None:
         "settings": {"config": os.path.relpath(args.config, ROOT), "coef": args.coef, "mu": args.mu,
                      "steps": args.steps, "warmup": args.warmup, "device": args.device,
                      "trunk_depth": depth, "layers": n_layers,
-                     "device_name": (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                     "device_name": (torch.cuda.get_device_name() if cuda
                                      else run_record(0)["numerics"]["cpu"]["model"])},
         "rows": rows, "ratio_step": on["median_step_s"] / off["median_step_s"],
         "ratio_rest": on["median_rest_s"] / off["median_rest_s"], "bitwise_equal": True,

@@ -265,11 +265,10 @@ def _exit_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
 
 
 def _process_worker(conn: Connection, payload: bytes, env: dict[str, str], threads: int,
-                    parent_pid: int | None = None) -> None:
+                    parent_pid: int) -> None:
     """Worker main: pin env, build the evaluator once, then evaluate jobs until told to stop (or
     until the parent dies, `_exit_with_parent`)."""
-    if parent_pid is not None:
-        _exit_with_parent(parent_pid)
+    _exit_with_parent(parent_pid)
     os.environ.update(env)
     _pin_threads(threads)
     name = f"process-{os.getpid()}"
